@@ -1,0 +1,1 @@
+"""The serving engine: request state, scheduling, KV caches and the model runner."""

@@ -1,0 +1,38 @@
+"""One preallocated KV cache per model, indexed by request slot.
+
+Layout: [num_layers, 2 (k/v), num_slots + 1, num_kv_heads, capacity, head_dim]. Every request owns one
+slot in every model's cache (the scheduler hands out slot numbers); the extra last slot is scratch space
+that padding rows of a ragged batch write into, so they never touch a live request.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.config import ModelConfig
+
+
+class KVCache:
+    def __init__(
+        self, cfg: ModelConfig, num_slots: int, capacity: int, device: torch.device | str, dtype: torch.dtype
+    ) -> None:
+        shape = (cfg.num_layers, 2, num_slots + 1, cfg.num_kv_heads, capacity, cfg.head_dim)
+        self.data = torch.zeros(shape, device=device, dtype=dtype)
+        self.keys = [self.data[i, 0] for i in range(cfg.num_layers)]  # each [slots + 1, Hkv, capacity, D]
+        self.values = [self.data[i, 1] for i in range(cfg.num_layers)]
+        self.num_slots = num_slots
+        self.capacity = capacity
+        self.scratch_slot = num_slots
+
+    def move_entries(self, slot: int, src: list[int], dst_start: int) -> None:
+        """Copy entries `src` of `slot` (all layers) to `dst_start, dst_start+1, ...` (src sorted ascending)."""
+        dst = list(range(dst_start, dst_start + len(src)))
+        if src == dst:
+            return
+        device = self.data.device
+        src_t, dst_t = torch.tensor(src, device=device), torch.tensor(dst, device=device)
+        # Indexing with a tensor copies first, so overlapping source and destination are safe.
+        self.data[:, :, slot, :, dst_t] = self.data[:, :, slot, :, src_t]
+
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()

@@ -1,0 +1,139 @@
+"""Tensors in, logits out: runs one model over ragged batches of token chunks against its KV cache.
+
+Each slot's cache holds `num_cached` committed entries, then a scratch area of *speculative* entries
+appended during one engine step (a catch-up chain, SSM tree levels, or the tree being verified). A new
+token attends to every committed entry and to its own ancestors among the speculative ones. `commit`
+keeps one chain of speculative entries (the accepted path), compacts it behind the committed prefix and
+drops the rest. The runner decides nothing: which tokens to feed and what to keep come from the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import SpecInferError
+from ..layers.attention import AttentionMetadata
+from .kv_cache import KVCache
+
+
+@dataclass(slots=True)
+class Chunk:
+    """New tokens for one slot. `parents[i]` indexes the slot's speculative entries (existing ones first,
+    then this chunk's, in order); -1 hangs the token directly off the committed prefix."""
+
+    slot: int
+    tokens: list[int]
+    parents: list[int]
+    logit_rows: list[int]  # which of the new tokens need logits
+
+
+@dataclass(slots=True)
+class _SlotState:
+    num_cached: int = 0
+    depths: list[int] | None = None  # depth of each speculative entry (0 = child of the prefix)
+    ancestors: torch.Tensor | None = None  # [n, n] bool, ancestor-or-self among speculative entries
+
+    @property
+    def num_speculative(self) -> int:
+        return 0 if self.depths is None else len(self.depths)
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, num_slots: int, capacity: int, cache_dtype: torch.dtype | None = None):
+        self.model = model
+        param = next(model.parameters())
+        self.device = param.device
+        self.cache = KVCache(model.config, num_slots, capacity, self.device, cache_dtype or param.dtype)
+        self.slots = [_SlotState() for _ in range(num_slots)]
+
+    def num_cached(self, slot: int) -> int:
+        return self.slots[slot].num_cached
+
+    def num_speculative(self, slot: int) -> int:
+        return self.slots[slot].num_speculative
+
+    def release(self, slot: int) -> None:
+        self.slots[slot] = _SlotState()
+
+    @torch.inference_mode()
+    def forward(self, chunks: list[Chunk]) -> list[torch.Tensor]:
+        """Run all chunks in one batched pass; returns, per chunk, logits [len(logit_rows), vocab] (fp32)."""
+        meta, tokens = self._prepare(chunks)
+        hidden = self.model(tokens, self.cache, meta)  # [B, T, hidden]
+        rows = [(b, t) for b, c in enumerate(chunks) for t in c.logit_rows]
+        if not rows:
+            return [hidden.new_empty(0) for _ in chunks]
+        index = torch.tensor(rows, device=self.device)
+        logits = self.model.compute_logits(hidden[index[:, 0], index[:, 1]])
+        return list(logits.split([len(c.logit_rows) for c in chunks]))
+
+    def commit(self, slot: int, keep: list[int]) -> None:
+        """Keep speculative entries `keep` (a chain hanging off the prefix) as committed; drop the rest."""
+        state = self.slots[slot]
+        if keep:
+            assert state.depths is not None and [state.depths[i] for i in keep] == list(range(len(keep))), keep
+            self.cache.move_entries(slot, [state.num_cached + i for i in keep], state.num_cached)
+        state.num_cached += len(keep)
+        state.depths, state.ancestors = None, None
+
+    def _prepare(self, chunks: list[Chunk]) -> tuple[AttentionMetadata, torch.Tensor]:
+        T = max(len(c.tokens) for c in chunks)
+        B = len(chunks)
+        kv_len = max(self.slots[c.slot].num_cached + self.slots[c.slot].num_speculative + len(c.tokens) for c in chunks)
+        if kv_len > self.cache.capacity:
+            raise SpecInferError(f"KV cache overflow: {kv_len} entries needed, capacity {self.cache.capacity}")
+        tokens = torch.zeros(B, T, dtype=torch.long)
+        positions = torch.zeros(B, T, dtype=torch.long)
+        write_slots = torch.full((B, T), self.cache.scratch_slot, dtype=torch.long)
+        write_offsets = torch.arange(T).repeat(B, 1)
+        mask = torch.zeros(B, T, kv_len, dtype=torch.bool)
+        mask[:, :, 0] = True  # padding rows see one entry so softmax stays finite; their output is unused
+        for b, chunk in enumerate(chunks):
+            state = self.slots[chunk.slot]
+            base, prev, n = state.num_cached, state.num_speculative, len(chunk.tokens)
+            depths, ancestors = _extend_tree(state, chunk.parents)
+            tokens[b, :n] = torch.tensor(chunk.tokens)
+            positions[b, :n] = base + torch.tensor(depths[prev:])
+            write_slots[b, :n] = chunk.slot
+            write_offsets[b, :n] = torch.arange(base + prev, base + prev + n)
+            mask[b, :n, :base] = True
+            mask[b, :n, base : base + prev + n] = ancestors[prev:]
+            state.depths, state.ancestors = depths, ancestors
+        meta = AttentionMetadata(
+            positions=positions.to(self.device),
+            write_slots=write_slots.to(self.device),
+            write_offsets=write_offsets.to(self.device),
+            read_slots=torch.tensor([c.slot for c in chunks], device=self.device),
+            kv_len=kv_len,
+            mask=mask[:, None].to(self.device),
+        )
+        return meta, tokens.to(self.device)
+
+
+def _extend_tree(state: _SlotState, parents: list[int]) -> tuple[list[int], torch.Tensor]:
+    """Depths and ancestor-or-self matrix of the slot's speculative entries after appending `parents`."""
+    prev = state.num_speculative
+    n = len(parents)
+    depths = list(state.depths or [])
+    for i, p in enumerate(parents):
+        if not -1 <= p < prev + i:
+            raise ValueError(f"parent {p} of new entry {prev + i} must precede it")
+        depths.append(0 if p < 0 else depths[p] + 1)
+    ancestors = torch.zeros(prev + n, prev + n, dtype=torch.bool)
+    if prev:
+        ancestors[:prev, :prev] = state.ancestors
+    is_chain = all(p == prev + i - 1 for i, p in enumerate(parents[1:], start=1))
+    if is_chain:  # prefill and catch-up: one block copy instead of a row per token
+        if parents[0] >= 0:
+            ancestors[prev:, :prev] = ancestors[parents[0], :prev]
+        ancestors[prev:, prev:] = torch.ones(n, n, dtype=torch.bool).tril()
+    else:
+        for i, p in enumerate(parents):
+            row = prev + i
+            if p >= 0:
+                ancestors[row] = ancestors[p]
+            ancestors[row, row] = True
+    return depths, ancestors

@@ -1,0 +1,184 @@
+"""The engine loop: many requests, one batched SSM expansion and one batched LLM verification per step.
+
+A step reads: admit -> prefill newcomers -> draft -> verify -> commit -> retire. Requests join and leave
+between steps (continuous batching); each keeps its own tree size, length budget and sampling settings.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import EngineConfig, GenerationConfig, SpeculationConfig
+from ..errors import SpecInferError
+from ..spec.draft import DraftRequest, SSMDraft, expand
+from ..spec.sampling import logits_to_probs, sample
+from ..spec.tree import TokenTree, merge_trees
+from ..spec.verify import VerifyResult, verify_greedy, verify_stochastic
+from ..tokenizer import Tokenizer
+from .model_runner import Chunk, ModelRunner
+from .scheduler import Scheduler
+from .sequence import Request, RequestStatus
+
+
+class RequestManager:
+    def __init__(
+        self,
+        llm: torch.nn.Module,
+        ssms: list[torch.nn.Module],
+        engine: EngineConfig,
+        speculation: SpeculationConfig,
+        eos_token_ids: list[int],
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        for i, ssm in enumerate(ssms):
+            if ssm.config.vocab_size != llm.config.vocab_size:
+                raise SpecInferError(
+                    f"SSM {i + 1} has a vocabulary of {ssm.config.vocab_size} tokens, the LLM {llm.config.vocab_size}: "
+                    "an SSM must share the LLM's tokenizer"
+                )
+        if speculation.mode != "incremental" and not ssms:
+            raise SpecInferError(f"mode {speculation.mode!r} needs at least one SSM")
+        self.engine = engine
+        self.speculation = speculation
+        self.eos_token_ids = eos_token_ids
+        self.tokenizer = tokenizer
+        if engine.max_sequence_length > llm.config.max_position_embeddings:
+            raise SpecInferError(
+                f"max_sequence_length {engine.max_sequence_length} exceeds the LLM's context of "
+                f"{llm.config.max_position_embeddings} tokens"
+            )
+        # Room for the committed tokens plus one step's speculative entries (catch-up chains are
+        # bounded by the sequence itself).
+        capacity = engine.max_sequence_length + len(ssms) * speculation.max_tree_nodes + 1
+        self.llm = ModelRunner(llm, engine.max_batch_size, capacity)
+        active_ssms = ssms[:1] if speculation.mode == "sequence" else ssms
+        self.ssms = [] if speculation.mode == "incremental" else [
+            ModelRunner(ssm, engine.max_batch_size, 2 * engine.max_sequence_length + speculation.max_tree_nodes)
+            for ssm in active_ssms
+        ]
+        self.scheduler = Scheduler(engine.max_batch_size)
+        self.requests: dict[int, Request] = {}
+        self._next_id = 0
+
+    def register_new_request(
+        self,
+        prompt: str | list[int],
+        max_sequence_length: int | None = None,
+        sampling: GenerationConfig | None = None,
+    ) -> int:
+        """Queue a prompt (text, or token ids); returns the request id. `max_sequence_length` counts prompt
+        and output tokens, as in the original, and defaults to the engine's."""
+        max_len = max_sequence_length or self.engine.max_sequence_length
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise SpecInferError("a text prompt needs a tokenizer; pass token ids instead")
+            tokens = self.tokenizer.encode(prompt)
+        else:
+            tokens = list(prompt)
+        if not tokens:
+            raise SpecInferError("the prompt is empty")
+        if max_len > self.engine.max_sequence_length:
+            raise SpecInferError(
+                f"max_sequence_length {max_len} exceeds the engine's {self.engine.max_sequence_length}"
+            )
+        if len(tokens) >= max_len:
+            raise SpecInferError(
+                f"the prompt has {len(tokens)} tokens, which leaves no room under max_sequence_length {max_len}"
+            )
+        vocab = self.llm.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in tokens):
+            raise SpecInferError(f"prompt token ids must lie in [0, {vocab})")
+        sampling = sampling or GenerationConfig()
+        generator = torch.Generator().manual_seed(sampling.seed) if sampling.do_sample else None
+        request = Request(self._next_id, tokens, max_len, sampling, generator, prompt if isinstance(prompt, str) else None)
+        self._next_id += 1
+        self.requests[request.id] = request
+        self.scheduler.add(request)
+        return request.id
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[Request]:
+        """One engine step; returns the requests that finished in it."""
+        admitted = self.scheduler.admit()
+        if admitted:
+            self._prefill(admitted)
+        decoding = [r for r in self.scheduler.running if r not in admitted and r.status is RequestStatus.RUNNING]
+        if decoding:
+            trees, drafts = self._draft(decoding)
+            results = self._verify(decoding, trees)
+            self._commit(decoding, trees, drafts, results)
+        finished = self.scheduler.retire_finished()
+        for request in finished:
+            self.llm.release(request.slot)
+            for ssm in self.ssms:
+                ssm.release(request.slot)
+        return finished
+
+    def run(self) -> None:
+        """Step until every registered request has finished."""
+        while self.has_work():
+            self.step()
+
+    # --- the step's stages -------------------------------------------------------------------------
+
+    def _prefill(self, requests: list[Request]) -> None:
+        chunks = [Chunk(r.slot, r.prompt_tokens, [-1] + list(range(len(r.prompt_tokens) - 1)),
+                        [len(r.prompt_tokens) - 1]) for r in requests]
+        logits = self.llm.forward(chunks)
+        for r, chunk, row in zip(requests, chunks, logits):
+            self.llm.commit(r.slot, list(range(len(chunk.tokens))))
+            r.append([self._choose(r, row[0])], self.eos_token_ids)
+
+    def _draft(self, requests: list[Request]) -> tuple[list[TokenTree], list[list[SSMDraft]]]:
+        """Per request: the merged tree, and per SSM its own draft (for cache bookkeeping)."""
+        # The tree may be as deep as the tokens still allowed, minus the LLM's own token.
+        drafting = [i for i, r in enumerate(requests) if r.num_remaining > 1] if self.ssms else []
+        per_ssm: list[list[SSMDraft]] = []
+        for runner in self.ssms:
+            draft_requests = [
+                DraftRequest(requests[i].slot, requests[i].tokens, requests[i].num_remaining - 1,
+                             requests[i].sampling, requests[i].generator)
+                for i in drafting
+            ]
+            per_ssm.append(expand(runner, draft_requests, self.speculation.draft_widths))
+        trees = [TokenTree.root_only(r.tokens[-1]) for r in requests]
+        drafts: list[list[SSMDraft]] = [[] for _ in requests]
+        for k, i in enumerate(drafting):
+            drafts[i] = [ssm_drafts[k] for ssm_drafts in per_ssm]
+            trees[i], node_maps = merge_trees([d.tree for d in drafts[i]])
+            for draft, node_map in zip(drafts[i], node_maps):
+                draft.merged_index = node_map
+        return trees, drafts
+
+    def _verify(self, requests: list[Request], trees: list[TokenTree]) -> list[VerifyResult]:
+        chunks = [Chunk(r.slot, t.tokens, t.parents, list(range(len(t)))) for r, t in zip(requests, trees)]
+        logits = self.llm.forward(chunks)  # one LLM pass over every node of every tree
+        results = []
+        for r, tree, node_logits in zip(requests, trees, logits):
+            if r.sampling.do_sample:
+                probs = logits_to_probs(node_logits, r.sampling).cpu()
+                results.append(verify_stochastic(tree, probs, r.generator))
+            else:
+                results.append(verify_greedy(tree, node_logits))
+        return results
+
+    def _commit(
+        self, requests: list[Request], trees: list[TokenTree], drafts: list[list[SSMDraft]], results: list[VerifyResult]
+    ) -> None:
+        for r, tree, ssm_drafts, result in zip(requests, trees, drafts, results):
+            # Tree nodes were fed to the LLM in node order, so node index == speculative cache entry.
+            self.llm.commit(r.slot, result.accepted)
+            for runner, draft in zip(self.ssms, ssm_drafts):
+                runner.commit(r.slot, draft.entries_to_keep(result.accepted))
+            r.stats.num_llm_steps += 1
+            r.stats.num_speculated += len(tree) - 1
+            r.stats.num_accepted += len(result.accepted) - 1
+            r.append(result.new_tokens(tree), self.eos_token_ids)
+
+    def _choose(self, request: Request, logits: torch.Tensor) -> int:
+        if not request.sampling.do_sample:
+            return int(logits.argmax())
+        return sample(logits_to_probs(logits, request.sampling).cpu(), request.generator)
+

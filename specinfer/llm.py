@@ -1,0 +1,158 @@
+"""The Python API for the common case: load an LLM and its SSMs, generate for a list of prompts.
+
+    from specinfer import LLM, GenerationConfig
+    llm = LLM()                                  # the default SmolLM2-135M-Instruct + its draft
+    results = llm.generate(["What is speculative decoding?"], GenerationConfig(max_new_tokens=64))
+    print(results[0].output_text, results[0].mean_tokens_per_step)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .config import EngineConfig, GenerationConfig, SpeculationConfig
+from .default_model import DEFAULT_DRAFT, default_model_path
+from .engine.request_manager import RequestManager
+from .errors import SpecInferError
+from .models.early_exit import early_exit_draft
+from .models.loader import load_model
+from .tokenizer import Tokenizer, load_tokenizer
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    request_id: int
+    prompt: str
+    output_text: str
+    output_tokens: list[int]
+    finish_reason: str
+    num_llm_steps: int
+    num_accepted: int  # speculated tokens the LLM kept
+    mean_tokens_per_step: float  # tokens committed per LLM step (accepted + the LLM's own)
+    latency_s: float
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        ssms: list[str] | None = None,
+        tokenizer: str | Path | None = None,
+        engine: EngineConfig | None = None,
+        speculation: SpeculationConfig | None = None,
+    ) -> None:
+        """`model`: a Hugging Face folder or a GGUF file (None: the default model). `ssms`: folders, GGUF
+        files, or `self:N` for the LLM's own first N layers (None: the default draft, `self:4`)."""
+        self.engine_config = engine or EngineConfig()
+        self.speculation = speculation or SpeculationConfig()
+        device = torch.device(self.engine_config.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SpecInferError("--device cuda was asked for, but no CUDA GPU is visible")
+        dtype = self._dtype(device)
+        model_path = Path(model) if model is not None else default_model_path()
+        self.model_path = model_path
+        self.tokenizer: Tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model_path)
+        self.model = load_model(model_path, device, dtype)
+        if self.tokenizer.vocab_size > self.model.config.vocab_size:
+            raise SpecInferError(
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens but the LLM only {self.model.config.vocab_size}: "
+                "it does not belong to this model"
+            )
+        ssm_specs = [DEFAULT_DRAFT] if ssms is None else list(ssms)
+        if self.speculation.mode == "incremental":
+            ssm_specs = []
+        self.ssms = [self._load_ssm(spec, device, dtype) for spec in ssm_specs]
+        self.eos_token_ids = self.tokenizer.eos_token_ids or self.model.config.eos_token_ids
+        self._managers: dict[str, RequestManager] = {}
+        self.manager = self.manager_for(self.speculation.mode)
+
+    def manager_for(self, mode: str) -> RequestManager:
+        """The request manager running `mode` (tree, sequence or incremental) over the loaded models."""
+        if mode not in self._managers:
+            speculation = SpeculationConfig(mode=mode, expansion=self.speculation.expansion)
+            self._managers[mode] = RequestManager(
+                self.model, self.ssms, self.engine_config, speculation, self.eos_token_ids, self.tokenizer
+            )
+        return self._managers[mode]
+
+    def _dtype(self, device: torch.device) -> torch.dtype:
+        name = self.engine_config.dtype
+        if name == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return _DTYPES[name]
+
+    def _load_ssm(self, spec: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+        if spec.startswith("self:"):
+            try:
+                num_layers = int(spec.removeprefix("self:"))
+            except ValueError:
+                raise SpecInferError(f"SSM {spec!r}: expected self:N with N a number of layers") from None
+            return early_exit_draft(self.model, num_layers)
+        ssm = load_model(spec, device, dtype)
+        ssm_path = Path(spec)
+        if ssm_path.is_dir() and _has_tokenizer(ssm_path):
+            if load_tokenizer(ssm_path).vocab() != self.tokenizer.vocab():
+                raise SpecInferError(f"SSM {spec!r} has a different tokenizer vocabulary from the LLM's")
+        return ssm
+
+    def encode_prompt(self, prompt: str, use_chat_template: bool) -> list[int]:
+        if use_chat_template and self.tokenizer.has_chat_template:
+            return self.tokenizer.encode_chat(prompt)
+        return self.tokenizer.encode(prompt)
+
+    def generate(
+        self,
+        prompts: str | list[str],
+        config: GenerationConfig | None = None,
+        max_sequence_length: int | None = None,
+        use_chat_template: bool = True,
+        progress: bool = False,
+        mode: str | None = None,
+    ) -> list[GenerationResult]:
+        """Serve all prompts together (continuous batching) and return their results in order. `mode`
+        overrides the speculation mode for this call (e.g. "incremental" for a baseline)."""
+        manager = self.manager_for(mode or self.speculation.mode)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise SpecInferError("no prompts given")
+        ids = []
+        for prompt in prompts:
+            if not prompt.strip():
+                raise SpecInferError("a prompt is empty")
+            tokens = self.encode_prompt(prompt, use_chat_template)
+            ids.append(manager.register_new_request(tokens, max_sequence_length, config))
+            manager.requests[ids[-1]].prompt = prompt
+        total = sum(manager.requests[i].num_remaining for i in ids)
+        with tqdm(total=total, desc=f"generating ({manager.speculation.mode})", unit="tok", disable=not progress) as bar:
+            done = 0
+            while manager.has_work():
+                manager.step()
+                now = sum(len(manager.requests[i].output_tokens) for i in ids)
+                bar.update(now - done)
+                done = now
+        return [self._result(manager, i) for i in ids]
+
+    def _result(self, manager: RequestManager, request_id: int) -> GenerationResult:
+        r = manager.requests.pop(request_id)
+        return GenerationResult(
+            request_id=r.id,
+            prompt=r.prompt or "",
+            output_text=self.tokenizer.decode(r.output_tokens),
+            output_tokens=list(r.output_tokens),
+            finish_reason=r.finish_reason or "",
+            num_llm_steps=r.stats.num_llm_steps,
+            num_accepted=r.stats.num_accepted,
+            mean_tokens_per_step=r.stats.mean_tokens_per_step,
+            latency_s=(r.stats.finish_time or time.perf_counter()) - r.stats.arrival_time,
+        )
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).exists() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))

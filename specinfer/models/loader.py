@@ -1,0 +1,102 @@
+"""Load weights from a local Hugging Face folder (config.json + safetensors or pytorch_model.bin) or a
+GGUF file (dequantized with the `gguf` package). Nothing is ever downloaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..errors import SpecInferError
+from . import build_model
+from .config import ModelConfig
+from .gguf_file import read_gguf
+
+# Checkpoint prefixes that our modules do not have (ours are the decoder itself).
+_PREFIXES = ("model.decoder.", "decoder.", "model.")
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Build our model for the checkpoint at `path` and load its weights onto `device` in `dtype`."""
+    path = Path(path)
+    if not path.exists():
+        raise SpecInferError(f"model path {str(path)!r} does not exist")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise SpecInferError(f"{str(path)!r} is a file but not a .gguf; pass a GGUF file or a model folder")
+        cfg, tensors = read_gguf(path)
+    else:
+        cfg = read_hf_config(path)
+        tensors = read_hf_weights(path)
+    return instantiate(cfg, tensors, device, dtype, source=str(path))
+
+
+def read_hf_config(folder: Path) -> ModelConfig:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise SpecInferError(f"{str(folder)!r} has no config.json; is it a Hugging Face model folder?")
+    try:
+        return ModelConfig.from_hf_dict(json.loads(config_file.read_text()))
+    except json.JSONDecodeError as err:
+        raise SpecInferError(f"{config_file} is not valid JSON: {err}") from None
+
+
+def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        if files:
+            for f in tqdm(files, desc="loading safetensors", disable=len(files) < 2):
+                tensors.update(load_file(f))
+        else:
+            files = sorted(folder.glob("pytorch_model*.bin"))
+            if not files:
+                raise SpecInferError(f"{str(folder)!r} has no *.safetensors or pytorch_model*.bin weight files")
+            for f in tqdm(files, desc="loading pytorch_model.bin", disable=len(files) < 2):
+                tensors.update(torch.load(f, map_location="cpu", weights_only=True))
+    except (SafetensorError, OSError, RuntimeError, EOFError) as err:
+        raise SpecInferError(f"cannot read weights in {str(folder)!r}: {err}") from None
+    return tensors
+
+
+def instantiate(
+    cfg: ModelConfig, tensors: dict[str, torch.Tensor], device: str | torch.device, dtype: torch.dtype, source: str
+) -> nn.Module:
+    with torch.device("meta"):
+        model = build_model(cfg)
+    expected = dict(model.state_dict())
+    state = {}
+    for name, tensor in tensors.items():
+        if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        key = _strip_prefix(name)
+        if key not in expected:
+            raise SpecInferError(f"{source}: unexpected weight {name!r} for a {cfg.family} model")
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise SpecInferError(
+                f"{source}: weight {name!r} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[key].shape)}"
+            )
+        state[key] = tensor.to(device=device, dtype=dtype)
+    missing = set(expected) - set(state)
+    if cfg.tie_word_embeddings:
+        missing.discard("lm_head.weight")
+    if missing:
+        raise SpecInferError(f"{source}: missing weights {sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.eval()
+
+
+def _strip_prefix(name: str) -> str:
+    for prefix in _PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name

@@ -1,0 +1,99 @@
+"""OPT family: learned positions (offset 2), LayerNorm before or after each block, ReLU MLP,
+optional `project_in`/`project_out` when the embedding width differs from the hidden size."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import SpecInferError
+from ..layers.attention import AttentionMetadata, cached_attention
+from .config import ModelConfig
+
+# OPT's learned position table reserves its first two rows (a fairseq padding convention).
+POSITION_OFFSET = 2
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        h, bias = cfg.hidden_size, cfg.enable_bias
+        self.q_proj = nn.Linear(h, h, bias=bias)
+        self.k_proj = nn.Linear(h, h, bias=bias)
+        self.v_proj = nn.Linear(h, h, bias=bias)
+        self.out_proj = nn.Linear(h, h, bias=bias)
+
+    def forward(self, x, cache_k, cache_v, meta: AttentionMetadata) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        out = cached_attention(q, k, v, cache_k, cache_v, meta)
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class OPTBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        h, affine = cfg.hidden_size, cfg.layer_norm_elementwise_affine
+        self.pre_norm = cfg.do_layer_norm_before
+        self.self_attn = OPTAttention(cfg)
+        self.self_attn_layer_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps, elementwise_affine=affine)
+        self.fc1 = nn.Linear(h, cfg.intermediate_size, bias=cfg.enable_bias)
+        self.fc2 = nn.Linear(cfg.intermediate_size, h, bias=cfg.enable_bias)
+        self.final_layer_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps, elementwise_affine=affine)
+        if cfg.activation not in ACTIVATIONS:
+            raise SpecInferError(f"unsupported OPT activation {cfg.activation!r}")
+        self.act = ACTIVATIONS[cfg.activation]
+
+    def forward(self, x, cache_k, cache_v, meta: AttentionMetadata) -> torch.Tensor:
+        h = self.self_attn_layer_norm(x) if self.pre_norm else x
+        x = x + self.self_attn(h, cache_k, cache_v, meta)
+        if not self.pre_norm:
+            x = self.self_attn_layer_norm(x)
+        h = self.final_layer_norm(x) if self.pre_norm else x
+        x = x + self.fc2(self.act(self.fc1(h)))
+        return x if self.pre_norm else self.final_layer_norm(x)
+
+
+class OPTModel(nn.Module):
+    """Parameter names follow Hugging Face's `OPTForCausalLM` minus the `model.decoder.` prefix."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        embed_dim = cfg.word_embed_proj_dim or cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, embed_dim)
+        self.embed_positions = nn.Embedding(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size)
+        needs_projection = embed_dim != cfg.hidden_size
+        self.project_in = nn.Linear(embed_dim, cfg.hidden_size, bias=False) if needs_projection else None
+        self.project_out = nn.Linear(cfg.hidden_size, embed_dim, bias=False) if needs_projection else None
+        # The 350m checkpoint (post-norm) has no final LayerNorm.
+        self.final_layer_norm = (
+            nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, elementwise_affine=cfg.layer_norm_elementwise_affine)
+            if cfg.do_layer_norm_before
+            else None
+        )
+        self.layers = nn.ModuleList(OPTBlock(cfg) for _ in range(cfg.num_layers))
+        self.lm_head = nn.Linear(embed_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, tokens: torch.Tensor, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(tokens)
+        if self.project_in is not None:
+            x = self.project_in(x)
+        x = x + self.embed_positions(meta.positions + POSITION_OFFSET)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, kv_cache.keys[i], kv_cache.values[i], meta)
+        if self.final_layer_norm is not None:
+            x = self.final_layer_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

@@ -1,0 +1,75 @@
+"""Token tree verification: which speculated path the LLM keeps, plus one token of its own.
+
+The rule must match how the tree was built (see VERIFICATION notes in the docs):
+- greedy: descend to the child holding argmax p_u; at the first miss emit argmax p_u.
+- top-k (deterministic) children, sampling on: each child is a point mass, so drawing y ~ p_u and
+  descending when y is a child is exact (equivalent to accepting child x with prob r(x), zeroing it
+  and renormalising on rejection).
+- children drawn from the SSMs (multi-step speculative sampling): r <- p_u; for each draw x_i ~ q_i in
+  draw order accept with prob min(1, r(x_i) / q_i(x_i)); on rejection r <- norm(max(0, r - q_i)).
+  All rejected: emit y ~ r. Either way the emitted sequence is distributed exactly as the LLM samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sampling import sample
+from .tree import TokenTree
+
+
+@dataclass(slots=True)
+class VerifyResult:
+    accepted: list[int]  # tree nodes kept, root first (the root is always kept)
+    next_token: int  # the LLM's own token after the last accepted node
+
+    def new_tokens(self, tree: TokenTree) -> list[int]:
+        """Tokens committed by this step: the accepted speculated tokens, then the LLM's token."""
+        return [tree.tokens[u] for u in self.accepted[1:]] + [self.next_token]
+
+
+def verify_greedy(tree: TokenTree, logits: torch.Tensor) -> VerifyResult:
+    """logits [N, V] at every tree node."""
+    targets = logits.argmax(-1).tolist()  # one device sync for the whole tree
+    node, accepted = 0, [0]
+    while (child := tree.child_with_token(node, targets[node])) is not None:
+        node = child
+        accepted.append(node)
+    return VerifyResult(accepted, targets[node])
+
+
+def verify_stochastic(tree: TokenTree, probs: torch.Tensor, generator: torch.Generator | None) -> VerifyResult:
+    """probs [N, V]: the LLM's sampling distribution at every tree node (on the CPU, like `generator`)."""
+    node, accepted = 0, [0]
+    while True:
+        if tree.sampled:
+            child, residual = _speculative_sampling_step(tree, node, probs[node], generator)
+            if child is None:
+                return VerifyResult(accepted, sample(residual, generator))
+        else:
+            token = sample(probs[node], generator)
+            child = tree.child_with_token(node, token)
+            if child is None:
+                return VerifyResult(accepted, token)
+        node = child
+        accepted.append(node)
+
+
+def _speculative_sampling_step(
+    tree: TokenTree, node: int, p: torch.Tensor, generator: torch.Generator | None
+) -> tuple[int | None, torch.Tensor]:
+    residual = p
+    for proposal in tree.proposals[node]:
+        token = tree.tokens[proposal.child]
+        q = proposal.q
+        accept_prob = min(1.0, float(residual[token] / q[token])) if q[token] > 0 else 0.0
+        if float(torch.rand((), generator=generator)) < accept_prob:
+            return proposal.child, residual
+        updated = (residual - q).clamp_min(0)
+        mass = updated.sum()
+        # mass == 0 only when residual == q up to rounding, where the rejection itself had ~0 probability.
+        if mass > 0:
+            residual = updated / mass
+    return None, residual
