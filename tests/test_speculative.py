@@ -1,0 +1,140 @@
+"""Greedy speculative inference gives what incremental decoding gives, token for token.
+
+Where the two differ, the test accepts it only if the LLM's top-two logit margin at the first differing
+position is within ROUNDING_BOUND: scoring several tokens in one pass rounds differently (fp32 here).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specinfer.config import EngineConfig, GenerationConfig, SpeculationConfig
+from specinfer.engine.model_runner import Chunk, ModelRunner
+from specinfer.engine.request_manager import RequestManager
+from specinfer.models.early_exit import early_exit_draft
+from specinfer.models.loader import load_model
+
+from .conftest import save_random_llama, save_random_opt
+
+ROUNDING_BOUND = 1e-4  # fp32 on CPU
+
+EXPANSIONS = [(1, 1, 3, 1, 1), (2, 2, 1), (3,), (1, 1, 1, 1, 1, 1)]
+PROMPTS = [[5, 6, 7], [11, 12, 13, 14, 15, 16, 17, 18, 19], [40], [2, 90, 3, 80, 4, 70]]
+
+
+def top2_margin(model, tokens: list[int]) -> float:
+    runner = ModelRunner(model, num_slots=1, capacity=len(tokens) + 1)
+    logits = runner.forward([Chunk(0, tokens, [-1] + list(range(len(tokens) - 1)), [len(tokens) - 1])])[0][0]
+    top = logits.topk(2).values
+    return float(top[0] - top[1])
+
+
+def assert_greedy_equivalent(llm, prompt, got, expected):
+    if got == expected:
+        return
+    i = next(k for k, (a, b) in enumerate(zip(got, expected)) if a != b)
+    margin = top2_margin(llm, prompt + expected[:i])
+    assert margin <= ROUNDING_BOUND, f"diverged at {i} with top-2 margin {margin} > {ROUNDING_BOUND}"
+
+
+def generate(llm, ssms, prompts, mode="tree", expansion=(1, 1, 3, 1, 1), batch=4, max_new=20, eos=()):
+    manager = RequestManager(llm, ssms, EngineConfig(max_batch_size=batch, max_sequence_length=128),
+                             SpeculationConfig(mode=mode, expansion=expansion), eos_token_ids=list(eos))
+    ids = [manager.register_new_request(p, sampling=GenerationConfig(max_new_tokens=max_new)) for p in prompts]
+    manager.run()
+    return [manager.requests[i] for i in ids]
+
+
+@pytest.fixture(scope="module")
+def random_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    reference = save_random_llama(root / "llm")
+    for k in range(2):
+        torch.manual_seed(100 + k)
+        save_random_llama(root / f"ssm{k}", noise_from=reference)
+    llm = load_model(root / "llm")
+    ssms = [load_model(root / "ssm0"), load_model(root / "ssm1"), early_exit_draft(llm, 1)]
+    return llm, ssms
+
+
+@pytest.mark.parametrize("expansion", EXPANSIONS)
+@pytest.mark.parametrize("num_ssms", [1, 2, 3])
+def test_tree_greedy_equals_incremental(random_models, expansion, num_ssms):
+    llm, ssms = random_models
+    expected = generate(llm, [], PROMPTS, mode="incremental")
+    got = generate(llm, ssms[:num_ssms], PROMPTS, expansion=expansion)
+    for prompt, g, e in zip(PROMPTS, got, expected):
+        assert len(g.output_tokens) == 20
+        assert_greedy_equivalent(llm, prompt, g.output_tokens, e.output_tokens)
+    # The noisy copies agree with the LLM often: speculation must actually be accepted.
+    assert sum(r.stats.num_accepted for r in got) > 0
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_sequence_mode_and_batch_sizes(random_models, batch):
+    llm, ssms = random_models
+    expected = generate(llm, [], PROMPTS, mode="incremental", batch=batch)
+    got = generate(llm, ssms[:1], PROMPTS, mode="sequence", batch=batch, expansion=(1, 1, 1, 1))
+    for prompt, g, e in zip(PROMPTS, got, expected):
+        assert_greedy_equivalent(llm, prompt, g.output_tokens, e.output_tokens)
+
+
+def test_requests_join_and_leave(random_models):
+    """More requests than slots, different budgets: later ones join as earlier ones finish."""
+    llm, ssms = random_models
+    manager = RequestManager(llm, ssms[:2], EngineConfig(max_batch_size=2, max_sequence_length=64),
+                             SpeculationConfig(expansion=(2, 1, 1)), eos_token_ids=[])
+    budgets = [3, 17, 1, 9, 25]
+    ids = [manager.register_new_request(PROMPTS[i % 4], sampling=GenerationConfig(max_new_tokens=b))
+           for i, b in enumerate(budgets)]
+    manager.run()
+    for i, budget in zip(ids, budgets):
+        r = manager.requests[i]
+        assert len(r.output_tokens) == budget and r.finish_reason == "length"
+        alone = generate(llm, [], [r.prompt_tokens], mode="incremental", batch=1, max_new=budget)[0]
+        assert_greedy_equivalent(llm, r.prompt_tokens, r.output_tokens, alone.output_tokens)
+
+
+def test_eos_and_max_sequence_length(random_models):
+    llm, ssms = random_models
+    free = generate(llm, [], PROMPTS[:1], mode="incremental", max_new=20)[0].output_tokens
+    eos = free[7]
+    got = generate(llm, ssms[:2], PROMPTS[:1], eos=[eos], max_new=20)[0]
+    cut = free.index(eos) + 1
+    assert got.output_tokens == free[:cut] and got.finish_reason == "stop"
+    manager = RequestManager(llm, ssms[:1], EngineConfig(max_batch_size=1, max_sequence_length=128),
+                             SpeculationConfig(), eos_token_ids=[])
+    rid = manager.register_new_request(PROMPTS[1], max_sequence_length=15)
+    manager.run()
+    assert len(manager.requests[rid].tokens) == 15
+
+
+def test_opt_tree_greedy_equals_incremental(tmp_path):
+    save_random_opt(tmp_path / "llm")
+    llm = load_model(tmp_path / "llm")
+    ssms = [early_exit_draft(llm, 1)]
+    expected = generate(llm, [], PROMPTS, mode="incremental")
+    got = generate(llm, ssms, PROMPTS, expansion=(2, 2, 1))
+    for prompt, g, e in zip(PROMPTS, got, expected):
+        assert_greedy_equivalent(llm, prompt, g.output_tokens, e.output_tokens)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("expansion,ssms,batch", [
+    ((1, 1, 3, 1, 1, 1, 1, 1), ["self:4"], 1),
+    ((2, 2, 1, 1), ["self:4", "self:8"], 4),
+    ((1, 1, 1, 1), ["self:4", "self:8", "self:12"], 4),
+])
+def test_smollm2_greedy_equals_incremental(default_gguf, expansion, ssms, batch):
+    from specinfer import LLM
+
+    llm = LLM(ssms=ssms, engine=EngineConfig(max_sequence_length=256, max_batch_size=batch),
+              speculation=SpeculationConfig(expansion=expansion))
+    prompts = ["What is the capital of France?", "Write a haiku about autumn.", "Name three colors.",
+               "Explain gravity to a child in one sentence."][:batch]
+    config = GenerationConfig(max_new_tokens=16)
+    expected = llm.generate(prompts, config, mode="incremental")
+    got = llm.generate(prompts, config)
+    for prompt, g, e in zip(prompts, got, expected):
+        assert_greedy_equivalent(llm.model, llm.encode_prompt(prompt, True), g.output_tokens, e.output_tokens)

@@ -1,0 +1,74 @@
+"""The token tree and tree attention: each node's logits equal those of its path run alone."""
+
+from __future__ import annotations
+
+import torch
+
+from specinfer.engine.model_runner import Chunk, ModelRunner
+from specinfer.models.loader import load_model
+from specinfer.spec.tree import TokenTree, ancestor_mask, merge_trees
+
+from .conftest import save_random_llama, save_random_opt
+
+
+def test_ancestor_mask_and_paths():
+    tree = TokenTree(tokens=[5, 6, 7, 8, 9], parents=[-1, 0, 0, 1, 3])
+    mask = ancestor_mask(tree.parents)
+    assert mask[4].tolist() == [True, True, False, True, True]
+    assert mask[2].tolist() == [True, False, True, False, False]
+    assert tree.path_to(4) == [0, 1, 3, 4]
+    assert tree.depths() == [0, 1, 1, 2, 3]
+    assert tree.children(0) == [1, 2]
+
+
+def test_merge_shares_prefixes():
+    a = TokenTree(tokens=[1, 2, 3], parents=[-1, 0, 1])
+    b = TokenTree(tokens=[1, 2, 4, 5], parents=[-1, 0, 1, 0])
+    merged, maps = merge_trees([a, b])
+    assert merged.tokens == [1, 2, 3, 4, 5]
+    assert merged.parents == [-1, 0, 1, 1, 0]
+    assert maps == [[0, 1, 2], [0, 1, 3, 4]]
+
+
+def _check_tree_against_paths(model, prefix, tree):
+    runner = ModelRunner(model, num_slots=2, capacity=64)
+    n = len(prefix)
+    runner.forward([Chunk(0, prefix, [-1] + list(range(n - 1)), [])])
+    runner.commit(0, list(range(n)))
+    # Verify the tree in one pass, in two chunks to exercise appending to existing speculative entries.
+    half = len(tree) // 2
+    first = runner.forward([Chunk(0, tree.tokens[:half], tree.parents[:half], list(range(half)))])[0]
+    second = runner.forward([Chunk(0, tree.tokens[half:], tree.parents[half:], list(range(len(tree) - half)))])[0]
+    tree_logits = torch.cat([first, second])
+    for node in range(len(tree)):
+        path = [tree.tokens[u] for u in tree.path_to(node)]
+        alone = ModelRunner(model, num_slots=1, capacity=64)
+        seq = prefix + path
+        expected = alone.forward([Chunk(0, seq, [-1] + list(range(len(seq) - 1)), [len(seq) - 1])])[0][0]
+        torch.testing.assert_close(tree_logits[node], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_tree_logits_equal_paths_alone(tmp_path):
+    tree = TokenTree(tokens=[3, 10, 11, 12, 20, 21, 22, 30], parents=[-1, 0, 0, 0, 1, 1, 3, 4])
+    save_random_llama(tmp_path / "llama")
+    save_random_opt(tmp_path / "opt")
+    for name in ("llama", "opt"):
+        _check_tree_against_paths(load_model(tmp_path / name), [1, 2, 3, 4, 5, 6], tree)
+
+
+def test_commit_compacts_accepted_path(tmp_path):
+    save_random_llama(tmp_path)
+    model = load_model(tmp_path)
+    runner = ModelRunner(model, num_slots=2, capacity=64)
+    prefix = [4, 5, 6]
+    runner.forward([Chunk(0, prefix, [-1, 0, 1], [])])
+    runner.commit(0, [0, 1, 2])
+    tree = TokenTree(tokens=[7, 8, 9, 10], parents=[-1, 0, 0, 2])
+    runner.forward([Chunk(0, tree.tokens, tree.parents, [])])
+    runner.commit(0, [0, 2, 3])  # accept 7 -> 9 -> 10
+    assert runner.num_cached(0) == 6
+    after = runner.forward([Chunk(0, [11], [-1], [0])])[0][0]
+    alone = ModelRunner(model, num_slots=1, capacity=64)
+    seq = prefix + [7, 9, 10, 11]
+    expected = alone.forward([Chunk(0, seq, [-1] + list(range(len(seq) - 1)), [len(seq) - 1])])[0][0]
+    torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-4)
