@@ -58,8 +58,8 @@ class LLM:
         dtype = self._dtype(device)
         model_path = Path(model) if model is not None else default_model_path()
         self.model_path = model_path
-        self.tokenizer: Tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model_path)
         self.model = load_model(model_path, device, dtype)
+        self.tokenizer: Tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model_path)
         if self.tokenizer.vocab_size > self.model.config.vocab_size:
             raise SpecInferError(
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but the LLM only {self.model.config.vocab_size}: "

@@ -77,21 +77,32 @@ def _load_hf(path: Path):
         if path.name.endswith(".json"):
             return PreTrainedTokenizerFast(tokenizer_file=str(path))
         if path.suffix == ".model":
-            return LlamaTokenizer(vocab_file=str(path))
+            return _load_sentencepiece_file(path)
         raise SpecInferError(f"{str(path)!r} is not a tokenizer file (.model, .json or .gguf)")
     names = {p.name for p in path.iterdir()}
     if "tokenizer.json" in names or "tokenizer_config.json" in names:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    if {"vocab.json", "merges.txt"} <= names:
-        return GPT2TokenizerFast(vocab_file=str(path / "vocab.json"), merges_file=str(path / "merges.txt"))
+    if {"vocab.json", "merges.txt"} <= names:  # the GPT-2 BPE files of the OPT family
+        return GPT2TokenizerFast.from_pretrained(str(path), local_files_only=True)
     if "tokenizer.model" in names:
-        return LlamaTokenizer(vocab_file=str(path / "tokenizer.model"))
+        return LlamaTokenizer.from_pretrained(str(path), local_files_only=True)
     ggufs = sorted(n for n in names if n.endswith(".gguf"))
     if ggufs:
         return _load_gguf_tokenizer(path / ggufs[0])
     raise SpecInferError(
         f"no tokenizer in {str(path)!r}: expected tokenizer.json, tokenizer.model, vocab.json + merges.txt, or a .gguf"
     )
+
+
+def _load_sentencepiece_file(path: Path):
+    """A lone SentencePiece file under any name: load it from a folder where it is `tokenizer.model`."""
+    import tempfile
+
+    from transformers import LlamaTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "tokenizer.model").symlink_to(path.resolve())
+        return LlamaTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def _load_gguf_tokenizer(path: Path):

@@ -1,0 +1,137 @@
+"""The CLI: a full run on a small random model, and one clear error (no traceback) per bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from specinfer.cli import main
+
+from .conftest import save_random_llama
+
+VOCAB = 256  # the byte-level alphabet, so any text tokenizes without merges
+
+
+def write_byte_level_tokenizer(folder, vocab_size=VOCAB):
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = sorted(ByteLevel.alphabet())
+    # The last id is GPT-2's end-of-text token, which its tokenizer adds if absent.
+    vocab = {ch: i for i, ch in enumerate(alphabet[: min(vocab_size, len(alphabet)) - 1])}
+    for i in range(len(vocab), vocab_size - 1):
+        vocab[f"<extra_{i}>"] = i
+    vocab["<|endoftext|>"] = vocab_size - 1
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    llm = save_random_llama(root / "llm", vocab_size=VOCAB)
+    save_random_llama(root / "ssm", vocab_size=VOCAB, noise_from=llm)
+    write_byte_level_tokenizer(root / "llm")
+    save_random_llama(root / "other_vocab", vocab_size=128)
+    (root / "prompts.json").write_text(json.dumps(["hello there", "a b c"]))
+    return root
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_full_run_writes_json_lines(model_dirs, capsys, tmp_path):
+    out = tmp_path / "out.jsonl"
+    code, stdout, err = run_cli([
+        "--llm", str(model_dirs / "llm"), "--ssm", str(model_dirs / "ssm"), "--ssm", "self:1",
+        "--prompt-file", str(model_dirs / "prompts.json"), "--max-new-tokens", "8", "--expansion", "1,2,1",
+        "--max-sequence-length", "128", "--output", str(out), "--quiet",
+    ], capsys)
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["prompt"] for line in lines] == ["hello there", "a b c"]
+    for line in lines:
+        assert len(line["tokens"]) == 8 and line["llm_steps"] >= 1 and line["mean_tokens_per_step"] >= 1
+        assert set(line) >= {"text", "tokens", "llm_steps", "mean_tokens_per_step", "finish_reason"}
+    assert "tokens per LLM step" in stdout and "speed-up" in stdout and "outputs identical" in stdout
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("missing-llm", "does not exist"),
+    ("no-config", "no config.json"),
+    ("bad-config", "not valid JSON"),
+    ("no-weights", "no *.safetensors"),
+    ("bad-gguf", "not a readable GGUF"),
+    ("tokenizer-too-big", "does not belong"),
+    ("ssm-other-vocab", "share the LLM's tokenizer"),
+    ("bad-json", "not valid JSON"),
+    ("json-not-list", "JSON list of strings"),
+    ("empty-prompt", "is empty"),
+    ("prompt-too-long", "leaves no room"),
+    ("bad-expansion", "expansion must be"),
+    ("zero-expansion", "expansion must be"),
+    ("bad-self-ssm", "self:N"),
+])
+def test_bad_input_gives_one_clear_error(model_dirs, tmp_path, capsys, case, expected):
+    llm = str(model_dirs / "llm")
+    args = {"--llm": llm, "--prompt": "hi", "--no-chat-template": None, "--max-new-tokens": "2",
+            "--max-sequence-length": "128", "--ssm": "self:1"}
+    if case == "missing-llm":
+        args["--llm"] = str(tmp_path / "nowhere")
+    elif case == "no-config":
+        args["--llm"] = str(tmp_path)
+    elif case == "bad-config":
+        (tmp_path / "config.json").write_text("{not json")
+        args["--llm"] = str(tmp_path)
+    elif case == "no-weights":
+        (tmp_path / "config.json").write_text((model_dirs / "llm" / "config.json").read_text())
+        args["--llm"] = str(tmp_path)
+    elif case == "bad-gguf":
+        (tmp_path / "model.gguf").write_bytes(b"GGUF" + b"\x00" * 64)
+        args["--llm"] = str(tmp_path / "model.gguf")
+        args["--tokenizer"] = llm
+    elif case == "tokenizer-too-big":
+        write_byte_level_tokenizer(tmp_path, vocab_size=VOCAB + 64)
+        args["--tokenizer"] = str(tmp_path)
+    elif case == "ssm-other-vocab":
+        args["--ssm"] = str(model_dirs / "other_vocab")
+    elif case == "bad-json":
+        (tmp_path / "p.json").write_text("[\"unterminated")
+        args["--prompt-file"] = str(tmp_path / "p.json")
+    elif case == "json-not-list":
+        (tmp_path / "p.json").write_text(json.dumps({"prompt": "hi"}))
+        args["--prompt-file"] = str(tmp_path / "p.json")
+    elif case == "empty-prompt":
+        args["--prompt"] = "   "
+    elif case == "prompt-too-long":
+        args["--prompt"] = "x" * 600
+    elif case == "bad-expansion":
+        args["--expansion"] = "1,x,2"
+    elif case == "zero-expansion":
+        args["--expansion"] = "1,0"
+    elif case == "bad-self-ssm":
+        args["--ssm"] = "self:abc"
+    argv = [item for key, value in args.items() for item in ([key] if value is None else [key, value])]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2
+    assert err.startswith("specinfer: error:") and expected in err, err
+    assert "Traceback" not in err
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "specinfer", "--llm", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_describes_every_flag():
+    from specinfer.cli import build_parser
+
+    for action in build_parser()._actions:
+        assert action.help, f"{action.option_strings} has no help text"
