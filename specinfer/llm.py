@@ -73,6 +73,12 @@ class LLM:
         self._managers: dict[str, RequestManager] = {}
         self.manager = self.manager_for(self.speculation.mode)
 
+    def set_speculation(self, speculation: SpeculationConfig) -> None:
+        """Change the expansion or mode for later calls (SSMs stay loaded; managers are rebuilt)."""
+        self.speculation = speculation
+        self._managers.clear()
+        self.manager = self.manager_for(speculation.mode)
+
     def manager_for(self, mode: str) -> RequestManager:
         """The request manager running `mode` (tree, sequence or incremental) over the loaded models."""
         if mode not in self._managers:

@@ -13,7 +13,7 @@ from .conftest import save_random_llama, save_random_opt
 
 def prefill_logits(model, tokens: list[int]) -> torch.Tensor:
     runner = ModelRunner(model, num_slots=1, capacity=len(tokens) + 1)
-    chunk = Chunk(0, tokens, [-1] + list(range(len(tokens) - 1)), list(range(len(tokens))))
+    chunk = Chunk.chain(0, tokens, logits="all")
     return runner.forward([chunk])[0]
 
 

@@ -53,7 +53,7 @@ def exact_sequence_probs(llm, config: GenerationConfig) -> dict:
     def next_probs(prefix):
         tokens = PROMPT + list(prefix)
         runner = ModelRunner(llm, num_slots=1, capacity=len(tokens) + 1)
-        logits = runner.forward([Chunk(0, tokens, [-1] + list(range(len(tokens) - 1)), [len(tokens) - 1])])[0][0]
+        logits = runner.forward([Chunk.chain(0, tokens)])[0][0]
         return logits_to_probs(logits, config)
 
     probs = {}

@@ -33,7 +33,7 @@ def test_merge_shares_prefixes():
 def _check_tree_against_paths(model, prefix, tree):
     runner = ModelRunner(model, num_slots=2, capacity=64)
     n = len(prefix)
-    runner.forward([Chunk(0, prefix, [-1] + list(range(n - 1)), [])])
+    runner.forward([Chunk.chain(0, prefix, logits="none")])
     runner.commit(0, list(range(n)))
     # Verify the tree in one pass, in two chunks to exercise appending to existing speculative entries.
     half = len(tree) // 2
@@ -44,7 +44,7 @@ def _check_tree_against_paths(model, prefix, tree):
         path = [tree.tokens[u] for u in tree.path_to(node)]
         alone = ModelRunner(model, num_slots=1, capacity=64)
         seq = prefix + path
-        expected = alone.forward([Chunk(0, seq, [-1] + list(range(len(seq) - 1)), [len(seq) - 1])])[0][0]
+        expected = alone.forward([Chunk.chain(0, seq)])[0][0]
         torch.testing.assert_close(tree_logits[node], expected, rtol=1e-4, atol=1e-4)
 
 
@@ -61,7 +61,7 @@ def test_commit_compacts_accepted_path(tmp_path):
     model = load_model(tmp_path)
     runner = ModelRunner(model, num_slots=2, capacity=64)
     prefix = [4, 5, 6]
-    runner.forward([Chunk(0, prefix, [-1, 0, 1], [])])
+    runner.forward([Chunk.chain(0, prefix, logits="none")])
     runner.commit(0, [0, 1, 2])
     tree = TokenTree(tokens=[7, 8, 9, 10], parents=[-1, 0, 0, 2])
     runner.forward([Chunk(0, tree.tokens, tree.parents, [])])
@@ -70,5 +70,5 @@ def test_commit_compacts_accepted_path(tmp_path):
     after = runner.forward([Chunk(0, [11], [-1], [0])])[0][0]
     alone = ModelRunner(model, num_slots=1, capacity=64)
     seq = prefix + [7, 9, 10, 11]
-    expected = alone.forward([Chunk(0, seq, [-1] + list(range(len(seq) - 1)), [len(seq) - 1])])[0][0]
+    expected = alone.forward([Chunk.chain(0, seq)])[0][0]
     torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-4)

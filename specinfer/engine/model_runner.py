@@ -29,6 +29,13 @@ class Chunk:
     parents: list[int]
     logit_rows: list[int]  # which of the new tokens need logits
 
+    @classmethod
+    def chain(cls, slot: int, tokens: list[int], logits: str = "last") -> "Chunk":
+        """Tokens in sequence after the prefix (prefill, catch-up); logits for "last", "all" or "none"."""
+        n = len(tokens)
+        rows = {"last": [n - 1], "all": list(range(n)), "none": []}[logits]
+        return cls(slot, tokens, [-1] + list(range(n - 1)), rows)
+
 
 @dataclass(slots=True)
 class _SlotState:

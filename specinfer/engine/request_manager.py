@@ -124,8 +124,7 @@ class RequestManager:
     # --- the step's stages -------------------------------------------------------------------------
 
     def _prefill(self, requests: list[Request]) -> None:
-        chunks = [Chunk(r.slot, r.prompt_tokens, [-1] + list(range(len(r.prompt_tokens) - 1)),
-                        [len(r.prompt_tokens) - 1]) for r in requests]
+        chunks = [Chunk.chain(r.slot, r.prompt_tokens) for r in requests]
         logits = self.llm.forward(chunks)
         for r, chunk, row in zip(requests, chunks, logits):
             self.llm.commit(r.slot, list(range(len(chunk.tokens))))

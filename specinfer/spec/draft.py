@@ -54,7 +54,7 @@ def expand(runner: ModelRunner, requests: list[DraftRequest], widths: tuple[int,
     for r in requests:
         catch_up = r.tokens[runner.num_cached(r.slot) :]
         n = len(catch_up)
-        chunks.append(Chunk(r.slot, catch_up, [-1] + list(range(n - 1)), [n - 1]))
+        chunks.append(Chunk.chain(r.slot, catch_up))
         drafts.append(SSMDraft(TokenTree.root_only(r.tokens[-1]), n, [n - 1]))
         drafts[-1].tree.sampled = r.sampling.do_sample
     frontier = [[0] for _ in requests]  # tree nodes whose logits the last pass produced, per request

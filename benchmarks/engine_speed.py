@@ -1,0 +1,129 @@
+"""Incremental decoding vs sequence and tree speculation on one model, same prompts, one run.
+
+    python benchmarks/engine_speed.py                       # default model, CPU
+    python benchmarks/engine_speed.py --device cuda         # one GPU (bf16)
+
+Each prompt is served alone (batch 1, greedy), so tokens/s is single-request latency. Writes a JSON file
+and a Markdown table (device, torch version, date) to docs/benchmarks/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from specinfer import LLM, EngineConfig, GenerationConfig, SpeculationConfig
+from specinfer.config import parse_expansion
+from specinfer.exactness import ROUNDING_BOUNDS, divergence_margin
+
+PROMPTS = [
+    "What are three good reasons to learn a second language? Answer briefly.",
+    "Write a short poem about the ocean.",
+    "Explain what a hash table is to a new programmer.",
+    "Give me a recipe for a simple tomato soup.",
+]
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def run_case(llm: LLM, mode: str, prompts: list[str], max_new_tokens: int) -> dict:
+    config = GenerationConfig(max_new_tokens=max_new_tokens)
+    tokens, steps, accepted, elapsed, outputs = 0, 0, 0, 0.0, []
+    for prompt in prompts:
+        if llm.engine_config.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = llm.generate([prompt], config, mode=mode)[0]
+        if llm.engine_config.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        elapsed += time.perf_counter() - start
+        tokens += len(result.output_tokens)
+        steps += result.num_llm_steps
+        accepted += result.num_accepted
+        outputs.append(result.output_tokens)
+    return {
+        "mode": mode, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
+        "tokens_per_step": (accepted + steps) / max(steps, 1), "outputs": outputs,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--llm", help="LLM path (default: the default model)")
+    p.add_argument("--ssm", action="append", help="SSM(s) (default: the default draft)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--expansions", default="1,1,3,1,1,1,1,1;2,2,1,1;1,1,1,1",
+                   help="semicolon-separated expansion configs for tree mode")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--num-prompts", type=int, default=len(PROMPTS))
+    p.add_argument("--out", default="docs/benchmarks", help="folder for the JSON and Markdown results")
+    args = p.parse_args()
+
+    prompts = PROMPTS[: args.num_prompts]
+    engine = EngineConfig(max_batch_size=1, max_sequence_length=512, device=args.device, dtype=args.dtype)
+    expansions = [parse_expansion(e) for e in args.expansions.split(";")]
+    llm = LLM(args.llm, args.ssm, engine=engine, speculation=SpeculationConfig(expansion=expansions[0]))
+    llm.generate([prompts[0]], GenerationConfig(max_new_tokens=8), mode="incremental")  # warm-up
+    rows = [run_case(llm, "incremental", prompts, args.max_new_tokens)]
+    rows[0]["label"] = "incremental"
+    for expansion in expansions:
+        llm.set_speculation(SpeculationConfig(expansion=expansion))
+        for mode in ("sequence", "tree") if expansion == expansions[0] else ("tree",):
+            row = run_case(llm, mode, prompts, args.max_new_tokens)
+            depth = len(expansion)
+            row["label"] = f"sequence (depth {depth})" if mode == "sequence" else f"tree {','.join(map(str, expansion))}"
+            rows.append(row)
+    base = rows[0]
+    bound = ROUNDING_BOUNDS[llm.model.embed_tokens.weight.dtype]
+    for row in rows:
+        row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
+        margins = [divergence_margin(llm.model, llm.encode_prompt(p, True), ref, out)
+                   for p, ref, out in zip(prompts, base["outputs"], row["outputs"])]
+        diverged = [m for m in margins if m is not None]
+        row["num_identical"] = len(margins) - len(diverged)
+        row["max_divergence_margin"] = max(diverged, default=None)
+        row["equivalent"] = all(m <= bound for m in diverged)
+
+    meta = {
+        "date": datetime.date.today().isoformat(), "device": device_name(args.device),
+        "torch": torch.__version__, "dtype": str(llm.model.embed_tokens.weight.dtype).removeprefix("torch."),
+        "llm": str(llm.model_path), "ssms": args.ssm or ["default (self:4)"], "prompts": len(prompts),
+        "max_new_tokens": args.max_new_tokens, "batch_size": 1, "greedy": True,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "gpu" if args.device.startswith("cuda") else "cpu"
+    (out / f"engine_speed_{tag}.json").write_text(json.dumps(
+        {"meta": meta, "rows": [{k: v for k, v in r.items() if k != "outputs"} for r in rows]}, indent=2))
+    lines = [
+        f"# Engine speed, default model, {tag.upper()}", "",
+        f"{meta['date']} · {meta['device']} · torch {meta['torch']} · {meta['dtype']} · batch 1, greedy · "
+        f"{len(prompts)} prompts × up to {args.max_new_tokens} new tokens · SSMs: {', '.join(meta['ssms'])}", "",
+        f"Reproduce: `python benchmarks/engine_speed.py --device {args.device}`", "",
+        f"Outputs vs incremental: identical prompts, and where one differs the LLM's top-two logit margin at the "
+        f"first difference (equivalent if <= {bound}, the {meta['dtype']} rounding bound).", "",
+        "| mode | tokens/s | speed-up vs incremental | tokens per LLM step | identical outputs | equivalent |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        margin = "" if r["max_divergence_margin"] is None else f" (max margin {r['max_divergence_margin']:.3g})"
+        lines.append(f"| {r['label']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['tokens_per_step']:.2f} | "
+                     f"{r['num_identical']}/{len(prompts)} | {'yes' if r['equivalent'] else 'no'}{margin} |")
+    table = "\n".join(lines) + "\n"
+    (out / f"engine_speed_{tag}.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""On a CUDA GPU: greedy speculative output equals incremental decoding in the same dtype.
+
+bf16 rounds far more coarsely than fp32, so a divergence is accepted only where the LLM's top-two logit
+margin at the first differing position is within the dtype's bound in `specinfer.exactness`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specinfer.exactness import ROUNDING_BOUNDS
+from specinfer.models.early_exit import early_exit_draft
+from specinfer.models.loader import load_model
+
+from .conftest import save_random_llama
+from .test_speculative import PROMPTS, assert_greedy_equivalent, generate
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_gpu_greedy_equals_incremental(tmp_path, dtype, batch):
+    bound = ROUNDING_BOUNDS[dtype]
+    reference = save_random_llama(tmp_path / "llm")
+    save_random_llama(tmp_path / "ssm", noise_from=reference)
+    llm = load_model(tmp_path / "llm", "cuda", dtype)
+    ssms = [load_model(tmp_path / "ssm", "cuda", dtype), early_exit_draft(llm, 1)]
+    expected = generate(llm, [], PROMPTS, mode="incremental", batch=batch)
+    got = generate(llm, ssms, PROMPTS, expansion=(1, 2, 1, 1), batch=batch)
+    for prompt, g, e in zip(PROMPTS, got, expected):
+        assert_greedy_equivalent(llm, prompt, g.output_tokens, e.output_tokens, bound)
+    assert sum(r.stats.num_accepted for r in got) > 0
