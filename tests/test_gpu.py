@@ -31,3 +31,24 @@ def test_gpu_greedy_equals_incremental(tmp_path, dtype, batch):
     for prompt, g, e in zip(PROMPTS, got, expected):
         assert_greedy_equivalent(llm, prompt, g.output_tokens, e.output_tokens, bound)
     assert sum(r.stats.num_accepted for r in got) > 0
+
+
+@pytest.mark.gpu
+def test_cuda_graph_forward_matches_eager(tmp_path):
+    from specinfer.engine.model_runner import Chunk, ModelRunner
+
+    save_random_llama(tmp_path)
+    model = load_model(tmp_path, "cuda", torch.float32)
+    prefix = [3, 1, 4, 1, 5, 9, 2, 6]
+    tree = Chunk(0, [7, 8, 9, 10, 11], [-1, 0, 0, 1, 3], list(range(5)))
+    outputs = []
+    for graphs in (False, True):
+        runner = ModelRunner(model, num_slots=3, capacity=64, use_cuda_graphs=graphs)
+        runner.forward([Chunk.chain(0, prefix, logits="none")])
+        runner.commit(0, list(range(len(prefix))))
+        outputs.append(runner.forward([tree])[0])
+        runner.commit(0, [0, 1, 3])
+        outputs.append(runner.forward([Chunk.chain(0, [12])])[0])
+        assert (runner.graphs is not None) == graphs and (not graphs or runner.graphs.graphs)
+    torch.testing.assert_close(outputs[2], outputs[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outputs[3], outputs[1], rtol=1e-4, atol=1e-4)

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import SpecInferError
 from ..layers.attention import AttentionMetadata
+from .cuda_graphs import CudaGraphs
 from .kv_cache import KVCache
 
 
@@ -49,12 +50,23 @@ class _SlotState:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, num_slots: int, capacity: int, cache_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        num_slots: int,
+        capacity: int,
+        cache_dtype: torch.dtype | None = None,
+        use_cuda_graphs: bool | None = None,
+    ):
+        """`use_cuda_graphs` (default: on for CUDA) replays captured graphs for small batches of chunks."""
         self.model = model
         param = next(model.parameters())
         self.device = param.device
         self.cache = KVCache(model.config, num_slots, capacity, self.device, cache_dtype or param.dtype)
         self.slots = [_SlotState() for _ in range(num_slots)]
+        if use_cuda_graphs is None:
+            use_cuda_graphs = self.device.type == "cuda"
+        self.graphs = CudaGraphs(model, self.cache, max_batch=num_slots) if use_cuda_graphs else None
 
     def num_cached(self, slot: int) -> int:
         return self.slots[slot].num_cached
@@ -68,8 +80,13 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, chunks: list[Chunk]) -> list[torch.Tensor]:
         """Run all chunks in one batched pass; returns, per chunk, logits [len(logit_rows), vocab] (fp32)."""
-        meta, tokens = self._prepare(chunks)
-        hidden = self.model(tokens, self.cache, meta)  # [B, T, hidden]
+        num_tokens = max(len(c.tokens) for c in chunks)
+        shape = self.graphs.bucket(len(chunks), num_tokens) if self.graphs is not None else None
+        if shape is None:
+            host = self._prepare(chunks, len(chunks), num_tokens, kv_len=None)
+            hidden = self.model(host.tokens.to(self.device), self.cache, host.to_metadata(self.device))  # [B, T, hidden]
+        else:
+            hidden = self.graphs.run(self._prepare(chunks, *shape, kv_len=self.cache.capacity))
         rows = [(b, t) for b, c in enumerate(chunks) for t in c.logit_rows]
         if not rows:
             return [hidden.new_empty(0) for _ in chunks]
@@ -86,38 +103,57 @@ class ModelRunner:
         state.num_cached += len(keep)
         state.depths, state.ancestors = None, None
 
-    def _prepare(self, chunks: list[Chunk]) -> tuple[AttentionMetadata, torch.Tensor]:
-        T = max(len(c.tokens) for c in chunks)
-        B = len(chunks)
-        kv_len = max(self.slots[c.slot].num_cached + self.slots[c.slot].num_speculative + len(c.tokens) for c in chunks)
-        if kv_len > self.cache.capacity:
-            raise SpecInferError(f"KV cache overflow: {kv_len} entries needed, capacity {self.cache.capacity}")
-        tokens = torch.zeros(B, T, dtype=torch.long)
-        positions = torch.zeros(B, T, dtype=torch.long)
-        write_slots = torch.full((B, T), self.cache.scratch_slot, dtype=torch.long)
-        write_offsets = torch.arange(T).repeat(B, 1)
-        mask = torch.zeros(B, T, kv_len, dtype=torch.bool)
-        mask[:, :, 0] = True  # padding rows see one entry so softmax stays finite; their output is unused
+    def _prepare(self, chunks: list[Chunk], batch: int, num_tokens: int, kv_len: int | None) -> "HostBatch":
+        """Host tensors for `chunks`, padded to [batch, num_tokens]; kv_len None = as short as possible."""
+        needed = max(self.slots[c.slot].num_cached + self.slots[c.slot].num_speculative + len(c.tokens) for c in chunks)
+        if needed > self.cache.capacity:
+            raise SpecInferError(f"KV cache overflow: {needed} entries needed, capacity {self.cache.capacity}")
+        kv_len = kv_len or needed
+        B, T = batch, num_tokens
+        host = HostBatch(
+            tokens=torch.zeros(B, T, dtype=torch.long),
+            positions=torch.zeros(B, T, dtype=torch.long),
+            write_slots=torch.full((B, T), self.cache.scratch_slot, dtype=torch.long),
+            write_offsets=torch.arange(T).repeat(B, 1),
+            read_slots=torch.full((B,), self.cache.scratch_slot, dtype=torch.long),
+            mask=torch.zeros(B, 1, T, kv_len, dtype=torch.bool),
+        )
+        host.mask[:, :, :, 0] = True  # padding rows see one entry so softmax stays finite; their output is unused
         for b, chunk in enumerate(chunks):
             state = self.slots[chunk.slot]
             base, prev, n = state.num_cached, state.num_speculative, len(chunk.tokens)
             depths, ancestors = _extend_tree(state, chunk.parents)
-            tokens[b, :n] = torch.tensor(chunk.tokens)
-            positions[b, :n] = base + torch.tensor(depths[prev:])
-            write_slots[b, :n] = chunk.slot
-            write_offsets[b, :n] = torch.arange(base + prev, base + prev + n)
-            mask[b, :n, :base] = True
-            mask[b, :n, base : base + prev + n] = ancestors[prev:]
+            host.tokens[b, :n] = torch.tensor(chunk.tokens)
+            host.positions[b, :n] = base + torch.tensor(depths[prev:])
+            host.write_slots[b, :n] = chunk.slot
+            host.write_offsets[b, :n] = torch.arange(base + prev, base + prev + n)
+            host.read_slots[b] = chunk.slot
+            host.mask[b, 0, :n, :base] = True
+            host.mask[b, 0, :n, base : base + prev + n] = ancestors[prev:]
             state.depths, state.ancestors = depths, ancestors
-        meta = AttentionMetadata(
-            positions=positions.to(self.device),
-            write_slots=write_slots.to(self.device),
-            write_offsets=write_offsets.to(self.device),
-            read_slots=torch.tensor([c.slot for c in chunks], device=self.device),
-            kv_len=kv_len,
-            mask=mask[:, None].to(self.device),
+        return host
+
+
+@dataclass(slots=True)
+class HostBatch:
+    """One forward's inputs, built on the host: token ids plus the attention metadata's tensors."""
+
+    tokens: torch.Tensor  # [B, T]
+    positions: torch.Tensor  # [B, T]
+    write_slots: torch.Tensor  # [B, T]
+    write_offsets: torch.Tensor  # [B, T]
+    read_slots: torch.Tensor  # [B]
+    mask: torch.Tensor  # [B, 1, T, kv_len]
+
+    def to_metadata(self, device: torch.device) -> AttentionMetadata:
+        return AttentionMetadata(
+            positions=self.positions.to(device),
+            write_slots=self.write_slots.to(device),
+            write_offsets=self.write_offsets.to(device),
+            read_slots=self.read_slots.to(device),
+            kv_len=self.mask.shape[-1],
+            mask=self.mask.to(device),
         )
-        return meta, tokens.to(self.device)
 
 
 def _extend_tree(state: _SlotState, parents: list[int]) -> tuple[list[int], torch.Tensor]:
