@@ -57,6 +57,37 @@ def run_case(llm: LLM, mode: str, prompts: list[str], max_new_tokens: int) -> di
     }
 
 
+def hf_case(llm: LLM, label: str, prompts: list[str], max_new_tokens: int, **generate_kwargs) -> dict:
+    """`transformers` on the same weights, dtype, device and token ids, as a reference point."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(llm.model_path)
+    dtype = llm.model.embed_tokens.weight.dtype
+    if path.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    model = model.to(llm.engine_config.device).eval()
+    eos = llm.eos_token_ids[0] if llm.eos_token_ids else None
+    tokens, elapsed, outputs = 0, 0.0, []
+    for i, prompt in enumerate(prompts):
+        ids = torch.tensor([llm.encode_prompt(prompt, True)], device=llm.engine_config.device)
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+        if i == 0:  # warm-up
+            model.generate(ids, **{**kwargs, "max_new_tokens": 8}, **generate_kwargs)
+        if llm.engine_config.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = model.generate(ids, **kwargs, **generate_kwargs)[0, ids.shape[1]:].tolist()
+        if llm.engine_config.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        elapsed += time.perf_counter() - start
+        tokens += len(out)
+        outputs.append(out)
+    return {"mode": "transformers", "label": label, "tokens": tokens, "seconds": elapsed,
+            "tokens_per_s": tokens / elapsed, "tokens_per_step": None, "outputs": outputs}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llm", help="LLM path (default: the default model)")
@@ -68,6 +99,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--num-prompts", type=int, default=len(PROMPTS))
     p.add_argument("--out", default="docs/benchmarks", help="folder for the JSON and Markdown results")
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers reference rows")
     args = p.parse_args()
 
     prompts = PROMPTS[: args.num_prompts]
@@ -84,6 +116,13 @@ def main() -> None:
             depth = len(expansion)
             row["label"] = f"sequence (depth {depth})" if mode == "sequence" else f"tree {','.join(map(str, expansion))}"
             rows.append(row)
+    if not args.no_transformers:
+        rows.append(hf_case(llm, "transformers generate", prompts, args.max_new_tokens))
+        ssm = (args.ssm or ["self:4"])[0]
+        if ssm.startswith("self:"):  # the same draft: the LLM's first N layers and its LM head
+            layers = int(ssm.removeprefix("self:"))
+            rows.append(hf_case(llm, f"transformers assisted (early exit {layers})", prompts, args.max_new_tokens,
+                                assistant_early_exit=layers))
     base = rows[0]
     bound = ROUNDING_BOUNDS[llm.model.embed_tokens.weight.dtype]
     for row in rows:
@@ -118,7 +157,8 @@ def main() -> None:
     ]
     for r in rows:
         margin = "" if r["max_divergence_margin"] is None else f" (max margin {r['max_divergence_margin']:.3g})"
-        lines.append(f"| {r['label']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['tokens_per_step']:.2f} | "
+        per_step = "–" if r["tokens_per_step"] is None else f"{r['tokens_per_step']:.2f}"
+        lines.append(f"| {r['label']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {per_step} | "
                      f"{r['num_identical']}/{len(prompts)} | {'yes' if r['equivalent'] else 'no'}{margin} |")
     table = "\n".join(lines) + "\n"
     (out / f"engine_speed_{tag}.md").write_text(table)

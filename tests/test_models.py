@@ -32,19 +32,15 @@ OPT_VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", LLAMA_VARIANTS)
-def test_llama_matches_transformers(tmp_path, variant):
-    ref = save_random_llama(tmp_path, **LLAMA_VARIANTS[variant])
-    ours = load_model(tmp_path)
-    tokens = torch.randint(0, 96, (40,)).tolist()
-    with torch.no_grad():
-        expected = ref(torch.tensor([tokens])).logits[0]
-    torch.testing.assert_close(prefill_logits(ours, tokens), expected, rtol=1e-4, atol=1e-4)
+VARIANTS = [("llama", name, kw) for name, kw in LLAMA_VARIANTS.items()] + [
+    ("opt", name, kw) for name, kw in OPT_VARIANTS.items()
+]
 
 
-@pytest.mark.parametrize("variant", OPT_VARIANTS)
-def test_opt_matches_transformers(tmp_path, variant):
-    ref = save_random_opt(tmp_path, **OPT_VARIANTS[variant])
+@pytest.mark.parametrize("family,variant,overrides", VARIANTS, ids=[f"{f}-{v}" for f, v, _ in VARIANTS])
+def test_logits_match_transformers(tmp_path, family, variant, overrides):
+    save = save_random_llama if family == "llama" else save_random_opt
+    ref = save(tmp_path, **overrides)
     ours = load_model(tmp_path)
     tokens = torch.randint(0, 96, (40,)).tolist()
     with torch.no_grad():
