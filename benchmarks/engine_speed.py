@@ -88,45 +88,13 @@ def hf_case(llm: LLM, label: str, prompts: list[str], max_new_tokens: int, **gen
             "tokens_per_s": tokens / elapsed, "tokens_per_step": None, "outputs": outputs}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--llm", help="LLM path (default: the default model)")
-    p.add_argument("--ssm", action="append", help="SSM(s) (default: the default draft)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--expansions", default="1,1,3,1,1,1,1,1;2,2,1,1;1,1,1,1",
-                   help="semicolon-separated expansion configs for tree mode")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--num-prompts", type=int, default=len(PROMPTS))
-    p.add_argument("--out", default="docs/benchmarks", help="folder for the JSON and Markdown results")
-    p.add_argument("--no-transformers", action="store_true", help="skip the transformers reference rows")
-    args = p.parse_args()
-
-    prompts = PROMPTS[: args.num_prompts]
-    engine = EngineConfig(max_batch_size=1, max_sequence_length=512, device=args.device, dtype=args.dtype)
-    expansions = [parse_expansion(e) for e in args.expansions.split(";")]
-    llm = LLM(args.llm, args.ssm, engine=engine, speculation=SpeculationConfig(expansion=expansions[0]))
-    llm.generate([prompts[0]], GenerationConfig(max_new_tokens=8), mode="incremental")  # warm-up
-    rows = [run_case(llm, "incremental", prompts, args.max_new_tokens)]
-    rows[0]["label"] = "incremental"
-    for expansion in expansions:
-        llm.set_speculation(SpeculationConfig(expansion=expansion))
-        for mode in ("sequence", "tree") if expansion == expansions[0] else ("tree",):
-            row = run_case(llm, mode, prompts, args.max_new_tokens)
-            depth = len(expansion)
-            row["label"] = f"sequence (depth {depth})" if mode == "sequence" else f"tree {','.join(map(str, expansion))}"
-            rows.append(row)
-    if not args.no_transformers:
-        rows.append(hf_case(llm, "transformers generate", prompts, args.max_new_tokens))
-        ssm = (args.ssm or ["self:4"])[0]
-        if ssm.startswith("self:"):  # the same draft: the LLM's first N layers and its LM head
-            layers = int(ssm.removeprefix("self:"))
-            rows.append(hf_case(llm, f"transformers assisted (early exit {layers})", prompts, args.max_new_tokens,
-                                assistant_early_exit=layers))
+def write_report(llm: LLM, args: argparse.Namespace, prompts: list[str], rows: list[dict], final: bool = False) -> None:
     base = rows[0]
     bound = ROUNDING_BOUNDS[llm.model.embed_tokens.weight.dtype]
     for row in rows:
         row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
+        if "equivalent" in row:
+            continue
         margins = [divergence_margin(llm.model, llm.encode_prompt(p, True), ref, out)
                    for p, ref, out in zip(prompts, base["outputs"], row["outputs"])]
         diverged = [m for m in margins if m is not None]
@@ -162,7 +130,51 @@ def main() -> None:
                      f"{r['num_identical']}/{len(prompts)} | {'yes' if r['equivalent'] else 'no'}{margin} |")
     table = "\n".join(lines) + "\n"
     (out / f"engine_speed_{tag}.md").write_text(table)
-    print(table)
+    if final:
+        print(table)
+
+
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--llm", help="LLM path (default: the default model)")
+    p.add_argument("--ssm", action="append", help="SSM(s) (default: the default draft)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--expansions", default="1,1,3,1,1,1,1,1;2,2,1,1;1,1,1,1",
+                   help="semicolon-separated expansion configs for tree mode")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--num-prompts", type=int, default=len(PROMPTS))
+    p.add_argument("--out", default="docs/benchmarks", help="folder for the JSON and Markdown results")
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers reference rows")
+    args = p.parse_args()
+
+    prompts = PROMPTS[: args.num_prompts]
+    engine = EngineConfig(max_batch_size=1, max_sequence_length=512, device=args.device, dtype=args.dtype)
+    expansions = [parse_expansion(e) for e in args.expansions.split(";")]
+    llm = LLM(args.llm, args.ssm, engine=engine, speculation=SpeculationConfig(expansion=expansions[0]))
+    llm.generate([prompts[0]], GenerationConfig(max_new_tokens=8), mode="incremental")  # warm-up
+    rows = [run_case(llm, "incremental", prompts, args.max_new_tokens)]
+    rows[0]["label"] = "incremental"
+    for expansion in expansions:
+        llm.set_speculation(SpeculationConfig(expansion=expansion))
+        for mode in ("sequence", "tree") if expansion == expansions[0] else ("tree",):
+            row = run_case(llm, mode, prompts, args.max_new_tokens)
+            depth = len(expansion)
+            row["label"] = f"sequence (depth {depth})" if mode == "sequence" else f"tree {','.join(map(str, expansion))}"
+            rows.append(row)
+            write_report(llm, args, prompts, rows)
+    if not args.no_transformers:
+        rows.append(hf_case(llm, "transformers generate", prompts, args.max_new_tokens))
+        write_report(llm, args, prompts, rows)
+        ssm = (args.ssm or ["self:4"])[0]
+        if ssm.startswith("self:"):  # the same draft: the LLM's first N layers and its LM head
+            layers = int(ssm.removeprefix("self:"))
+            rows.append(hf_case(llm, f"transformers assisted (early exit {layers})", prompts, args.max_new_tokens,
+                                assistant_early_exit=layers))
+    write_report(llm, args, prompts, rows, final=True)
+    print(f"wrote {args.out}/engine_speed_{'gpu' if args.device.startswith('cuda') else 'cpu'}.{{md,json}}")
 
 
 if __name__ == "__main__":

@@ -51,4 +51,8 @@ def test_cuda_graph_forward_matches_eager(tmp_path):
         outputs.append(runner.forward([Chunk.chain(0, [12])])[0])
         assert (runner.graphs is not None) == graphs and (not graphs or runner.graphs.graphs)
     torch.testing.assert_close(outputs[2], outputs[0], rtol=1e-4, atol=1e-4)
+    # A cache smaller than the token bucket (here 5 tokens, bucket 8) must not write out of bounds.
+    small = ModelRunner(model, num_slots=1, capacity=6, use_cuda_graphs=True)
+    small.forward([Chunk.chain(0, [1, 2, 3, 4, 5])])
+    torch.cuda.synchronize()
     torch.testing.assert_close(outputs[3], outputs[1], rtol=1e-4, atol=1e-4)

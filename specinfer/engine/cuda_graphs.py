@@ -33,7 +33,8 @@ class CudaGraphs:
     def bucket(self, batch: int, num_tokens: int) -> tuple[int, int] | None:
         """The smallest captured shape that holds the batch, or None to run eagerly (e.g. a prefill)."""
         b = next((x for x in self.batch_buckets if x >= batch), None)
-        t = next((x for x in TOKEN_BUCKETS if x >= num_tokens), None)
+        # Padding columns write into the scratch slot at their column index, which must fit the cache.
+        t = next((x for x in TOKEN_BUCKETS if num_tokens <= x <= self.cache.capacity), None)
         return None if b is None or t is None else (b, t)
 
     def run(self, host: "HostBatch") -> torch.Tensor:
