@@ -119,7 +119,8 @@ def write_report(llm: LLM, args: argparse.Namespace, prompts: list[str], rows: l
         f"{len(prompts)} prompts × up to {args.max_new_tokens} new tokens · SSMs: {', '.join(meta['ssms'])}", "",
         f"Reproduce: `python benchmarks/engine_speed.py --device {args.device}`", "",
         f"Outputs vs incremental: identical prompts, and where one differs the LLM's top-two logit margin at the "
-        f"first difference (equivalent if <= {bound}, the {meta['dtype']} rounding bound).", "",
+        f"first difference (equivalent if <= {bound}, the {meta['dtype']} rounding bound). The transformers rows are "
+        f"another implementation with its own rounding: their comparison is for information.", "",
         "| mode | tokens/s | speed-up vs incremental | tokens per LLM step | identical outputs | equivalent |",
         "|---|---:|---:|---:|---:|---|",
     ]
