@@ -154,18 +154,24 @@ def main() -> None:
     prompts = PROMPTS[: args.num_prompts]
     engine = EngineConfig(max_batch_size=1, max_sequence_length=512, device=args.device, dtype=args.dtype)
     expansions = [parse_expansion(e) for e in args.expansions.split(";")]
-    llm = LLM(args.llm, args.ssm, engine=engine, speculation=SpeculationConfig(expansion=expansions[0]))
+    # Fixed trees (adaptive off) measure each configuration's acceptance; one adaptive row follows.
+    llm = LLM(args.llm, args.ssm, engine=engine, speculation=SpeculationConfig(expansion=expansions[0], adaptive=False))
     llm.generate([prompts[0]], GenerationConfig(max_new_tokens=8), mode="incremental")  # warm-up
     rows = [run_case(llm, "incremental", prompts, args.max_new_tokens)]
     rows[0]["label"] = "incremental"
     for expansion in expansions:
-        llm.set_speculation(SpeculationConfig(expansion=expansion))
+        llm.set_speculation(SpeculationConfig(expansion=expansion, adaptive=False))
         for mode in ("sequence", "tree") if expansion == expansions[0] else ("tree",):
             row = run_case(llm, mode, prompts, args.max_new_tokens)
             depth = len(expansion)
             row["label"] = f"sequence (depth {depth})" if mode == "sequence" else f"tree {','.join(map(str, expansion))}"
             rows.append(row)
             write_report(llm, args, prompts, rows)
+    llm.set_speculation(SpeculationConfig(expansion=expansions[0], adaptive=True))
+    row = run_case(llm, "tree", prompts, args.max_new_tokens)
+    row["label"] = f"tree {','.join(map(str, expansions[0]))}, adaptive"
+    rows.append(row)
+    write_report(llm, args, prompts, rows)
     if not args.no_transformers:
         rows.append(hf_case(llm, "transformers generate", prompts, args.max_new_tokens))
         write_report(llm, args, prompts, rows)

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tree: token trees from all SSMs; sequence: a chain from the first SSM; incremental: no SSM")
     gen.add_argument("--expansion", default=",".join(map(str, DEFAULT_EXPANSION)),
                      help="children per tree depth, e.g. 1,1,3,1,1,1,1,1")
+    gen.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
+                     help="let a request sit out speculation while its draft is measured not to pay")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (exactly the LLM's distribution)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     prompts = read_prompts(args)
     engine = EngineConfig(args.max_batch_size, args.max_sequence_length, args.device, args.dtype)
-    speculation = SpeculationConfig(args.mode, parse_expansion(args.expansion))
+    speculation = SpeculationConfig(args.mode, parse_expansion(args.expansion), args.adaptive)
     sampling = GenerationConfig(
         do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, max_new_tokens=args.max_new_tokens,

@@ -35,10 +35,13 @@ class GenerationConfig:
 @dataclass(slots=True)
 class SpeculationConfig:
     """`tree`: every SSM expands `expansion` (children per depth) and the trees merge; `sequence`: the first
-    SSM speculates a chain as deep as `expansion`; `incremental`: no speculation."""
+    SSM speculates a chain as deep as `expansion`; `incremental`: no speculation. `adaptive` lets a request
+    sit out speculation while its draft does not pay; outputs are the same either way."""
 
     mode: str = "tree"
     expansion: tuple[int, ...] = DEFAULT_EXPANSION
+    # Speculate for a request only while its draft is measured to pay (engine/speculation_controller.py).
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -82,7 +82,7 @@ class LLM:
     def manager_for(self, mode: str) -> RequestManager:
         """The request manager running `mode` (tree, sequence or incremental) over the loaded models."""
         if mode not in self._managers:
-            speculation = SpeculationConfig(mode=mode, expansion=self.speculation.expansion)
+            speculation = SpeculationConfig(mode, self.speculation.expansion, self.speculation.adaptive)
             self._managers[mode] = RequestManager(
                 self.model, self.ssms, self.engine_config, speculation, self.eos_token_ids, self.tokenizer
             )

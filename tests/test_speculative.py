@@ -30,7 +30,7 @@ def assert_greedy_equivalent(llm, prompt, got, expected, bound=ROUNDING_BOUND):
 
 def generate(llm, ssms, prompts, mode="tree", expansion=(1, 1, 3, 1, 1), batch=4, max_new=20, eos=()):
     manager = RequestManager(llm, ssms, EngineConfig(max_batch_size=batch, max_sequence_length=128),
-                             SpeculationConfig(mode=mode, expansion=expansion), eos_token_ids=list(eos))
+                             SpeculationConfig(mode=mode, expansion=expansion, adaptive=False), eos_token_ids=list(eos))
     ids = [manager.register_new_request(p, sampling=GenerationConfig(max_new_tokens=max_new)) for p in prompts]
     manager.run()
     return [manager.requests[i] for i in ids]
@@ -74,7 +74,7 @@ def test_requests_join_and_leave(random_models):
     """More requests than slots, different budgets: later ones join as earlier ones finish."""
     llm, ssms = random_models
     manager = RequestManager(llm, ssms[:2], EngineConfig(max_batch_size=2, max_sequence_length=64),
-                             SpeculationConfig(expansion=(2, 1, 1)), eos_token_ids=[])
+                             SpeculationConfig(expansion=(2, 1, 1), adaptive=False), eos_token_ids=[])
     budgets = [3, 17, 1, 9, 25]
     ids = [manager.register_new_request(PROMPTS[i % 4], sampling=GenerationConfig(max_new_tokens=b))
            for i, b in enumerate(budgets)]
@@ -120,7 +120,7 @@ def test_smollm2_greedy_equals_incremental(default_gguf, expansion, ssms, batch)
     from specinfer import LLM
 
     llm = LLM(ssms=ssms, engine=EngineConfig(max_sequence_length=256, max_batch_size=batch),
-              speculation=SpeculationConfig(expansion=expansion))
+              speculation=SpeculationConfig(expansion=expansion, adaptive=False))
     prompts = ["What is the capital of France?", "Write a haiku about autumn.", "Name three colors.",
                "Explain gravity to a child in one sentence."][:batch]
     config = GenerationConfig(max_new_tokens=16)

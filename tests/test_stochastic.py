@@ -79,7 +79,7 @@ def tiny_models(tmp_path_factory):
 
 def sample_sequences(llm, ssms, config: GenerationConfig, num: int) -> dict:
     manager = RequestManager(llm, ssms, EngineConfig(max_batch_size=256, max_sequence_length=16),
-                             SpeculationConfig(expansion=(2, 2)), eos_token_ids=[])
+                             SpeculationConfig(expansion=(2, 2), adaptive=False), eos_token_ids=[])
     ids = [manager.register_new_request(PROMPT, sampling=GenerationConfig(
         do_sample=True, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
         seed=seed, max_new_tokens=NEW_TOKENS)) for seed in range(num)]

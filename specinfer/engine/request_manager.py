@@ -6,6 +6,8 @@ between steps (continuous batching); each keeps its own tree size, length budget
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..config import EngineConfig, GenerationConfig, SpeculationConfig
@@ -18,6 +20,7 @@ from ..tokenizer import Tokenizer
 from .model_runner import Chunk, ModelRunner
 from .scheduler import Scheduler
 from .sequence import Request, RequestStatus
+from .speculation_controller import SpeculationController
 
 
 class RequestManager:
@@ -56,6 +59,7 @@ class RequestManager:
             ModelRunner(ssm, engine.max_batch_size, 2 * engine.max_sequence_length + speculation.max_tree_nodes)
             for ssm in active_ssms
         ]
+        self.controller = SpeculationController() if speculation.adaptive and self.ssms else None
         self.scheduler = Scheduler(engine.max_batch_size)
         self.requests: dict[int, Request] = {}
         self._next_id = 0
@@ -106,14 +110,19 @@ class RequestManager:
             self._prefill(admitted)
         decoding = [r for r in self.scheduler.running if r not in admitted and r.status is RequestStatus.RUNNING]
         if decoding:
+            start = time.perf_counter()
             trees, drafts = self._draft(decoding)
-            results = self._verify(decoding, trees)
+            results = self._verify(decoding, trees)  # reads the accepted lengths: the step's one sync
             self._commit(decoding, trees, drafts, results)
+            if self.controller is not None:
+                self.controller.record_step(time.perf_counter() - start, speculative=any(drafts))
         finished = self.scheduler.retire_finished()
         for request in finished:
             self.llm.release(request.slot)
             for ssm in self.ssms:
                 ssm.release(request.slot)
+            if self.controller is not None:
+                self.controller.forget(request.id)
         return finished
 
     def run(self) -> None:
@@ -133,7 +142,10 @@ class RequestManager:
     def _draft(self, requests: list[Request]) -> tuple[list[TokenTree], list[list[SSMDraft]]]:
         """Per request: the merged tree, and per SSM its own draft (for cache bookkeeping)."""
         # The tree may be as deep as the tokens still allowed, minus the LLM's own token.
-        drafting = [i for i, r in enumerate(requests) if r.num_remaining > 1] if self.ssms else []
+        drafting = [
+            i for i, r in enumerate(requests)
+            if self.ssms and r.num_remaining > 1 and (self.controller is None or self.controller.should_speculate(r.id))
+        ]
         per_ssm: list[list[SSMDraft]] = []
         for runner in self.ssms:
             draft_requests = [
@@ -174,7 +186,10 @@ class RequestManager:
             r.stats.num_llm_steps += 1
             r.stats.num_speculated += len(tree) - 1
             r.stats.num_accepted += len(result.accepted) - 1
-            r.append(result.new_tokens(tree), self.eos_token_ids)
+            new_tokens = result.new_tokens(tree)
+            if ssm_drafts and self.controller is not None:
+                self.controller.record_request(r.id, len(new_tokens))
+            r.append(new_tokens, self.eos_token_ids)
 
     def _choose(self, request: Request, logits: torch.Tensor) -> int:
         if not request.sampling.do_sample:
