@@ -3,7 +3,7 @@
 A speculative step costs `cost_ratio` plain steps (SSM passes plus a wider verification) and yields a
 request's expected tokens per speculative step, `gain`; a plain step yields one token. Speculating pays
 when gain > cost_ratio. Both are measured as the engine runs (exponential moving averages). A request
-whose draft does not pay sits out, and is probed again after a back-off that doubles while probes keep
+whose draft does not pay sits out, and is probed again after a back-off that grows while probes keep
 failing, so a useless draft costs a few per cent instead of a multiple. The choice never changes the
 output: every tree, down to the bare root, is verified exactly.
 """
@@ -13,14 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SMOOTHING = 0.3  # weight of the newest observation in the moving averages
-MAX_BACKOFF = 64  # plain steps at most between probes of a draft that does not pay
+FIRST_BACKOFF = 4  # plain steps before re-probing a draft that just failed to pay
+BACKOFF_GROWTH = 4  # each further failed probe waits this many times longer ...
+MAX_BACKOFF = 128  # ... up to this many plain steps (a useless draft then costs ~ cost_ratio / 128)
 
 
 @dataclass(slots=True)
 class _RequestState:
     gain: float | None = None  # tokens per speculative step (None: not yet measured)
     wait: int = 0  # plain steps left before the next probe
-    backoff: int = 1
+    backoff: int = FIRST_BACKOFF
 
 
 class SpeculationController:
@@ -53,10 +55,10 @@ class SpeculationController:
         state = self.requests.setdefault(request_id, _RequestState())
         state.gain = tokens if state.gain is None else (1 - SMOOTHING) * state.gain + SMOOTHING * tokens
         if state.gain > self.cost_ratio:
-            state.backoff = 1
+            state.backoff = FIRST_BACKOFF
         else:
             state.wait = state.backoff
-            state.backoff = min(2 * state.backoff, MAX_BACKOFF)
+            state.backoff = min(BACKOFF_GROWTH * state.backoff, MAX_BACKOFF)
 
     def record_step(self, seconds: float, speculative: bool) -> None:
         if speculative:
