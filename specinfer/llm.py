@@ -133,8 +133,7 @@ class LLM:
             if not prompt.strip():
                 raise SpecInferError("a prompt is empty")
             tokens = self.encode_prompt(prompt, use_chat_template)
-            ids.append(manager.register_new_request(tokens, max_sequence_length, config))
-            manager.requests[ids[-1]].prompt = prompt
+            ids.append(manager.register_new_request(tokens, max_sequence_length, config, prompt_text=prompt))
         total = sum(manager.requests[i].num_remaining for i in ids)
         with tqdm(total=total, desc=f"generating ({manager.speculation.mode})", unit="tok", disable=not progress) as bar:
             done = 0
@@ -146,7 +145,7 @@ class LLM:
         return [self._result(manager, i) for i in ids]
 
     def _result(self, manager: RequestManager, request_id: int) -> GenerationResult:
-        r = manager.requests.pop(request_id)
+        r = manager.pop_request(request_id)
         return GenerationResult(
             request_id=r.id,
             prompt=r.prompt or "",

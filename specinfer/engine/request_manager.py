@@ -69,9 +69,11 @@ class RequestManager:
         prompt: str | list[int],
         max_sequence_length: int | None = None,
         sampling: GenerationConfig | None = None,
+        prompt_text: str | None = None,
     ) -> int:
         """Queue a prompt (text, or token ids); returns the request id. `max_sequence_length` counts prompt
-        and output tokens, as in the original, and defaults to the engine's."""
+        and output tokens, as in the original, and defaults to the engine's. `prompt_text` labels a
+        token-id prompt with the text it came from (e.g. before a chat template was applied)."""
         max_len = max_sequence_length or self.engine.max_sequence_length
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -94,11 +96,19 @@ class RequestManager:
             raise SpecInferError(f"prompt token ids must lie in [0, {vocab})")
         sampling = sampling or GenerationConfig()
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.do_sample else None
-        request = Request(self._next_id, tokens, max_len, sampling, generator, prompt if isinstance(prompt, str) else None)
+        text = prompt if isinstance(prompt, str) else prompt_text
+        request = Request(self._next_id, tokens, max_len, sampling, generator, text)
         self._next_id += 1
         self.requests[request.id] = request
         self.scheduler.add(request)
         return request.id
+
+    def pop_request(self, request_id: int) -> Request:
+        """Hand a finished request over to the caller and forget it (the manager keeps results until then)."""
+        request = self.requests[request_id]
+        if request.status is not RequestStatus.FINISHED:
+            raise SpecInferError(f"request {request_id} has not finished")
+        return self.requests.pop(request_id)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work
