@@ -1,5 +1,7 @@
 """`specinfer`: serve prompts with tree-based speculative inference from the command line.
 
+`specinfer boost-tune --out DIR` trains SSMs for an LLM (see specinfer/boost/).
+
 With no arguments it answers a sample prompt with the default model (SmolLM2-135M-Instruct and its
 default draft), runs incremental decoding on the same prompt for comparison, and prints the speed-up.
 """
@@ -135,10 +137,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_boost_parser() -> argparse.ArgumentParser:
+    from .boost.pipeline import add_arguments
+
+    p = argparse.ArgumentParser(
+        prog="specinfer boost-tune",
+        description="Collective boost-tuning: train SSMs on the LLM's own answers, each next one weighted "
+                    "towards the tokens the earlier ones miss; evaluates acceptance on held-out prompts.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_arguments(p)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    boost = bool(argv) and argv[0] == "boost-tune"
+    args = (build_boost_parser() if boost else build_parser()).parse_args(argv[1:] if boost else argv)
     try:
+        if boost:
+            from .boost.pipeline import run as run_boost
+
+            return run_boost(args)
         return run(args)
     except SpecInferError as err:
         print(f"specinfer: error: {err}", file=sys.stderr)

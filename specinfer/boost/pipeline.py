@@ -1,0 +1,123 @@
+"""`specinfer boost-tune`: LLM answers -> SSM 1 -> SSM 2 weighted to what SSM 1 misses -> ... -> evaluation.
+
+Every stage writes its result under the output folder and is skipped when that result already exists,
+so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..config import EngineConfig, SpeculationConfig, parse_expansion
+from ..errors import SpecInferError
+from ..llm import LLM
+from ..models.loader import load_model
+from .data import generate_examples
+from .evaluate import evaluate
+from .prompts import build_prompts
+from .train import TrainConfig, coverage, make_ssm, save_ssm, train_ssm
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--llm", metavar="PATH", help="the LLM (default: the default model)")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer (default: the one beside the LLM)")
+    p.add_argument("--prompt-file", metavar="JSON",
+                   help="training prompts, a JSON list of strings; every 5th is held out (default: the built-in "
+                        "set of instruction templates × topics, split by topic)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder: data, SSM folders, evaluation")
+    p.add_argument("--num-ssms", type=int, default=2, help="how many SSMs to boost-tune")
+    p.add_argument("--init", default="self:2", help="SSM shape: self:N (the LLM's first N layers) or random:LAYERS,HIDDEN")
+    p.add_argument("--steps", type=int, default=500, help="training steps per SSM")
+    p.add_argument("--batch-size", type=int, default=16, help="training sequences per step")
+    p.add_argument("--learning-rate", type=float, default=3e-4, help="peak learning rate (cosine decay)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="answer tokens per prompt from the LLM")
+    p.add_argument("--max-sequence-length", type=int, default=1024, help="prompt + answer tokens at most")
+    p.add_argument("--max-prompts", type=int, default=0, help="use at most this many training prompts (0 = all)")
+    p.add_argument("--covered-weight", type=float, default=0.1,
+                   help="training weight of tokens the earlier SSMs already cover (1 = no boosting)")
+    p.add_argument("--expansion", default="1,1,3,1,1,1,1,1", help="tree used to evaluate acceptance")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the LLM's dtype (SSMs train in fp32 with bf16 autocast on GPU)")
+    p.add_argument("--generation-batch-size", type=int, default=32, help="prompts the LLM answers at once")
+
+
+def read_prompt_file(path: str) -> tuple[list[str], list[str]]:
+    try:
+        prompts = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SpecInferError(f"cannot read prompt file {path!r}: {err}") from None
+    if not isinstance(prompts, list) or len(prompts) < 2 or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise SpecInferError(f"prompt file {path!r} must hold a JSON list of at least two non-empty strings")
+    held_out = prompts[::5]
+    return [p for i, p in enumerate(prompts) if i % 5], held_out
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if args.num_ssms < 1:
+        raise SpecInferError("--num-ssms must be at least 1")
+    expansion = parse_expansion(args.expansion)
+    train_prompts, held_out_prompts = read_prompt_file(args.prompt_file) if args.prompt_file else build_prompts()
+    if args.max_prompts:
+        train_prompts = train_prompts[: args.max_prompts]
+        held_out_prompts = held_out_prompts[: max(args.max_prompts // 4, 1)]
+    llm = LLM(args.llm, ssms=[], tokenizer=args.tokenizer,
+              engine=EngineConfig(max_batch_size=args.generation_batch_size, max_sequence_length=args.max_sequence_length,
+                                  device=args.device, dtype=args.dtype),
+              speculation=SpeculationConfig(mode="incremental"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prompts.json").write_text(json.dumps({
+        "how": "built-in instruction templates x topics, held-out topics disjoint" if not args.prompt_file
+        else f"{args.prompt_file}, every 5th prompt held out", "train": train_prompts, "held_out": held_out_prompts,
+    }, indent=1))
+    train = generate_examples(llm, train_prompts, out / "data" / "train.jsonl", args.max_new_tokens,
+                              args.generation_batch_size)
+    held_out = generate_examples(llm, held_out_prompts, out / "data" / "held_out.jsonl", args.max_new_tokens,
+                                 args.generation_batch_size)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                         covered_weight=args.covered_weight, cover_top_k=max(expansion))
+    ssms: list[torch.nn.Module] = []
+    for k in range(1, args.num_ssms + 1):
+        folder = out / f"ssm{k}"
+        if (folder / "config.json").exists():
+            log.info("SSM %d: reusing %s", k, folder)
+            ssms.append(load_model(folder, llm.model.embed_tokens.weight.device, torch.float32))
+            continue
+        covered = coverage(ssms, train, config.cover_top_k, config.max_length)
+        weights = [torch.where(c, config.covered_weight, 1.0) for c in covered]
+        share = sum(int(c.sum()) for c in covered) / max(sum(len(c) for c in covered), 1)
+        log.info("SSM %d: %.1f%% of training tokens already covered by SSMs 1..%d", k, 100 * share, k - 1)
+        ssm = train_ssm(make_ssm(llm.model, args.init), train, weights, config, folder / "checkpoint.pt")
+        save_ssm(ssm, folder)
+        (folder / "checkpoint.pt").unlink(missing_ok=True)
+        ssms.append(ssm)
+
+    dtype = llm.model.embed_tokens.weight.dtype
+    untrained = make_ssm(llm.model, args.init).to(dtype).eval()
+    labels = ["untrained draft"] + [f"ssm{k}" for k in range(1, len(ssms) + 1)]
+    rows = evaluate(llm.model, [untrained], labels[:1], held_out, expansion, config.cover_top_k, config.max_length)
+    rows += evaluate(llm.model, [s.to(dtype) for s in ssms], labels[1:], held_out, expansion, config.cover_top_k,
+                     config.max_length)
+    write_evaluation(out, rows, args, len(train), len(held_out))
+    return 0
+
+
+def write_evaluation(out: Path, rows, args: argparse.Namespace, num_train: int, num_held_out: int) -> None:
+    (out / "evaluation.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    lines = [
+        f"Held-out prompts: {num_held_out} (training: {num_train}); greedy; expansion {args.expansion}; "
+        f"SSM init {args.init}; {args.steps} steps per SSM.", "",
+        "| SSMs | mean tokens per LLM step | LLM tokens in some SSM's top-k |", "|---|---:|---:|",
+    ] + [f"| {r.label} | {r.mean_tokens_per_step:.2f} | {100 * r.coverage:.1f}% |" for r in rows]
+    table = "\n".join(lines) + "\n"
+    (out / "evaluation.md").write_text(table)
+    print(table)
