@@ -24,7 +24,7 @@ def boosted(tmp_path_factory):
     save_random_llama(root / "llm", vocab_size=VOCAB, num_hidden_layers=3)
     write_byte_level_tokenizer(root / "llm")
     code = main(["boost-tune", "--llm", str(root / "llm"), "--out", str(root / "out"), "--num-ssms", "2",
-                 "--init", "self:1", "--steps", "250", "--batch-size", "8", "--max-prompts", "80",
+                 "--init", "self:1", "--steps", "250", "--batch-size", "8", "--max-prompts", "80", "--max-held-out", "20",
                  "--max-new-tokens", "24", "--max-sequence-length", "200", "--expansion", "1,1,1", "--learning-rate", "3e-3"])
     assert code == 0
     return root

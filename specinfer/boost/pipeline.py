@@ -41,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer tokens per prompt from the LLM")
     p.add_argument("--max-sequence-length", type=int, default=1024, help="prompt + answer tokens at most")
     p.add_argument("--max-prompts", type=int, default=0, help="use at most this many training prompts (0 = all)")
+    p.add_argument("--max-held-out", type=int, default=64, help="held-out prompts used for evaluation at most")
     p.add_argument("--covered-weight", type=float, default=0.1,
                    help="training weight of tokens the earlier SSMs already cover (1 = no boosting)")
     p.add_argument("--expansion", default="1,1,3,1,1,1,1,1", help="tree used to evaluate acceptance")
@@ -69,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
     train_prompts, held_out_prompts = read_prompt_file(args.prompt_file) if args.prompt_file else build_prompts()
     if args.max_prompts:
         train_prompts = train_prompts[: args.max_prompts]
-        held_out_prompts = held_out_prompts[: max(args.max_prompts // 4, 1)]
+    # Spread the held-out sample over all held-out topics rather than taking the first few.
+    stride = max(len(held_out_prompts) // max(args.max_held_out, 1), 1)
+    held_out_prompts = held_out_prompts[::stride][: args.max_held_out]
     llm = LLM(args.llm, ssms=[], tokenizer=args.tokenizer,
               engine=EngineConfig(max_batch_size=args.generation_batch_size, max_sequence_length=args.max_sequence_length,
                                   device=args.device, dtype=args.dtype),
