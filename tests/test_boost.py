@@ -18,13 +18,23 @@ from .test_cli import VOCAB, write_byte_level_tokenizer
 from .test_speculative import assert_greedy_equivalent, generate
 
 
+def save_learnable_llm(folder):
+    """A random LLaMA whose attention output is damped, so its next token depends mostly on the current
+    one: structure a small SSM can learn from a few dozen answers (a random network is otherwise a hash)."""
+    model = save_random_llama(folder, vocab_size=VOCAB, num_hidden_layers=2)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(0.05)
+    model.save_pretrained(folder)
+
+
 @pytest.fixture(scope="module")
 def boosted(tmp_path_factory):
     root = tmp_path_factory.mktemp("boost")
-    save_random_llama(root / "llm", vocab_size=VOCAB, num_hidden_layers=3)
+    save_learnable_llm(root / "llm")
     write_byte_level_tokenizer(root / "llm")
     code = main(["boost-tune", "--llm", str(root / "llm"), "--out", str(root / "out"), "--num-ssms", "2",
-                 "--init", "self:1", "--steps", "250", "--batch-size", "8", "--max-prompts", "80", "--max-held-out", "20",
+                 "--init", "random:1,64", "--steps", "250", "--batch-size", "8", "--max-prompts", "80", "--max-held-out", "20",
                  "--max-new-tokens", "24", "--max-sequence-length", "200", "--expansion", "1,1,1", "--learning-rate", "3e-3"])
     assert code == 0
     return root
@@ -33,9 +43,10 @@ def boosted(tmp_path_factory):
 def test_training_raises_held_out_acceptance(boosted):
     rows = {r["label"]: r for r in json.loads((boosted / "out" / "evaluation.json").read_text())}
     assert set(rows) == {"untrained draft", "ssm1", "ssm2", "merged set"}
-    assert rows["ssm1"]["mean_tokens_per_step"] > rows["untrained draft"]["mean_tokens_per_step"] + 0.05
-    assert rows["ssm1"]["coverage"] > rows["untrained draft"]["coverage"] + 0.1
-    assert rows["merged set"]["coverage"] >= max(rows["ssm1"]["coverage"], rows["ssm2"]["coverage"])
+    assert rows["ssm1"]["mean_tokens_per_step"] > rows["untrained draft"]["mean_tokens_per_step"] + 0.5
+    assert rows["ssm1"]["coverage"] > rows["untrained draft"]["coverage"] + 0.3
+    for key in ("coverage", "mean_tokens_per_step"):
+        assert rows["merged set"][key] >= max(rows["ssm1"][key], rows["ssm2"][key])
     prompts = json.loads((boosted / "out" / "prompts.json").read_text())
     assert not set(prompts["train"]) & set(prompts["held_out"])
 
