@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -66,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.num_ssms < 1:
         raise SpecInferError("--num-ssms must be at least 1")
+    if not re.fullmatch(r"self:\d+|random:\d+,\d+", args.init):
+        raise SpecInferError(f"--init must be self:N or random:LAYERS,HIDDEN, got {args.init!r}")
     expansion = parse_expansion(args.expansion)
     train_prompts, held_out_prompts = read_prompt_file(args.prompt_file) if args.prompt_file else build_prompts()
     if args.max_prompts:
