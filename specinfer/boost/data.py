@@ -34,12 +34,17 @@ def read_examples(path: Path) -> list[Example]:
     return examples
 
 
-def generate_examples(llm: LLM, prompts: list[str], path: Path, max_new_tokens: int, batch_size: int) -> list[Example]:
-    """The LLM's greedy answers to `prompts`, reusing those already in `path`."""
+def generate_examples(
+    llm: LLM, prompts: list[str], path: Path, max_new_tokens: int, batch_size: int, sample_seed: int | None = None
+) -> list[Example]:
+    """The LLM's answers to `prompts` (greedy, or sampled at temperature 0.8 with `sample_seed` for more
+    varied training text), reusing those already in `path`."""
     done = {e.prompt for e in read_examples(path)}
     todo = [p for p in prompts if p not in done]
     path.parent.mkdir(parents=True, exist_ok=True)
     config = GenerationConfig(max_new_tokens=max_new_tokens)
+    if sample_seed is not None:
+        config = GenerationConfig(do_sample=True, temperature=0.8, seed=sample_seed, max_new_tokens=max_new_tokens)
     with path.open("a") as f, tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="LLM answers",
                                    unit="prompt") as bar:
         for start in range(0, len(todo), batch_size):

@@ -43,6 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sequence-length", type=int, default=1024, help="prompt + answer tokens at most")
     p.add_argument("--max-prompts", type=int, default=0, help="use at most this many training prompts (0 = all)")
     p.add_argument("--max-held-out", type=int, default=64, help="held-out prompts used for evaluation at most")
+    p.add_argument("--answers-per-prompt", type=int, default=1,
+                   help="LLM answers per training prompt: the greedy one, then sampled ones (temperature 0.8)")
+    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=False,
+                   help="train on the LLM's full next-token distributions (KL) instead of its tokens alone")
     p.add_argument("--covered-weight", type=float, default=0.1,
                    help="training weight of tokens the earlier SSMs already cover (1 = no boosting)")
     p.add_argument("--expansion", default="1,1,3,1,1,1,1,1", help="tree used to evaluate acceptance")
@@ -87,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
     }, indent=1))
     train = generate_examples(llm, train_prompts, out / "data" / "train.jsonl", args.max_new_tokens,
                               args.generation_batch_size)
+    for k in range(1, args.answers_per_prompt):  # sampled answers: more, and more varied, training text
+        train += generate_examples(llm, train_prompts, out / "data" / f"train_sampled{k}.jsonl", args.max_new_tokens,
+                                   args.generation_batch_size, sample_seed=k)
     held_out = generate_examples(llm, held_out_prompts, out / "data" / "held_out.jsonl", args.max_new_tokens,
                                  args.generation_batch_size)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
@@ -102,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
         weights = [torch.where(c, config.covered_weight, 1.0) for c in covered]
         share = sum(int(c.sum()) for c in covered) / max(sum(len(c) for c in covered), 1)
         log.info("SSM %d: %.1f%% of training tokens already covered by SSMs 1..%d", k, 100 * share, k - 1)
-        ssm = train_ssm(make_ssm(llm.model, args.init), train, weights, config, folder / "checkpoint.pt")
+        teacher = llm.model if args.distill else None
+        ssm = train_ssm(make_ssm(llm.model, args.init), train, weights, config, folder / "checkpoint.pt", teacher)
         save_ssm(ssm, folder)
         (folder / "checkpoint.pt").unlink(missing_ok=True)
         ssms.append(ssm)

@@ -132,8 +132,10 @@ def train_ssm(
     weights: list[torch.Tensor],
     config: TrainConfig,
     checkpoint: Path | None = None,
+    teacher: nn.Module | None = None,
 ) -> nn.Module:
-    """Weighted cross-entropy on the LLM's answer tokens; resumes from `checkpoint` if it exists."""
+    """Weighted cross-entropy on the LLM's answer tokens, or with a `teacher` (the LLM) the weighted KL
+    divergence from its full next-token distributions; resumes from `checkpoint` if it exists."""
     device = next(ssm.parameters()).device
     params = [p for p in ssm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
@@ -158,7 +160,14 @@ def train_ssm(
             [examples[i] for i in picked], [weights[i] for i in picked], config.max_length, device)
         with autocast:
             logits = causal_logits(ssm, tokens, rows)
-        loss = (nn.functional.cross_entropy(logits.float(), targets, reduction="none") * row_weights).sum()
+        log_q = logits.float().log_softmax(-1)
+        if teacher is None:
+            per_token = -log_q.gather(-1, targets[:, None])[:, 0]
+        else:
+            with torch.no_grad():
+                log_p = causal_logits(teacher, tokens, rows).float().log_softmax(-1)
+            per_token = (log_p.exp() * (log_p - log_q)).sum(-1)  # KL(p_LLM || q_SSM)
+        loss = (per_token * row_weights).sum()
         loss = loss / row_weights.sum().clamp_min(1e-6)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
