@@ -1,0 +1,1 @@
+"""Speculation: token trees, SSM expansion, verification and sampling."""
