@@ -56,7 +56,8 @@ class RequestManager:
         self.llm = ModelRunner(llm, engine.max_batch_size, capacity)
         active_ssms = ssms[:1] if speculation.mode == "sequence" else ssms
         self.ssms = [] if speculation.mode == "incremental" else [
-            ModelRunner(ssm, engine.max_batch_size, 2 * engine.max_sequence_length + speculation.max_tree_nodes)
+            # Cached entries plus the catch-up chain never exceed the sequence; the tree adds its nodes.
+            ModelRunner(ssm, engine.max_batch_size, engine.max_sequence_length + speculation.max_tree_nodes)
             for ssm in active_ssms
         ]
         self.controller = SpeculationController() if speculation.adaptive and self.ssms else None

@@ -23,5 +23,4 @@ def early_exit_draft(llm: nn.Module, num_layers: int) -> nn.Module:
         draft = build_model(cfg)
     for name, child in llm.named_children():
         setattr(draft, name, nn.ModuleList(list(child)[:num_layers]) if name == "layers" else child)
-    draft.lm_head = llm.lm_head
     return draft.eval()
