@@ -21,12 +21,7 @@ from .errors import SpecInferError
 DEFAULT_PROMPT = "What are three good reasons to learn a second language? Answer briefly."
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="specinfer",
-        description="Serve an LLM with tree-based speculative inference; output equals the LLM's own.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
     models = p.add_argument_group("models")
     models.add_argument("--llm", "--llm-weight", dest="llm", metavar="PATH",
                         help="LLM weights: a Hugging Face folder (config.json + safetensors/bin) or a .gguf file "
@@ -37,31 +32,52 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--tokenizer", metavar="PATH",
                         help="tokenizer: tokenizer.model, tokenizer.json, a folder with vocab.json + merges.txt, or "
                              "a .gguf (default: the one beside the LLM weights)")
+
+
+def add_engine_arguments(p: argparse.ArgumentParser, max_sequence_length: int) -> None:
+    spec = p.add_argument_group("speculation")
+    spec.add_argument("--mode", choices=MODES, default="tree",
+                      help="tree: token trees from all SSMs; sequence: a chain from the first SSM; incremental: no SSM")
+    spec.add_argument("--expansion", default=",".join(map(str, DEFAULT_EXPANSION)),
+                      help="children per tree depth, e.g. 1,1,3,1,1,1,1,1")
+    spec.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
+                      help="let a request sit out speculation while its draft is measured not to pay")
+    run = p.add_argument_group("engine")
+    run.add_argument("--max-sequence-length", type=int, default=max_sequence_length,
+                     help="prompt + output tokens per request at most (the served context length)")
+    run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="weights and activations (auto: bfloat16 on GPU, float32 on CPU)")
+    run.add_argument("--max-batch-size", type=int, default=8, help="requests served together at most")
+
+
+def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, SpeculationConfig]:
+    engine = EngineConfig(args.max_batch_size, args.max_sequence_length, args.device, args.dtype)
+    return engine, SpeculationConfig(args.mode, parse_expansion(args.expansion), args.adaptive)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="specinfer",
+        description="Serve an LLM with tree-based speculative inference; output equals the LLM's own. "
+                    "Subcommands: `specinfer serve` (OpenAI-compatible HTTP server), `specinfer boost-tune`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_model_arguments(p)
     prompts = p.add_argument_group("prompts")
     prompts.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeat for several")
     prompts.add_argument("--prompt-file", metavar="JSON", help="a JSON file holding a list of prompt strings")
     prompts.add_argument("--no-chat-template", action="store_true",
                          help="feed prompts as raw text instead of wrapping them in the tokenizer's chat template")
     gen = p.add_argument_group("generation")
-    gen.add_argument("--max-sequence-length", type=int, default=512, help="prompt + output tokens per request")
     gen.add_argument("--max-new-tokens", type=int, default=128, help="output tokens per request at most")
-    gen.add_argument("--mode", choices=MODES, default="tree",
-                     help="tree: token trees from all SSMs; sequence: a chain from the first SSM; incremental: no SSM")
-    gen.add_argument("--expansion", default=",".join(map(str, DEFAULT_EXPANSION)),
-                     help="children per tree depth, e.g. 1,1,3,1,1,1,1,1")
-    gen.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
-                     help="let a request sit out speculation while its draft is measured not to pay")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (exactly the LLM's distribution)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     gen.add_argument("--seed", type=int, default=0, help="random seed for sampling")
-    run = p.add_argument_group("engine")
-    run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                     help="weights and activations (auto: bfloat16 on GPU, float32 on CPU)")
-    run.add_argument("--max-batch-size", type=int, default=8, help="requests served together at most")
-    run.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
-                     help="also run incremental decoding on the same prompts and print the speed-up")
+    add_engine_arguments(p, max_sequence_length=512)
+    p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run incremental decoding on the same prompts and print the speed-up")
     out = p.add_argument_group("output")
     out.add_argument("--output", metavar="FILE", help="write one JSON line per prompt here")
     out.add_argument("--quiet", action="store_true", help="print only the summary")
@@ -95,8 +111,7 @@ def run(args: argparse.Namespace) -> int:
     from .llm import LLM  # heavy imports after argument errors are ruled out
 
     prompts = read_prompts(args)
-    engine = EngineConfig(args.max_batch_size, args.max_sequence_length, args.device, args.dtype)
-    speculation = SpeculationConfig(args.mode, parse_expansion(args.expansion), args.adaptive)
+    engine, speculation = engine_configs(args)
     sampling = GenerationConfig(
         do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, max_new_tokens=args.max_new_tokens,
@@ -150,16 +165,44 @@ def build_boost_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="specinfer serve",
+        description="An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, streaming) with "
+                    "continuous batching and speculative inference.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_model_arguments(p)
+    add_engine_arguments(p, max_sequence_length=2048)
+    http = p.add_argument_group("server")
+    http.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    http.add_argument("--port", type=int, default=8000)
+    http.add_argument("--served-model-name", metavar="NAME",
+                      help="the model id clients send (default: the LLM's file or folder name)")
+    http.add_argument("--max-queued-requests", type=int, default=256,
+                      help="requests waiting beyond the running batch; more get 503 with Retry-After")
+    http.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+SUBCOMMANDS = {"boost-tune": build_boost_parser, "serve": build_serve_parser}
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
-    boost = bool(argv) and argv[0] == "boost-tune"
-    args = (build_boost_parser() if boost else build_parser()).parse_args(argv[1:] if boost else argv)
+    command = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    parser = SUBCOMMANDS[command]() if command else build_parser()
+    args = parser.parse_args(argv[1:] if command else argv)
     try:
-        if boost:
+        if command == "boost-tune":
             from .boost.pipeline import run as run_boost
 
             return run_boost(args)
+        if command == "serve":
+            from .server.main import serve
+
+            return serve(args)
         return run(args)
     except SpecInferError as err:
         print(f"specinfer: error: {err}", file=sys.stderr)

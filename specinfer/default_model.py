@@ -7,7 +7,8 @@ from pathlib import Path
 
 from .errors import SpecInferError
 
-DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF_NAME = f"{DEFAULT_MODEL_NAME}.Q4_1.gguf"
 # Early-exit draft used until boost-tuned SSMs ship: the first layers of the LLM itself.
 DEFAULT_DRAFT = "self:4"
 

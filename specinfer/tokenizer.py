@@ -45,9 +45,17 @@ class Tokenizer:
 
     def encode_chat(self, user_message: str) -> list[int]:
         """Token ids of a one-turn conversation, ready for the assistant's answer."""
-        ids = self.hf.apply_chat_template(
-            [{"role": "user", "content": user_message}], add_generation_prompt=True, tokenize=True
-        )
+        return self.encode_messages([{"role": "user", "content": user_message}])
+
+    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation ({"role", "content"} dicts) through the chat template, ready for the
+        assistant's answer."""
+        if not self.has_chat_template:
+            raise SpecInferError(f"the tokenizer from {self.source!r} has no chat template")
+        try:
+            ids = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as err:  # jinja raises its own types, e.g. for a role the template refuses
+            raise SpecInferError(f"the chat template refused these messages: {err}") from None
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def vocab(self) -> dict[str, int]:

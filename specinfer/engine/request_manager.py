@@ -111,6 +111,21 @@ class RequestManager:
             raise SpecInferError(f"request {request_id} has not finished")
         return self.requests.pop(request_id)
 
+    def abort_request(self, request_id: int, reason: str = "abort") -> Request:
+        """Stop a request wherever it is (queued or running), free its cache slots, forget it and return it
+        with `finish_reason` set to `reason`. Call between steps."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            raise SpecInferError(f"no request {request_id}")
+        if request.status is RequestStatus.RUNNING:
+            self._release(request)
+        self.scheduler.remove(request)
+        if request.status is not RequestStatus.FINISHED:
+            request.finish_reason = reason
+            request.status = RequestStatus.FINISHED
+            request.stats.finish_time = time.perf_counter()
+        return request
+
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
@@ -119,7 +134,8 @@ class RequestManager:
         admitted = self.scheduler.admit()
         if admitted:
             self._prefill(admitted)
-        decoding = [r for r in self.scheduler.running if r not in admitted and r.status is RequestStatus.RUNNING]
+        newcomers = {r.id for r in admitted}
+        decoding = [r for r in self.scheduler.running if r.id not in newcomers and r.status is RequestStatus.RUNNING]
         if decoding:
             start = time.perf_counter()
             trees, drafts = self._draft(decoding)
@@ -129,12 +145,15 @@ class RequestManager:
                 self.controller.record_step(time.perf_counter() - start, speculative=any(drafts))
         finished = self.scheduler.retire_finished()
         for request in finished:
-            self.llm.release(request.slot)
-            for ssm in self.ssms:
-                ssm.release(request.slot)
-            if self.controller is not None:
-                self.controller.forget(request.id)
+            self._release(request)
         return finished
+
+    def _release(self, request: Request) -> None:
+        self.llm.release(request.slot)
+        for ssm in self.ssms:
+            ssm.release(request.slot)
+        if self.controller is not None:
+            self.controller.forget(request.id)
 
     def run(self) -> None:
         """Step until every registered request has finished."""

@@ -35,6 +35,15 @@ class Scheduler:
         self.running = [r for r in self.running if r.status is not RequestStatus.FINISHED]
         return finished
 
+    def remove(self, request: Request) -> None:
+        """Take a request out of the queue or the batch (a cancelled one), freeing its slot."""
+        # By identity: requests are dataclasses, whose == compares every field.
+        if any(r is request for r in self.waiting):
+            self.waiting = deque(r for r in self.waiting if r is not request)
+        elif any(r is request for r in self.running):
+            self.running = [r for r in self.running if r is not request]
+            self.free_slots.append(request.slot)
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
