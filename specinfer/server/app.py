@@ -321,11 +321,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         first = errors[0] if errors else {}
         if first.get("type") == "json_invalid":
             return JSONResponse(error_body(f"The body is not valid JSON: {first.get('msg', '')}"), status_code=400)
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        where = loc[0] if loc else None  # the top-level field, as OpenAI names it
         message = "; ".join(
             f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}" for e in errors
         )
-        return JSONResponse(error_body(message, param=where or None, code="invalid_value"), status_code=422)
+        return JSONResponse(error_body(message, param=where, code="invalid_value"), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, err: StarletteHTTPException):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 from pathlib import Path
 
 from ..default_model import DEFAULT_MODEL_NAME
@@ -40,5 +41,8 @@ def serve(args: argparse.Namespace) -> int:
     log.info("serving %r (%s speculation) on http://%s:%d/v1", name, speculation.mode, args.host, args.port)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=30)
     server = uvicorn.Server(config)
+    # uvicorn drains on SIGTERM, then re-raises the signal to the handler it found; a no-op handler makes
+    # that drained shutdown end as a normal exit (status 0) instead of a death by signal.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
     return 0 if server.started else 1
