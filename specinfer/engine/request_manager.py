@@ -142,7 +142,7 @@ class RequestManager:
             results = self._verify(decoding, trees)  # reads the accepted lengths: the step's one sync
             self._commit(decoding, trees, drafts, results)
             if self.controller is not None:
-                self.controller.record_step(time.perf_counter() - start, speculative=any(drafts))
+                self.controller.record_step(time.perf_counter() - start, len(decoding), speculative=any(drafts))
         finished = self.scheduler.retire_finished()
         for request in finished:
             self._release(request)
@@ -172,10 +172,10 @@ class RequestManager:
     def _draft(self, requests: list[Request]) -> tuple[list[TokenTree], list[list[SSMDraft]]]:
         """Per request: the merged tree, and per SSM its own draft (for cache bookkeeping)."""
         # The tree may be as deep as the tokens still allowed, minus the LLM's own token.
-        drafting = [
-            i for i, r in enumerate(requests)
-            if self.ssms and r.num_remaining > 1 and (self.controller is None or self.controller.should_speculate(r.id))
-        ]
+        drafting = [i for i, r in enumerate(requests) if self.ssms and r.num_remaining > 1]
+        if self.controller is not None and drafting:
+            chosen = self.controller.choose([requests[i].id for i in drafting])
+            drafting = [i for i in drafting if requests[i].id in chosen]
         per_ssm: list[list[SSMDraft]] = []
         for runner in self.ssms:
             draft_requests = [
@@ -218,7 +218,7 @@ class RequestManager:
             r.stats.num_accepted += len(result.accepted) - 1
             new_tokens = result.new_tokens(tree)
             if ssm_drafts and self.controller is not None:
-                self.controller.record_request(r.id, len(new_tokens))
+                self.controller.record_request(r.id, len(new_tokens), len(requests))
             r.append(new_tokens, self.eos_token_ids)
 
     def _choose(self, request: Request, logits: torch.Tensor) -> int:
