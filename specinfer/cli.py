@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,10 +50,14 @@ def add_engine_arguments(p: argparse.ArgumentParser, max_sequence_length: int) -
     run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="weights and activations (auto: bfloat16 on GPU, float32 on CPU)")
     run.add_argument("--max-batch-size", type=int, default=8, help="requests served together at most")
+    run.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                     help="split the LLM over this many processes (one per GPU with --device cuda; gloo on CPU); "
+                          "spawned here unless launched by torchrun")
 
 
 def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, SpeculationConfig]:
-    engine = EngineConfig(args.max_batch_size, args.max_sequence_length, args.device, args.dtype)
+    engine = EngineConfig(args.max_batch_size, args.max_sequence_length, args.device, args.dtype,
+                          args.tensor_parallel_size)
     return engine, SpeculationConfig(args.mode, parse_expansion(args.expansion), args.adaptive)
 
 
@@ -194,7 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     parser = SUBCOMMANDS[command]() if command else build_parser()
     args = parser.parse_args(argv[1:] if command else argv)
+    tp_size = getattr(args, "tensor_parallel_size", 1)
     try:
+        if tp_size > 1 and command == "serve":
+            raise SpecInferError("specinfer serve does not support --tensor-parallel-size yet")
+        if tp_size > 1 and "WORLD_SIZE" not in os.environ:
+            from .distributed.launch import spawn
+
+            return spawn(main, argv, tp_size)
+        if int(os.environ.get("RANK", "0")) > 0:  # one rank speaks for all
+            sys.stdout = open(os.devnull, "w")
+            os.environ["TQDM_DISABLE"] = "1"
         if command == "boost-tune":
             from .boost.pipeline import run as run_boost
 

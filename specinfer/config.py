@@ -85,8 +85,11 @@ class EngineConfig:
     max_sequence_length: int = 1024  # prompt + generated tokens, per request
     device: str = "cpu"
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    tensor_parallel_size: int = 1  # processes (GPUs) the LLM is split over; see specinfer/distributed
 
     def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise SpecInferError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.max_batch_size < 1:
             raise SpecInferError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_sequence_length < 2:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .config import EngineConfig, GenerationConfig, SpeculationConfig
 from .default_model import DEFAULT_DRAFT, default_model_path
+from .distributed.parallel import from_environment
 from .engine.request_manager import RequestManager
 from .errors import SpecInferError
 from .models.early_exit import early_exit_draft
@@ -52,13 +53,15 @@ class LLM:
         files, or `self:N` for the LLM's own first N layers (None: the default draft, `self:4`)."""
         self.engine_config = engine or EngineConfig()
         self.speculation = speculation or SpeculationConfig()
-        device = torch.device(self.engine_config.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
+        if self.engine_config.device.startswith("cuda") and not torch.cuda.is_available():
             raise SpecInferError("--device cuda was asked for, but no CUDA GPU is visible")
+        # Under tensor parallelism every rank runs all of this on its own device, with its slice of the LLM.
+        self.tp, device_name = from_environment(self.engine_config.tensor_parallel_size, self.engine_config.device)
+        device = torch.device(device_name)
         dtype = self._dtype(device)
         model_path = Path(model) if model is not None else default_model_path()
         self.model_path = model_path
-        self.model = load_model(model_path, device, dtype)
+        self.model = load_model(model_path, device, dtype, tp=self.tp)
         self.tokenizer: Tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model_path)
         if self.tokenizer.vocab_size > self.model.config.vocab_size:
             raise SpecInferError(
@@ -101,7 +104,7 @@ class LLM:
             except ValueError:
                 raise SpecInferError(f"SSM {spec!r}: expected self:N with N a number of layers") from None
             return early_exit_draft(self.model, num_layers)
-        ssm = load_model(spec, device, dtype)
+        ssm = load_model(spec, device, dtype, shared_from=self.model)
         ssm_path = Path(spec)
         if ssm_path.is_dir() and _has_tokenizer(ssm_path):
             if load_tokenizer(ssm_path).vocab() != self.tokenizer.vocab():

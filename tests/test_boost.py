@@ -68,3 +68,37 @@ def test_saved_ssms_keep_greedy_output_exact(boosted):
     for prompt, g, e in zip(prompts, got, expected):
         assert_greedy_equivalent(llm, prompt, g.output_tokens, e.output_tokens)
     assert sum(r.stats.num_accepted for r in got) > 0
+
+
+def test_self_init_ssm_ships_without_embeddings_and_shares_the_llms(tmp_path):
+    from safetensors import safe_open
+
+    from specinfer.boost.train import causal_logits, make_ssm, save_ssm, shares_embeddings
+    from specinfer.errors import SpecInferError
+
+    from .test_speculative import PROMPTS
+
+    save_random_llama(tmp_path / "llm", num_hidden_layers=3)
+    llm = load_model(tmp_path / "llm")
+    ssm = make_ssm(llm, "self:2")
+    assert shares_embeddings(ssm)  # frozen by default: training leaves them the LLM's
+    with torch.no_grad():  # stand-in for training: the layers move, the embeddings stay
+        for p in ssm.layers.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    save_ssm(ssm, tmp_path / "ssm", dtype=torch.float32, share_embeddings=True, max_shard_bytes=40_000)
+    files = sorted(p.name for p in (tmp_path / "ssm").glob("*.safetensors"))
+    assert len(files) > 1 and (tmp_path / "ssm" / "model.safetensors.index.json").is_file()
+    names = {n for f in files for n in safe_open(tmp_path / "ssm" / f, "pt").keys()}
+    assert not any("embed_tokens" in n or "lm_head" in n for n in names)
+
+    with pytest.raises(SpecInferError, match="uses its LLM's embeddings"):
+        load_model(tmp_path / "ssm")
+    loaded = load_model(tmp_path / "ssm", shared_from=llm)
+    assert loaded.embed_tokens.weight is llm.embed_tokens.weight  # shared, not copied
+    tokens = torch.tensor([[5, 17, 3, 42]])
+    rows = torch.tensor([[0, 3]])
+    torch.testing.assert_close(causal_logits(loaded, tokens, rows), causal_logits(ssm.eval(), tokens, rows))
+    expected = generate(llm, [], PROMPTS, mode="incremental", max_new=16)
+    got = generate(llm, [loaded], PROMPTS, max_new=16)
+    for prompt, e, g in zip(PROMPTS, expected, got):
+        assert_greedy_equivalent(llm, prompt, g.output_tokens, e.output_tokens)

@@ -22,7 +22,7 @@ from ..models.loader import load_model
 from .data import generate_examples
 from .evaluate import evaluate
 from .prompts import build_prompts
-from .train import TrainConfig, coverage, make_ssm, save_ssm, train_ssm
+from .train import TrainConfig, coverage, make_ssm, save_ssm, shares_embeddings, train_ssm
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder: data, SSM folders, evaluation")
     p.add_argument("--num-ssms", type=int, default=2, help="how many SSMs to boost-tune")
     p.add_argument("--init", default="self:2", help="SSM shape: self:N (the LLM's first N layers) or random:LAYERS,HIDDEN")
+    p.add_argument("--train-embeddings", action="store_true",
+                   help="also train a self:N SSM's embeddings and LM head (by default they stay the LLM's, and the "
+                        "saved SSM holds its layers only, sharing the LLM's embeddings when served)")
     p.add_argument("--steps", type=int, default=500, help="training steps per SSM")
     p.add_argument("--batch-size", type=int, default=16, help="training sequences per step")
     p.add_argument("--learning-rate", type=float, default=3e-4, help="peak learning rate (cosine decay)")
@@ -103,15 +106,16 @@ def run(args: argparse.Namespace) -> int:
         folder = out / f"ssm{k}"
         if (folder / "config.json").exists():
             log.info("SSM %d: reusing %s", k, folder)
-            ssms.append(load_model(folder, llm.model.embed_tokens.weight.device, torch.float32))
+            ssms.append(load_model(folder, llm.model.embed_tokens.weight.device, torch.float32, shared_from=llm.model))
             continue
         covered = coverage(ssms, train, config.cover_top_k, config.max_length)
         weights = [torch.where(c, config.covered_weight, 1.0) for c in covered]
         share = sum(int(c.sum()) for c in covered) / max(sum(len(c) for c in covered), 1)
         log.info("SSM %d: %.1f%% of training tokens already covered by SSMs 1..%d", k, 100 * share, k - 1)
         teacher = llm.model if args.distill else None
-        ssm = train_ssm(make_ssm(llm.model, args.init), train, weights, config, folder / "checkpoint.pt", teacher)
-        save_ssm(ssm, folder)
+        ssm = make_ssm(llm.model, args.init, train_embeddings=args.train_embeddings)
+        ssm = train_ssm(ssm, train, weights, config, folder / "checkpoint.pt", teacher)
+        save_ssm(ssm, folder, share_embeddings=shares_embeddings(ssm))
         (folder / "checkpoint.pt").unlink(missing_ok=True)
         ssms.append(ssm)
 

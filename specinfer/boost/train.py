@@ -23,6 +23,7 @@ from ..errors import SpecInferError
 from ..layers.attention import AttentionMetadata
 from ..models import build_model
 from ..models.early_exit import early_exit_draft
+from ..models.loader import SHARED_EMBEDDINGS_KEY
 from .data import Example
 
 
@@ -38,13 +39,19 @@ class TrainConfig:
     seed: int = 0
 
 
-def make_ssm(llm: nn.Module, init: str) -> nn.Module:
+def make_ssm(llm: nn.Module, init: str, train_embeddings: bool = False) -> nn.Module:
     """A trainable SSM: `self:N` copies the LLM's first N layers, norm and LM head; `random:L,H` is a fresh
-    L-layer LLaMA of width H with the LLM's vocabulary."""
+    L-layer LLaMA of width H with the LLM's vocabulary. A `self:N` SSM keeps the LLM's embeddings and LM
+    head frozen unless `train_embeddings`: then it can share them with the LLM when saved and served, so
+    it ships and loads as its layers alone (the embeddings are most of a small SSM)."""
     kind, _, spec = init.partition(":")
     try:
         if kind == "self":
-            return copy.deepcopy(early_exit_draft(llm, int(spec))).float().train()
+            ssm = copy.deepcopy(early_exit_draft(llm, int(spec))).float().train()
+            if not train_embeddings:
+                ssm.embed_tokens.weight.requires_grad_(False)
+                ssm.lm_head.weight.requires_grad_(False)
+            return ssm
         if kind == "random":
             num_layers, hidden = (int(x) for x in spec.split(","))
             base = llm.config
@@ -179,16 +186,50 @@ def train_ssm(
     return ssm.eval()
 
 
-def save_ssm(ssm: nn.Module, folder: Path, dtype: torch.dtype = torch.bfloat16) -> None:
-    """A Hugging Face-style folder (config.json + model.safetensors) that `--ssm` and transformers load."""
+def shares_embeddings(ssm: nn.Module) -> bool:
+    """True when the SSM's embeddings and LM head were frozen in training, i.e. are still the LLM's."""
+    return not (ssm.embed_tokens.weight.requires_grad or ssm.lm_head.weight.requires_grad)
+
+
+def save_ssm(ssm: nn.Module, folder: Path, dtype: torch.dtype = torch.bfloat16, share_embeddings: bool = False,
+             max_shard_bytes: int = 15_000_000) -> None:
+    """A Hugging Face-style folder: config.json + safetensors, in shards of at most `max_shard_bytes` (with
+    the standard index file). With `share_embeddings` the embeddings and LM head are left out and
+    config.json says so: the loader takes them from the LLM the SSM serves."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(ssm.config.to_hf_dict(), indent=2))
+    config = ssm.config.to_hf_dict()
+    if share_embeddings:
+        config[SHARED_EMBEDDINGS_KEY] = True
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
     tensors = {}
     for name, tensor in ssm.state_dict().items():
+        if share_embeddings and name in ("embed_tokens.weight", "lm_head.weight"):
+            continue
         if name == "lm_head.weight":
             if ssm.config.tie_word_embeddings:
                 continue
             tensors[name] = tensor.to(dtype).contiguous().cpu()
         else:
             tensors[f"model.{name}"] = tensor.to(dtype).contiguous().cpu()
-    save_file(tensors, folder / "model.safetensors")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    for old in folder.glob("*.safetensors"):
+        old.unlink()
+    if len(shards) == 1:
+        save_file(shards[0], folder / "model.safetensors")
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / file)
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))

@@ -65,7 +65,8 @@ class ModelRunner:
         self.cache = KVCache(model.config, num_slots, capacity, self.device, cache_dtype or param.dtype)
         self.slots = [_SlotState() for _ in range(num_slots)]
         if use_cuda_graphs is None:
-            use_cuda_graphs = self.device.type == "cuda"
+            # Collectives inside captured graphs are not yet measured here: tensor-parallel runs go eager.
+            use_cuda_graphs = self.device.type == "cuda" and getattr(model, "tp", None) is None
         self.graphs = CudaGraphs(model, self.cache, max_batch=num_slots) if use_cuda_graphs else None
 
     def num_cached(self, slot: int) -> int:

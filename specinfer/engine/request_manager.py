@@ -13,9 +13,9 @@ import torch
 from ..config import EngineConfig, GenerationConfig, SpeculationConfig
 from ..errors import SpecInferError
 from ..spec.draft import DraftRequest, SSMDraft, expand
-from ..spec.sampling import logits_to_probs, sample
+from ..spec.sampling import choose_tokens, logits_to_probs
 from ..spec.tree import TokenTree, merge_trees
-from ..spec.verify import VerifyResult, verify_greedy, verify_stochastic
+from ..spec.verify import VerifyResult, verify_greedy_targets, verify_stochastic
 from ..tokenizer import Tokenizer
 from .model_runner import Chunk, ModelRunner
 from .scheduler import Scheduler
@@ -165,9 +165,10 @@ class RequestManager:
     def _prefill(self, requests: list[Request]) -> None:
         chunks = [Chunk.chain(r.slot, r.prompt_tokens) for r in requests]
         logits = self.llm.forward(chunks)
-        for r, chunk, row in zip(requests, chunks, logits):
+        tokens = choose_tokens(torch.cat(logits), [r.sampling for r in requests], [r.generator for r in requests])
+        for r, chunk, token in zip(requests, chunks, tokens):
             self.llm.commit(r.slot, list(range(len(chunk.tokens))))
-            r.append([self._choose(r, row[0])], self.eos_token_ids)
+            r.append([token], self.eos_token_ids)
 
     def _draft(self, requests: list[Request]) -> tuple[list[TokenTree], list[list[SSMDraft]]]:
         """Per request: the merged tree, and per SSM its own draft (for cache bookkeeping)."""
@@ -196,13 +197,26 @@ class RequestManager:
     def _verify(self, requests: list[Request], trees: list[TokenTree]) -> list[VerifyResult]:
         chunks = [Chunk(r.slot, t.tokens, t.parents, list(range(len(t)))) for r, t in zip(requests, trees)]
         logits = self.llm.forward(chunks)  # one LLM pass over every node of every tree
+        # Greedy trees and bare roots (plain decoding, sampled or not) need one token per node: chosen for
+        # all of them at once, with one host sync. Sampled trees go through speculative sampling.
+        batched = [i for i, (r, t) in enumerate(zip(requests, trees)) if not r.sampling.do_sample or len(t) == 1]
+        targets = choose_tokens(
+            torch.cat([logits[i] for i in batched]),
+            [requests[i].sampling for i in batched for _ in range(len(trees[i]))],
+            [requests[i].generator for i in batched for _ in range(len(trees[i]))],
+        ) if batched else []
+        per_request: dict[int, list[int]] = {}
+        offset = 0
+        for i in batched:
+            per_request[i] = targets[offset : offset + len(trees[i])]
+            offset += len(trees[i])
         results = []
-        for r, tree, node_logits in zip(requests, trees, logits):
-            if r.sampling.do_sample:
-                probs = logits_to_probs(node_logits, r.sampling).cpu()
-                results.append(verify_stochastic(tree, probs, r.generator))
+        for i, (r, tree) in enumerate(zip(requests, trees)):
+            if i in per_request:
+                results.append(verify_greedy_targets(tree, per_request[i]))
             else:
-                results.append(verify_greedy(tree, node_logits))
+                probs = logits_to_probs(logits[i], r.sampling).cpu()
+                results.append(verify_stochastic(tree, probs, r.generator))
         return results
 
     def _commit(
@@ -220,9 +234,3 @@ class RequestManager:
             if ssm_drafts and self.controller is not None:
                 self.controller.record_request(r.id, len(new_tokens), len(requests))
             r.append(new_tokens, self.eos_token_ids)
-
-    def _choose(self, request: Request, logits: torch.Tensor) -> int:
-        if not request.sampling.do_sample:
-            return int(logits.argmax())
-        return sample(logits_to_probs(logits, request.sampling).cpu(), request.generator)
-

@@ -11,8 +11,9 @@ from .opt import OPTModel
 MODEL_CLASSES: dict[str, type[nn.Module]] = {"llama": LlamaModel, "opt": OPTModel}
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    return MODEL_CLASSES[cfg.family](cfg)
+def build_model(cfg: ModelConfig, tp=None) -> nn.Module:
+    """`tp`: a `distributed.parallel.TensorParallel` for this rank's part of a split model (None: whole)."""
+    return MODEL_CLASSES[cfg.family](cfg, tp)
 
 
 __all__ = ["ModelConfig", "LlamaModel", "OPTModel", "build_model"]

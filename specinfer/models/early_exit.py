@@ -20,7 +20,7 @@ def early_exit_draft(llm: nn.Module, num_layers: int) -> nn.Module:
         raise SpecInferError(f"an early-exit draft needs 1 to {total - 1} of the LLM's {total} layers, got {num_layers}")
     cfg = dataclasses.replace(llm.config, num_layers=num_layers)
     with torch.device("meta"):
-        draft = build_model(cfg)
+        draft = build_model(cfg, getattr(llm, "tp", None))
     for name, child in llm.named_children():
         setattr(draft, name, nn.ModuleList(list(child)[:num_layers]) if name == "layers" else child)
     return draft.eval()

@@ -20,8 +20,20 @@ _PREFIXES = ("model.decoder.", "decoder.", "model.")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Build our model for the checkpoint at `path` and load its weights onto `device` in `dtype`."""
+# config.json key of an SSM saved without embeddings and LM head: it uses those of the LLM it serves.
+SHARED_EMBEDDINGS_KEY = "specinfer_shares_llm_embeddings"
+
+
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    shared_from: nn.Module | None = None,
+    tp=None,
+) -> nn.Module:
+    """Build our model for the checkpoint at `path` and load its weights onto `device` in `dtype`.
+    `shared_from`: the LLM, for an SSM saved without embeddings and LM head (they are then shared).
+    `tp`: load only this tensor-parallel rank's slice of every weight (distributed/sharding.py)."""
     path = Path(path)
     if not path.exists():
         raise SpecInferError(f"model path {str(path)!r} does not exist")
@@ -30,19 +42,49 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             raise SpecInferError(f"{str(path)!r} is a file but not a .gguf; pass a GGUF file or a model folder")
         cfg, tensors = read_gguf(path)
     else:
-        cfg = read_hf_config(path)
+        raw = read_hf_config_dict(path)
+        cfg = ModelConfig.from_hf_dict(raw)
         tensors = read_hf_weights(path)
-    return instantiate(cfg, tensors, device, dtype, source=str(path))
+        if raw.get(SHARED_EMBEDDINGS_KEY):
+            tensors.update(_shared_embeddings(cfg, shared_from, path))
+    if tp is not None:
+        from ..distributed.sharding import local_config, shard_tensors
+
+        tensors = shard_tensors(cfg, {_strip_prefix(k): v for k, v in tensors.items()}, tp)
+        cfg = local_config(cfg, tp)
+    return instantiate(cfg, tensors, device, dtype, source=str(path), tp=tp)
 
 
-def read_hf_config(folder: Path) -> ModelConfig:
+def read_hf_config_dict(folder: Path) -> dict:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise SpecInferError(f"{str(folder)!r} has no config.json; is it a Hugging Face model folder?")
     try:
-        return ModelConfig.from_hf_dict(json.loads(config_file.read_text()))
+        return json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise SpecInferError(f"{config_file} is not valid JSON: {err}") from None
+
+
+def read_hf_config(folder: Path) -> ModelConfig:
+    return ModelConfig.from_hf_dict(read_hf_config_dict(folder))
+
+
+def _shared_embeddings(cfg: ModelConfig, llm: nn.Module | None, path: Path) -> dict[str, torch.Tensor]:
+    if llm is None:
+        raise SpecInferError(f"{str(path)!r} is an SSM that uses its LLM's embeddings; load it as an SSM of that LLM")
+    if getattr(llm, "tp", None) is not None:
+        raise SpecInferError(f"{str(path)!r} shares its LLM's embeddings, which tensor parallelism splits; "
+                             "such SSMs do not yet run with --tensor-parallel-size > 1")
+    shape = (cfg.vocab_size, cfg.hidden_size)
+    if tuple(llm.embed_tokens.weight.shape) != shape:
+        raise SpecInferError(
+            f"{str(path)!r} needs its LLM's embeddings of shape {shape}, but this LLM's are "
+            f"{tuple(llm.embed_tokens.weight.shape)}: it was trained for another LLM"
+        )
+    tensors = {"embed_tokens.weight": llm.embed_tokens.weight}
+    if not cfg.tie_word_embeddings:
+        tensors["lm_head.weight"] = llm.lm_head.weight
+    return tensors
 
 
 def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -67,10 +109,11 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def instantiate(
-    cfg: ModelConfig, tensors: dict[str, torch.Tensor], device: str | torch.device, dtype: torch.dtype, source: str
+    cfg: ModelConfig, tensors: dict[str, torch.Tensor], device: str | torch.device, dtype: torch.dtype, source: str,
+    tp=None,
 ) -> nn.Module:
     with torch.device("meta"):
-        model = build_model(cfg)
+        model = build_model(cfg, tp)
     expected = dict(model.state_dict())
     state = {}
     for name, tensor in tensors.items():

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..errors import SpecInferError
 from ..layers.attention import AttentionMetadata, cached_attention
+from ..layers.vocab_embedding import VocabEmbedding, vocab_logits, vocab_rows
 from .config import ModelConfig
 
 # OPT's learned position table reserves its first two rows (a fairseq padding convention).
@@ -17,14 +18,17 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 
 class OPTAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """Under tensor parallelism `cfg` holds this rank's heads; out_proj's partial sums are all-reduced."""
+
+    def __init__(self, cfg: ModelConfig, tp=None) -> None:
         super().__init__()
+        self.tp = tp
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        h, bias = cfg.hidden_size, cfg.enable_bias
-        self.q_proj = nn.Linear(h, h, bias=bias)
-        self.k_proj = nn.Linear(h, h, bias=bias)
-        self.v_proj = nn.Linear(h, h, bias=bias)
-        self.out_proj = nn.Linear(h, h, bias=bias)
+        h, width, bias = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.enable_bias
+        self.q_proj = nn.Linear(h, width, bias=bias)
+        self.k_proj = nn.Linear(h, width, bias=bias)
+        self.v_proj = nn.Linear(h, width, bias=bias)
+        self.out_proj = nn.Linear(width, h, bias=bias)
 
     def forward(self, x, cache_k, cache_v, meta: AttentionMetadata) -> torch.Tensor:
         B, T, _ = x.shape
@@ -32,15 +36,17 @@ class OPTAttention(nn.Module):
         k = self.k_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         out = cached_attention(q, k, v, cache_k, cache_v, meta)
-        return self.out_proj(out.transpose(1, 2).reshape(B, T, -1))
+        out = self.out_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class OPTBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp=None) -> None:
         super().__init__()
+        self.tp = tp
         h, affine = cfg.hidden_size, cfg.layer_norm_elementwise_affine
         self.pre_norm = cfg.do_layer_norm_before
-        self.self_attn = OPTAttention(cfg)
+        self.self_attn = OPTAttention(cfg, tp)
         self.self_attn_layer_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps, elementwise_affine=affine)
         self.fc1 = nn.Linear(h, cfg.intermediate_size, bias=cfg.enable_bias)
         self.fc2 = nn.Linear(cfg.intermediate_size, h, bias=cfg.enable_bias)
@@ -55,18 +61,20 @@ class OPTBlock(nn.Module):
         if not self.pre_norm:
             x = self.self_attn_layer_norm(x)
         h = self.final_layer_norm(x) if self.pre_norm else x
-        x = x + self.fc2(self.act(self.fc1(h)))
+        mlp = self.fc2(self.act(self.fc1(h)))
+        x = x + (mlp if self.tp is None else self.tp.all_reduce(mlp))
         return x if self.pre_norm else self.final_layer_norm(x)
 
 
 class OPTModel(nn.Module):
     """Parameter names follow Hugging Face's `OPTForCausalLM` minus the `model.decoder.` prefix."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp=None) -> None:
         super().__init__()
         self.config = cfg
+        self.tp = tp
         embed_dim = cfg.word_embed_proj_dim or cfg.hidden_size
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, embed_dim)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, embed_dim, tp)
         self.embed_positions = nn.Embedding(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size)
         needs_projection = embed_dim != cfg.hidden_size
         self.project_in = nn.Linear(embed_dim, cfg.hidden_size, bias=False) if needs_projection else None
@@ -77,8 +85,8 @@ class OPTModel(nn.Module):
             if cfg.do_layer_norm_before
             else None
         )
-        self.layers = nn.ModuleList(OPTBlock(cfg) for _ in range(cfg.num_layers))
-        self.lm_head = nn.Linear(embed_dim, cfg.vocab_size, bias=False)
+        self.layers = nn.ModuleList(OPTBlock(cfg, tp) for _ in range(cfg.num_layers))
+        self.lm_head = nn.Linear(embed_dim, vocab_rows(cfg.vocab_size, tp), bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -96,4 +104,4 @@ class OPTModel(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return vocab_logits(self.lm_head, hidden, self.config.vocab_size, self.tp)

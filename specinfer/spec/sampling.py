@@ -1,4 +1,4 @@
-"""Turning logits into the distribution plain sampling would draw from."""
+"""Turning logits into the distribution plain sampling would draw from, and drawing from it."""
 
 from __future__ import annotations
 
@@ -27,3 +27,26 @@ def logits_to_probs(logits: torch.Tensor, config: GenerationConfig) -> torch.Ten
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """One draw from a 1-D distribution."""
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def choose_tokens(
+    logits: torch.Tensor, configs: list[GenerationConfig], generators: list[torch.Generator | None]
+) -> list[int]:
+    """One token per row of logits [N, V], on the logits' device with one host sync for all rows: the
+    argmax for greedy rows, a draw from the row's distribution for sampled rows. Each draw inverts the
+    row's CDF at a uniform from the request's own (CPU) generator, so a seed fixes the draw wherever it
+    runs, and no per-row distribution has to reach the host."""
+    tokens = logits.argmax(-1)
+    groups: dict[tuple, list[int]] = {}
+    for i, config in enumerate(configs):
+        if config.do_sample:
+            groups.setdefault((config.temperature, config.top_k, config.top_p), []).append(i)
+    for rows in groups.values():
+        probs = logits_to_probs(logits[rows], configs[rows[0]])
+        uniforms = torch.tensor([float(torch.rand((), generator=generators[i])) for i in rows])
+        cdf = probs.cumsum(-1)
+        targets = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
+        # right=True: the first token whose CDF exceeds the target, so zero-probability tokens never win.
+        drawn = torch.searchsorted(cdf, targets, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+        tokens[rows] = drawn
+    return tokens.tolist()

@@ -32,7 +32,11 @@ class VerifyResult:
 
 def verify_greedy(tree: TokenTree, logits: torch.Tensor) -> VerifyResult:
     """logits [N, V] at every tree node."""
-    targets = logits.argmax(-1).tolist()  # one device sync for the whole tree
+    return verify_greedy_targets(tree, logits.argmax(-1).tolist())  # one device sync for the whole tree
+
+
+def verify_greedy_targets(tree: TokenTree, targets: list[int]) -> VerifyResult:
+    """`targets`: the LLM's argmax at every tree node."""
     node, accepted = 0, [0]
     while (child := tree.child_with_token(node, targets[node])) is not None:
         node = child

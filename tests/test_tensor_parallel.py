@@ -1,0 +1,87 @@
+"""Tensor parallelism over 2 CPU processes (gloo): greedy speculative output equals the single-process
+output, for LLaMA (GQA with KV heads split, and with one KV head replicated) and OPT, through the
+engine and through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from specinfer.cli import main
+from specinfer.distributed.launch import spawn
+from specinfer.models.loader import load_model
+
+from .conftest import save_random_llama, save_random_opt
+from .test_cli import VOCAB, write_byte_level_tokenizer
+from .test_speculative import PROMPTS, assert_greedy_equivalent, generate
+
+MODELS = {
+    "llama-gqa": lambda d: save_random_llama(d, num_attention_heads=4, num_key_value_heads=2),
+    "llama-one-kv-head": lambda d: save_random_llama(d, num_attention_heads=4, num_key_value_heads=1, vocab_size=95),
+    "opt": lambda d: save_random_opt(d, vocab_size=97),
+}
+
+
+def _serve_on_rank(argv: list[str]) -> int:
+    """One rank: load its slice of the LLM and a replicated SSM, generate, write what it got."""
+    from specinfer.distributed.parallel import from_environment
+
+    llm_dir, ssm_dir, out = argv
+    tp, device = from_environment(2, "cpu")
+    llm = load_model(llm_dir, tp=tp)
+    ssm = load_model(ssm_dir)
+    results = generate(llm, [ssm], PROMPTS, expansion=(1, 2, 1), batch=4, max_new=16)
+    with open(f"{out}.rank{tp.rank}", "w") as f:
+        json.dump([r.output_tokens for r in results], f)
+    return 0
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_two_ranks_give_the_single_process_output(tmp_path, family):
+    full = MODELS[family](tmp_path / "llm")
+    if family == "opt":
+        save_random_opt(tmp_path / "ssm", vocab_size=97, seed=1)
+    else:
+        save_random_llama(tmp_path / "ssm", noise_from=full, num_attention_heads=4,
+                          num_key_value_heads=full.config.num_key_value_heads, vocab_size=full.config.vocab_size)
+    out = tmp_path / "tokens"
+    assert spawn(_serve_on_rank, [str(tmp_path / "llm"), str(tmp_path / "ssm"), str(out)], 2) == 0
+    ranks = [json.loads((tmp_path / f"tokens.rank{r}").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # every rank reaches the same decisions
+    llm = load_model(tmp_path / "llm")
+    alone = generate(llm, [load_model(tmp_path / "ssm")], PROMPTS, expansion=(1, 2, 1), batch=4, max_new=16)
+    for prompt, single, split in zip(PROMPTS, alone, ranks[0]):
+        assert len(split) == 16
+        assert_greedy_equivalent(llm, prompt, split, single.output_tokens)
+
+
+def test_cli_tensor_parallel_flag_spawns_ranks_and_matches(tmp_path, capsys):
+    llm = save_random_llama(tmp_path / "llm", vocab_size=VOCAB, num_attention_heads=4, num_key_value_heads=2)
+    save_random_llama(tmp_path / "ssm", vocab_size=VOCAB, noise_from=llm, num_attention_heads=4,
+                      num_key_value_heads=2)
+    write_byte_level_tokenizer(tmp_path / "llm")
+    (tmp_path / "prompts.json").write_text(json.dumps(["hello there", "a b c", "tensor parallel"]))
+    common = ["--llm", str(tmp_path / "llm"), "--ssm", str(tmp_path / "ssm"), "--prompt-file",
+              str(tmp_path / "prompts.json"), "--max-new-tokens", "12", "--expansion", "1,2,1",
+              "--max-sequence-length", "96", "--no-compare", "--quiet"]
+    assert main([*common, "--output", str(tmp_path / "one.jsonl")]) == 0
+    assert main([*common, "--tensor-parallel-size", "2", "--output", str(tmp_path / "two.jsonl")]) == 0
+    one = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()]
+    model = load_model(tmp_path / "llm")
+    from specinfer.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tmp_path / "llm")
+    assert [r["prompt"] for r in two] == [r["prompt"] for r in one]
+    for a, b in zip(one, two):
+        assert_greedy_equivalent(model, tokenizer.encode(a["prompt"]), b["tokens"], a["tokens"])
+
+
+def test_tensor_parallel_size_must_match_the_heads(tmp_path, capsys):
+    save_random_llama(tmp_path / "llm", vocab_size=VOCAB, num_attention_heads=3, num_key_value_heads=3,
+                      hidden_size=48)
+    write_byte_level_tokenizer(tmp_path / "llm")
+    code = main(["--llm", str(tmp_path / "llm"), "--mode", "incremental", "--tensor-parallel-size", "2",
+                 "--prompt", "hi", "--max-new-tokens", "2", "--no-compare", "--quiet"])
+    assert code == 2
