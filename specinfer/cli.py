@@ -53,11 +53,15 @@ def add_engine_arguments(p: argparse.ArgumentParser, max_sequence_length: int) -
     run.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                      help="split the LLM over this many processes (one per GPU with --device cuda; gloo on CPU); "
                           "spawned here unless launched by torchrun")
+    run.add_argument("--quantization", choices=["none", "int8", "int4"], default="none",
+                     help="weight-only quantization of the LLM's transformer layers, done on load")
+    run.add_argument("--quant-group-size", type=int, default=64, help="input columns per int4 scale")
 
 
 def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, SpeculationConfig]:
     engine = EngineConfig(args.max_batch_size, args.max_sequence_length, args.device, args.dtype,
-                          args.tensor_parallel_size)
+                          args.tensor_parallel_size, None if args.quantization == "none" else args.quantization,
+                          args.quant_group_size)
     return engine, SpeculationConfig(args.mode, parse_expansion(args.expansion), args.adaptive)
 
 

@@ -86,8 +86,14 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     tensor_parallel_size: int = 1  # processes (GPUs) the LLM is split over; see specinfer/distributed
+    quantization: str | None = None  # None, "int8" (per channel) or "int4" (per group); see specinfer/quant
+    quant_group_size: int = 64  # input columns sharing one int4 scale
 
     def __post_init__(self) -> None:
+        if self.quantization not in (None, "int8", "int4"):
+            raise SpecInferError(f"quantization must be int8 or int4 (or none), got {self.quantization!r}")
+        if self.quant_group_size < 2 or self.quant_group_size % 2:
+            raise SpecInferError(f"quant_group_size must be an even number >= 2, got {self.quant_group_size}")
         if self.tensor_parallel_size < 1:
             raise SpecInferError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.max_batch_size < 1:

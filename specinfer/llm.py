@@ -22,6 +22,7 @@ from .engine.request_manager import RequestManager
 from .errors import SpecInferError
 from .models.early_exit import early_exit_draft
 from .models.loader import load_model
+from .quant import quantize_model
 from .tokenizer import Tokenizer, load_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,6 +63,8 @@ class LLM:
         model_path = Path(model) if model is not None else default_model_path()
         self.model_path = model_path
         self.model = load_model(model_path, device, dtype, tp=self.tp)
+        if self.engine_config.quantization:
+            quantize_model(self.model, self.engine_config.quantization, self.engine_config.quant_group_size)
         self.tokenizer: Tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model_path)
         if self.tokenizer.vocab_size > self.model.config.vocab_size:
             raise SpecInferError(

@@ -1,0 +1,98 @@
+"""Weight-only quantized linear layers: int8 per output channel, int4 per group of input columns.
+
+Weights are quantized once, on load; activations stay in the model's dtype. int8 is symmetric
+(w ≈ q · scale, q in [-127, 127]); int4 is asymmetric per group of `group_size` input columns
+(w ≈ (q − zero) · scale, q in [0, 15], two values packed per byte), which keeps a group's outliers from
+wasting half the range.
+
+Matmul: on CPU, int8 runs through `torch._weight_int8pack_mm`, which reads the int8 weights directly.
+Elsewhere (and for int4) the weight is dequantized per call into the activation dtype and multiplied;
+that is exact to the quantized values and works under CUDA graphs, but on a GPU it moves more bytes than
+a packed kernel would. Packed GPU kernels are the next step (issue 7).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import SpecInferError
+
+MODES = ("int8", "int4")
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] float -> (int8 [out, in], fp32 scale [out])."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[out, in] float -> (uint8 [out, in/2] two 4-bit values per byte, fp32 scale and zero [out, in/group])."""
+    out_features, in_features = weight.shape
+    if in_features % group_size or group_size % 2:
+        raise SpecInferError(f"int4 needs in_features ({in_features}) to be a multiple of the group size {group_size}")
+    w = weight.float().view(out_features, in_features // group_size, group_size)
+    low, high = w.amin(-1), w.amax(-1)
+    scale = ((high - low) / 15.0).clamp_min(1e-12)
+    zero = torch.round(-low / scale).clamp(0, 15)
+    q = torch.round(w / scale[..., None] + zero[..., None]).clamp(0, 15).to(torch.uint8).view(out_features, in_features)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    return packed, scale, zero
+
+
+class QuantizedLinear(nn.Module):
+    """Drop-in for `nn.Linear` (inference only) holding quantized weights as buffers."""
+
+    def __init__(self, linear: nn.Linear, mode: str, group_size: int = 64) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise SpecInferError(f"quantization must be one of {', '.join(MODES)}, got {mode!r}")
+        self.mode, self.group_size = mode, group_size
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        if mode == "int8":
+            q, scale = quantize_int8(weight)
+            self.register_buffer("qweight", q)
+            self.register_buffer("scale", scale)
+        else:
+            packed, scale, zero = quantize_int4(weight, group_size)
+            self.register_buffer("qweight", packed)
+            self.register_buffer("scale", scale)
+            self.register_buffer("zero", zero)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight the layer computes with, [out, in] in `dtype`."""
+        if self.mode == "int8":
+            return (self.qweight.to(torch.float32) * self.scale[:, None]).to(dtype)
+        q = torch.stack((self.qweight & 0xF, self.qweight >> 4), dim=-1).view(self.out_features, -1)
+        groups = q.view(self.out_features, -1, self.group_size).to(torch.float32)
+        w = (groups - self.zero[..., None]) * self.scale[..., None]
+        return w.view(self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "int8" and x.device.type == "cpu":
+            flat = x.reshape(-1, self.in_features)
+            out = torch._weight_int8pack_mm(flat, self.qweight, self.scale.to(x.dtype)).view(*x.shape[:-1], -1)
+            return out if self.bias is None else out + self.bias
+        return F.linear(x, self.dequantized(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.mode == "int4" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}{group}"
+
+
+def quantize_model(model: nn.Module, mode: str, group_size: int = 64) -> nn.Module:
+    """Replace every linear layer inside the transformer blocks with its quantized form, in place. The
+    embedding and LM head stay in full precision: they set the logits that verification compares."""
+    for block in model.layers:
+        for name, module in list(block.named_modules()):
+            if isinstance(module, nn.Linear):
+                parent_name, _, child = name.rpartition(".")
+                parent = block.get_submodule(parent_name) if parent_name else block
+                setattr(parent, child, QuantizedLinear(module, mode, group_size))
+    return model
