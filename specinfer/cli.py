@@ -56,12 +56,17 @@ def add_engine_arguments(p: argparse.ArgumentParser, max_sequence_length: int) -
     run.add_argument("--quantization", choices=["none", "int8", "int4"], default="none",
                      help="weight-only quantization of the LLM's transformer layers, done on load")
     run.add_argument("--quant-group-size", type=int, default=64, help="input columns per int4 scale")
+    run.add_argument("--gpu-memory-gb", type=float, metavar="GIB",
+                     help="device memory for the LLM's weights; layers beyond it stay in pinned host memory and "
+                          "stream in layer by layer (offloading; the original's device memory)")
+    run.add_argument("--pinned-memory-gb", type=float, metavar="GIB",
+                     help="host memory the offloaded layers may take (the original's zero-copy memory)")
 
 
 def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, SpeculationConfig]:
     engine = EngineConfig(args.max_batch_size, args.max_sequence_length, args.device, args.dtype,
                           args.tensor_parallel_size, None if args.quantization == "none" else args.quantization,
-                          args.quant_group_size)
+                          args.quant_group_size, args.gpu_memory_gb, args.pinned_memory_gb)
     return engine, SpeculationConfig(args.mode, parse_expansion(args.expansion), args.adaptive)
 
 

@@ -88,6 +88,10 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # processes (GPUs) the LLM is split over; see specinfer/distributed
     quantization: str | None = None  # None, "int8" (per channel) or "int4" (per group); see specinfer/quant
     quant_group_size: int = 64  # input columns sharing one int4 scale
+    # Offloading: the LLM's weights may take this much device memory (GiB); layers beyond it stream from
+    # host memory, which may hold at most `pinned_memory_gb` of them. None: everything on the device.
+    gpu_memory_gb: float | None = None
+    pinned_memory_gb: float | None = None
 
     def __post_init__(self) -> None:
         if self.quantization not in (None, "int8", "int4"):

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from .config import EngineConfig, GenerationConfig, SpeculationConfig
 from .default_model import DEFAULT_DRAFT, default_model_path
 from .distributed.parallel import from_environment
+from .engine.offload import offload
 from .engine.request_manager import RequestManager
 from .errors import SpecInferError
 from .models.early_exit import early_exit_draft
@@ -62,9 +63,14 @@ class LLM:
         dtype = self._dtype(device)
         model_path = Path(model) if model is not None else default_model_path()
         self.model_path = model_path
-        self.model = load_model(model_path, device, dtype, tp=self.tp)
+        budget = self.engine_config.gpu_memory_gb
+        # Offloading loads on the host first: the model may not fit the device at all.
+        self.model = load_model(model_path, "cpu" if budget else device, dtype, tp=self.tp)
         if self.engine_config.quantization:
             quantize_model(self.model, self.engine_config.quantization, self.engine_config.quant_group_size)
+        if budget:
+            pinned = self.engine_config.pinned_memory_gb
+            offload(self.model, device, int(budget * 2**30), None if pinned is None else int(pinned * 2**30))
         self.tokenizer: Tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model_path)
         if self.tokenizer.vocab_size > self.model.config.vocab_size:
             raise SpecInferError(

@@ -66,7 +66,9 @@ class ModelRunner:
         self.slots = [_SlotState() for _ in range(num_slots)]
         if use_cuda_graphs is None:
             # Collectives inside captured graphs are not yet measured here: tensor-parallel runs go eager.
-            use_cuda_graphs = self.device.type == "cuda" and getattr(model, "tp", None) is None
+            # Streamed (offloaded) layers swap their weights per pass, which a captured graph cannot follow.
+            use_cuda_graphs = (self.device.type == "cuda" and getattr(model, "tp", None) is None
+                               and getattr(model, "streamer", None) is None)
         self.graphs = CudaGraphs(model, self.cache, max_batch=num_slots) if use_cuda_graphs else None
 
     def num_cached(self, slot: int) -> int:
