@@ -108,6 +108,10 @@ def main() -> None:
         f"Reproduce: `{meta['command']}`", "",
         "| weights | perplexity | change |", "|---|---:|---:|",
     ] + [f"| {r['weights']} | {r['perplexity']:.3f} | {r['change_pct']:+.2f}% |" for r in rows]
+    if args.llm is None:
+        lines += ["", "The default model's GGUF is itself Q4_1 (4-bit, blocks of 32 weights with a scale and a minimum), "
+                  "which is our int4 grid: with `--group-size 32` int4 gives back exactly those weights, so its "
+                  "perplexity equals the dequantized model's. Other group sizes, and int8, re-quantize them."]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
