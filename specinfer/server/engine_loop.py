@@ -169,7 +169,9 @@ class EngineLoop:
             request_id = self.manager.register_new_request(
                 s.prompt_tokens, prompt_len + s.sampling.max_new_tokens, s.sampling
             )
-        except SpecInferError as err:  # checked on the HTTP side already; kept so nothing is ever lost
+        except Exception as err:  # checked on the HTTP side already; kept so nothing is ever lost
+            if not isinstance(err, SpecInferError):
+                log.exception("could not register a request")
             self._finish_outstanding()
             self._post(s, Event(s.index, finish_reason="error", error=str(err), prompt_tokens=prompt_len))
             return
