@@ -13,6 +13,7 @@ import argparse
 import datetime
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def write_report(llm: LLM, args: argparse.Namespace, prompts: list[str], rows: l
         f"# Engine speed, default model, {tag.upper()}", "",
         f"{meta['date']} · {meta['device']} · torch {meta['torch']} · {meta['dtype']} · batch 1, greedy · "
         f"{len(prompts)} prompts × up to {args.max_new_tokens} new tokens · SSMs: {', '.join(meta['ssms'])}", "",
-        f"Reproduce: `python benchmarks/engine_speed.py --device {args.device}`", "",
+        f"Reproduce: `python benchmarks/engine_speed.py {' '.join(sys.argv[1:])}`", "",
         f"Outputs vs incremental: identical prompts, and where one differs the LLM's top-two logit margin at the "
         f"first difference (equivalent if <= {bound}, the {meta['dtype']} rounding bound). The transformers rows are "
         f"another implementation with its own rounding: their comparison is for information.", "",
