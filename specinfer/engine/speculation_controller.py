@@ -1,8 +1,8 @@
 """When to speculate, and for whom: only where it is expected to pay, at the batch size running now.
 
 A speculative step costs `ratio` plain steps (SSM passes plus a wider verification), and the ratio
-grows with the batch as compute stops being free, so it is measured per batch-size bucket (exponential
-moving averages of both kinds of step). A request's `gain` is its measured tokens per speculative step;
+grows with the batch as compute stops being free, so it is measured per batch-size bucket (medians of
+recent steps of both kinds; gains are exponential moving averages). A request's `gain` is its measured tokens per speculative step;
 a plain step yields one token per request. Speculating for the set S in a batch of B requests pays when
 
     sum over S of (gain - 1)  >  (ratio - 1) * B,
@@ -17,6 +17,8 @@ to the bare root, is verified exactly.
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 SMOOTHING = 0.3  # weight of the newest observation in the moving averages
@@ -24,7 +26,9 @@ FIRST_BACKOFF = 4  # steps before re-probing a draft that just failed to pay
 BACKOFF_GROWTH = 4  # each further failed probe waits this many times longer ...
 MAX_BACKOFF = 128  # ... up to this many steps (a useless draft then costs ~ ratio / 128)
 REMEASURE_EVERY = 64  # a plain step this often while only speculative steps run, to keep the ratio honest
-FIRST_MEASURE_AFTER = 2  # speculative steps at a batch size before its first plain step is timed
+FIRST_MEASURE_AFTER = 2  # speculative steps between the first timed plain steps at a batch size
+STEP_WINDOW = 9  # recent step times kept per kind and batch-size bucket
+MIN_PLAIN_SAMPLES = 3  # plain steps timed early at each batch size, so that one outlier cannot set the median
 
 
 @dataclass(slots=True)
@@ -36,9 +40,20 @@ class _RequestState:
 
 @dataclass(slots=True)
 class _StepTimes:
-    plain_s: float | None = None
-    speculative_s: float | None = None
+    """Recent step times of each kind at one batch-size bucket. Medians, not averages: a step that
+    captured a CUDA graph or grew an allocation can take a hundred times longer, once."""
+
+    plain: deque = field(default_factory=lambda: deque(maxlen=STEP_WINDOW))
+    speculative: deque = field(default_factory=lambda: deque(maxlen=STEP_WINDOW))
     steps_since_plain: int = 0
+
+    @property
+    def plain_s(self) -> float | None:
+        return statistics.median(self.plain) if self.plain else None
+
+    @property
+    def speculative_s(self) -> float | None:
+        return statistics.median(self.speculative) if self.speculative else None
 
 
 @dataclass
@@ -68,7 +83,7 @@ class SpeculationController:
         batch = len(request_ids)
         times = self.times.setdefault(_bucket(batch), _StepTimes())
         if self.fixed_cost_ratio is None and times.steps_since_plain >= (
-            FIRST_MEASURE_AFTER if times.plain_s is None else REMEASURE_EVERY
+            FIRST_MEASURE_AFTER if len(times.plain) < MIN_PLAIN_SAMPLES else REMEASURE_EVERY
         ):
             return set()
         ratio = self.cost_ratio(batch)
@@ -97,10 +112,10 @@ class SpeculationController:
     def record_step(self, seconds: float, batch_size: int, speculative: bool) -> None:
         t = self.times.setdefault(_bucket(batch_size), _StepTimes())
         if speculative:
-            t.speculative_s = _ema(t.speculative_s, seconds)
+            t.speculative.append(seconds)
             t.steps_since_plain += 1
         else:
-            t.plain_s = _ema(t.plain_s, seconds)
+            t.plain.append(seconds)
             t.steps_since_plain = 0
 
     def forget(self, request_id: int) -> None:
