@@ -18,7 +18,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import httpx
 import torch
+
+from specinfer.distributed.launch import free_port
 
 PROMPTS = [
     "What are three good reasons to learn a second language? Answer briefly.",
@@ -41,14 +42,9 @@ PROMPTS = [
 MODEL = "bench"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def start_server(args: argparse.Namespace, mode: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "specinfer", "serve", "--port", str(port), "--served-model-name", MODEL,
            "--mode", mode, "--device", args.device, "--max-batch-size", str(args.max_batch_size),
            "--max-sequence-length", "1024", "--log-level", "warning"]

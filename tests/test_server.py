@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import httpx
 import pytest
 import torch
 
+from specinfer.distributed.launch import free_port
 from specinfer.exactness import divergence_margin
 from specinfer.models.loader import load_model
 from specinfer.tokenizer import load_tokenizer
@@ -53,15 +53,10 @@ def model_dir(tmp_path_factory, default_gguf):
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class ServerProcess:
     def __init__(self, root: Path, *extra: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = root / f"server-{self.port}.log"
         cmd = [sys.executable, "-m", "specinfer", "serve", "--llm", str(root / "llm"), "--ssm", str(root / "ssm"),

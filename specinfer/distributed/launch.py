@@ -11,7 +11,8 @@ from collections.abc import Callable
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -32,7 +33,7 @@ def _worker(rank: int, entry: Callable[[list[str]], int], argv: list[str], size:
 
 def spawn(entry: Callable[[list[str]], int], argv: list[str], size: int) -> int:
     """Run `entry(argv)` on `size` ranks; returns the first non-zero exit code, else 0."""
-    context = mp.start_processes(_worker, args=(entry, argv, size, _free_port()), nprocs=size, join=False,
+    context = mp.start_processes(_worker, args=(entry, argv, size, free_port()), nprocs=size, join=False,
                                  start_method="spawn")
     try:
         while not context.join():
