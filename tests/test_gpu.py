@@ -19,16 +19,17 @@ from .test_speculative import PROMPTS, assert_greedy_equivalent, generate
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("batch", [1, 8])
 def test_gpu_greedy_equals_incremental(tmp_path, dtype, batch):
     bound = ROUNDING_BOUNDS[dtype]
     reference = save_random_llama(tmp_path / "llm")
     save_random_llama(tmp_path / "ssm", noise_from=reference)
     llm = load_model(tmp_path / "llm", "cuda", dtype)
     ssms = [load_model(tmp_path / "ssm", "cuda", dtype), early_exit_draft(llm, 1)]
-    expected = generate(llm, [], PROMPTS, mode="incremental", batch=batch)
-    got = generate(llm, ssms, PROMPTS, expansion=(1, 2, 1, 1), batch=batch)
-    for prompt, g, e in zip(PROMPTS, got, expected):
+    prompts = PROMPTS + [p[::-1] for p in PROMPTS]  # 8 requests, served in batches of `batch`
+    expected = generate(llm, [], prompts, mode="incremental", batch=batch)
+    got = generate(llm, ssms, prompts, expansion=(1, 2, 1, 1), batch=batch)
+    for prompt, g, e in zip(prompts, got, expected):
         assert_greedy_equivalent(llm, prompt, g.output_tokens, e.output_tokens, bound)
     assert sum(r.stats.num_accepted for r in got) > 0
 

@@ -19,7 +19,7 @@ from .kv_cache import KVCache
 if TYPE_CHECKING:
     from .model_runner import HostBatch
 
-TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class CudaGraphs:
@@ -37,13 +37,14 @@ class CudaGraphs:
         t = next((x for x in TOKEN_BUCKETS if num_tokens <= x <= self.cache.capacity), None)
         return None if b is None or t is None else (b, t)
 
-    def run(self, host: "HostBatch") -> torch.Tensor:
-        """Copy `host` into the bucket's static inputs and replay; returns the static hidden states [B, T, H]."""
-        shape = tuple(host.tokens.shape)
+    def run(self, host: "HostBatch", tokens: torch.Tensor) -> torch.Tensor:
+        """Copy `host`'s metadata and the device `tokens` into the bucket's static inputs and replay;
+        returns the static hidden states [B, T, H]."""
+        shape = tuple(tokens.shape)
         graph = self.graphs.get(shape)
         if graph is None:
             graph = self.graphs[shape] = self._capture(*shape)
-        graph.load(host)
+        graph.load(host, tokens)
         graph.graph.replay()
         return graph.hidden
 
@@ -76,8 +77,10 @@ class _Graph:
     def __init__(self, graph: torch.cuda.CUDAGraph, tokens: torch.Tensor, meta: AttentionMetadata, hidden: torch.Tensor):
         self.graph, self.tokens, self.meta, self.hidden = graph, tokens, meta, hidden
 
-    def load(self, host: "HostBatch") -> None:
-        self.tokens.copy_(host.tokens, non_blocking=True)
+    def load(self, host: "HostBatch", tokens: torch.Tensor) -> None:
+        # Host tensors are pinned (model_runner uploads them), so these copies do not block the host.
+        self.tokens.copy_(tokens)
+        # The host tensors are pinned (ModelRunner._prepare): these copies do not block the host.
         self.meta.positions.copy_(host.positions, non_blocking=True)
         self.meta.write_slots.copy_(host.write_slots, non_blocking=True)
         self.meta.write_offsets.copy_(host.write_offsets, non_blocking=True)

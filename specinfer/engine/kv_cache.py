@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..models.config import ModelConfig
+from .upload import upload
 
 
 class KVCache:
@@ -30,7 +31,7 @@ class KVCache:
         if src == dst:
             return
         device = self.data.device
-        src_t, dst_t = torch.tensor(src, device=device), torch.tensor(dst, device=device)
+        src_t, dst_t = upload(torch.tensor(src), device), upload(torch.tensor(dst), device)
         # Indexing with a tensor copies first, so overlapping source and destination are safe.
         self.data[:, :, slot, :, dst_t] = self.data[:, :, slot, :, src_t]
 

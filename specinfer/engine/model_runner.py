@@ -18,6 +18,7 @@ from ..errors import SpecInferError
 from ..layers.attention import AttentionMetadata
 from .cuda_graphs import CudaGraphs
 from .kv_cache import KVCache
+from .upload import upload
 
 
 @dataclass(slots=True)
@@ -81,21 +82,34 @@ class ModelRunner:
         self.slots[slot] = _SlotState()
 
     @torch.inference_mode()
-    def forward(self, chunks: list[Chunk]) -> list[torch.Tensor]:
-        """Run all chunks in one batched pass; returns, per chunk, logits [len(logit_rows), vocab] (fp32)."""
+    def forward(self, chunks: list[Chunk], device_tokens: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Run all chunks in one batched pass; returns, per chunk, logits [len(logit_rows), vocab] (fp32).
+
+        `device_tokens` [len(chunks), max chunk length]: the token ids, already on the device (drafted
+        there); the chunks' own `tokens` then only count them. Nothing here waits for the device."""
         num_tokens = max(len(c.tokens) for c in chunks)
         shape = self.graphs.bucket(len(chunks), num_tokens) if self.graphs is not None else None
+        host = self._prepare(chunks, *(shape or (len(chunks), num_tokens)), kv_len=shape and self.cache.capacity)
+        tokens = upload(host.tokens, self.device)
+        if device_tokens is not None:
+            tokens[: device_tokens.shape[0], : device_tokens.shape[1]] = device_tokens
         if shape is None:
-            host = self._prepare(chunks, len(chunks), num_tokens, kv_len=None)
-            hidden = self.model(host.tokens.to(self.device), self.cache, host.to_metadata(self.device))  # [B, T, hidden]
+            hidden = self.model(tokens, self.cache, host.to_metadata(self.device))  # [B, T, hidden]
         else:
-            hidden = self.graphs.run(self._prepare(chunks, *shape, kv_len=self.cache.capacity))
+            hidden = self.graphs.run(host, tokens)
         rows = [(b, t) for b, c in enumerate(chunks) for t in c.logit_rows]
         if not rows:
             return [hidden.new_empty(0) for _ in chunks]
-        index = torch.tensor(rows, device=self.device)
+        index = upload(torch.tensor(rows), self.device)
         logits = self.model.compute_logits(hidden[index[:, 0], index[:, 1]])
         return list(logits.split([len(c.logit_rows) for c in chunks]))
+
+    def extend_speculative(self, slot: int, depths: list[int]) -> None:
+        """Record speculative entries written outside `forward` (by a tree expansion that ran on the
+        device), with their depths. Such entries can be committed, not extended by `forward`."""
+        state = self.slots[slot]
+        state.depths = (state.depths or []) + depths
+        state.ancestors = None
 
     def commit(self, slot: int, keep: list[int]) -> None:
         """Keep speculative entries `keep` (a chain hanging off the prefix) as committed; drop the rest."""
@@ -126,7 +140,8 @@ class ModelRunner:
             state = self.slots[chunk.slot]
             base, prev, n = state.num_cached, state.num_speculative, len(chunk.tokens)
             depths, ancestors = _extend_tree(state, chunk.parents)
-            host.tokens[b, :n] = torch.tensor(chunk.tokens)
+            if not isinstance(chunk.tokens, torch.Tensor):
+                host.tokens[b, :n] = torch.tensor(chunk.tokens)
             host.positions[b, :n] = base + torch.tensor(depths[prev:])
             host.write_slots[b, :n] = chunk.slot
             host.write_offsets[b, :n] = torch.arange(base + prev, base + prev + n)
@@ -134,7 +149,7 @@ class ModelRunner:
             host.mask[b, 0, :n, :base] = True
             host.mask[b, 0, :n, base : base + prev + n] = ancestors[prev:]
             state.depths, state.ancestors = depths, ancestors
-        return host
+        return host.pinned() if self.device.type == "cuda" else host
 
 
 @dataclass(slots=True)
@@ -148,20 +163,26 @@ class HostBatch:
     read_slots: torch.Tensor  # [B]
     mask: torch.Tensor  # [B, 1, T, kv_len]
 
+    def pinned(self) -> "HostBatch":
+        """A copy in pinned memory, so that copies to the device do not wait for it."""
+        return HostBatch(*(getattr(self, name).pin_memory() for name in self.__slots__))
+
     def to_metadata(self, device: torch.device) -> AttentionMetadata:
         return AttentionMetadata(
-            positions=self.positions.to(device),
-            write_slots=self.write_slots.to(device),
-            write_offsets=self.write_offsets.to(device),
-            read_slots=self.read_slots.to(device),
+            positions=upload(self.positions, device),
+            write_slots=upload(self.write_slots, device),
+            write_offsets=upload(self.write_offsets, device),
+            read_slots=upload(self.read_slots, device),
             kv_len=self.mask.shape[-1],
-            mask=self.mask.to(device),
+            mask=upload(self.mask, device),
         )
 
 
 def _extend_tree(state: _SlotState, parents: list[int]) -> tuple[list[int], torch.Tensor]:
     """Depths and ancestor-or-self matrix of the slot's speculative entries after appending `parents`."""
     prev = state.num_speculative
+    if prev and state.ancestors is None:
+        raise SpecInferError("entries recorded by extend_speculative can be committed, not extended")
     n = len(parents)
     depths = list(state.depths or [])
     for i, p in enumerate(parents):

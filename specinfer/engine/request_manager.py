@@ -12,15 +12,17 @@ import torch
 
 from ..config import EngineConfig, GenerationConfig, SpeculationConfig
 from ..errors import SpecInferError
+from ..spec.device_draft import DeviceTreeDrafter
 from ..spec.draft import DraftRequest, SSMDraft, expand
 from ..spec.sampling import choose_tokens, logits_to_probs
-from ..spec.tree import TokenTree, merge_trees
+from ..spec.tree import TokenTree, TreeShape, merge_trees
 from ..spec.verify import VerifyResult, verify_greedy_targets, verify_stochastic
 from ..tokenizer import Tokenizer
 from .model_runner import Chunk, ModelRunner
 from .scheduler import Scheduler
 from .sequence import Request, RequestStatus
 from .speculation_controller import SpeculationController
+from .upload import upload
 
 
 class RequestManager:
@@ -60,6 +62,8 @@ class RequestManager:
             ModelRunner(ssm, engine.max_batch_size, engine.max_sequence_length + speculation.max_tree_nodes)
             for ssm in active_ssms
         ]
+        self.tree_shape = TreeShape.from_widths(speculation.draft_widths) if self.ssms else None
+        self.drafters = [DeviceTreeDrafter(runner, self.tree_shape) for runner in self.ssms]
         self.controller = SpeculationController() if speculation.adaptive and self.ssms else None
         self.scheduler = Scheduler(engine.max_batch_size)
         self.requests: dict[int, Request] = {}
@@ -138,8 +142,11 @@ class RequestManager:
         decoding = [r for r in self.scheduler.running if r.id not in newcomers and r.status is RequestStatus.RUNNING]
         if decoding:
             start = time.perf_counter()
-            trees, drafts = self._draft(decoding)
-            results = self._verify(decoding, trees)  # reads the accepted lengths: the step's one sync
+            if any(r.sampling.do_sample for r in decoding):
+                trees, drafts = self._draft(decoding)
+                results = self._verify(decoding, trees)
+            else:
+                trees, drafts, results = self._speculate_greedy(decoding)
             self._commit(decoding, trees, drafts, results)
             if self.controller is not None:
                 self.controller.record_step(time.perf_counter() - start, len(decoding), speculative=any(drafts))
@@ -170,13 +177,85 @@ class RequestManager:
             self.llm.commit(r.slot, list(range(len(chunk.tokens))))
             r.append([token], self.eos_token_ids)
 
-    def _draft(self, requests: list[Request]) -> tuple[list[TokenTree], list[list[SSMDraft]]]:
-        """Per request: the merged tree, and per SSM its own draft (for cache bookkeeping)."""
+    def _choose_drafting(self, requests: list[Request]) -> list[int]:
+        """Indexes of the requests that speculate this step."""
         # The tree may be as deep as the tokens still allowed, minus the LLM's own token.
         drafting = [i for i, r in enumerate(requests) if self.ssms and r.num_remaining > 1]
         if self.controller is not None and drafting:
             chosen = self.controller.choose([requests[i].id for i in drafting])
             drafting = [i for i in drafting if requests[i].id in chosen]
+        return drafting
+
+    def _speculate_greedy(
+        self, requests: list[Request]
+    ) -> tuple[list[TokenTree], list[list[SSMDraft]], list[VerifyResult]]:
+        """Draft (every SSM a full top-k tree, on the device), verify and read back with one host sync.
+
+        The SSMs' trees are verified side by side under the shared root, not merged: merging needs the
+        tokens on the host. A token both SSMs proposed is verified twice, which changes nothing but cost."""
+        drafting = self._choose_drafting(requests)
+        shape = self.tree_shape
+        device = self.llm.device
+        # Every token id the LLM will read, in one flat device tensor: the roots, then each SSM's trees.
+        sources = [upload(torch.tensor([r.tokens[-1] for r in requests]), device)]
+        drafted = []  # per SSM: [len(drafting), len(shape) - 1] token ids
+        catch_up = []  # per SSM: catch-up chain length per drafting request
+        for runner, drafter in zip(self.ssms, self.drafters):
+            if not drafting:
+                break
+            slots = [requests[i].slot for i in drafting]
+            chunks = [Chunk.chain(s, requests[i].tokens[runner.num_cached(s) :]) for i, s in zip(drafting, slots)]
+            root_logits = torch.cat(runner.forward(chunks))
+            catch_up.append([len(c.tokens) for c in chunks])
+            starts = [runner.num_cached(s) + runner.num_speculative(s) for s in slots]
+            tokens = drafter.expand(root_logits, slots, starts)
+            drafted.append(tokens)
+            sources.append(tokens.to(device).flatten())
+        per_tree = len(shape) - 1 if drafted else 0
+        layouts, chunks, gather = [], [], []
+        draft_row = {i: k for k, i in enumerate(drafting)}
+        for i, r in enumerate(requests):
+            # The tree may be as deep as the tokens still allowed, minus the LLM's own token.
+            keep = shape.num_nodes_within(r.num_remaining - 1) - 1 if i in draft_row else 0
+            parents, index = [-1], [i]
+            for s in range(len(drafted)):
+                offset = len(parents) - 1
+                parents += [0 if p == 0 else offset + p for p in shape.parents[1 : keep + 1]]
+                first = len(requests) + (s * len(drafting) + draft_row.get(i, 0)) * per_tree
+                index += range(first, first + keep)
+            layouts.append(keep)
+            chunks.append(Chunk(r.slot, [0] * len(parents), parents, list(range(len(parents)))))
+            gather.append(index)
+        width = max(len(g) for g in gather)
+        index = torch.tensor([g + [0] * (width - len(g)) for g in gather])
+        device_tokens = torch.cat(sources)[upload(index, device)]
+        logits = self.llm.forward(chunks, device_tokens)  # one LLM pass over every node of every tree
+        targets = torch.cat(logits).argmax(-1)
+        readback = torch.cat([targets] + [t.to(device).flatten() for t in drafted]).tolist()  # the one sync
+        targets, tokens = readback[: len(targets)], readback[len(targets) :]
+        trees, drafts, results, offset = [], [], [], 0
+        for i, (r, chunk, keep) in enumerate(zip(requests, chunks, layouts)):
+            ssm_drafts = []
+            tree_tokens = [r.tokens[-1]]
+            for s in range(len(drafted) if i in draft_row else 0):
+                first = (s * len(drafting) + draft_row[i]) * per_tree
+                own = TokenTree([r.tokens[-1]] + tokens[first : first + keep], list(shape.parents[: keep + 1]))
+                fed = shape.level_starts[-2]  # nodes before the deepest level have cache entries
+                n = catch_up[s][draft_row[i]]
+                cache_index = [n - 1] + [n + j - 1 if j < fed else -1 for j in range(1, keep + 1)]
+                merged_index = [0] + list(range(len(tree_tokens), len(tree_tokens) + keep))
+                ssm_drafts.append(SSMDraft(own, n, cache_index, merged_index))
+                tree_tokens += own.tokens[1:]
+            tree = TokenTree(tree_tokens, chunk.parents)
+            trees.append(tree)
+            drafts.append(ssm_drafts)
+            results.append(verify_greedy_targets(tree, targets[offset : offset + len(tree)]))
+            offset += len(tree)
+        return trees, drafts, results
+
+    def _draft(self, requests: list[Request]) -> tuple[list[TokenTree], list[list[SSMDraft]]]:
+        """Per request: the merged tree, and per SSM its own draft (for cache bookkeeping)."""
+        drafting = self._choose_drafting(requests)
         per_ssm: list[list[SSMDraft]] = []
         for runner in self.ssms:
             draft_requests = [

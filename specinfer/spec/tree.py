@@ -101,3 +101,34 @@ def merge_trees(trees: list[TokenTree]) -> tuple[TokenTree, list[list[int]]]:
             merged.proposals[mapping[u]].extend(Proposal(mapping[p.child], p.q) for p in proposals)
         node_maps.append(mapping)
     return merged, node_maps
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """The topology of a tree whose every node at depth d has `widths[d]` children (top-k expansion).
+
+    Greedy drafting picks the top-k tokens under each node, which are always distinct, so the shape
+    depends on the widths alone and can be laid out before any token is known. Nodes are numbered in
+    level order, children of one parent consecutive, node 0 the root: the order `expand` builds."""
+
+    widths: tuple[int, ...]
+    parents: tuple[int, ...]
+    depths: tuple[int, ...]
+    level_starts: tuple[int, ...]  # level d holds nodes level_starts[d] .. level_starts[d + 1] - 1
+
+    @classmethod
+    def from_widths(cls, widths: tuple[int, ...]) -> "TreeShape":
+        parents, depths, starts = [-1], [0], [0, 1]
+        for depth, width in enumerate(widths):
+            for parent in range(starts[depth], starts[depth + 1]):
+                parents.extend([parent] * width)
+                depths.extend([depth + 1] * width)
+            starts.append(len(parents))
+        return cls(tuple(widths), tuple(parents), tuple(depths), tuple(starts))
+
+    def __len__(self) -> int:
+        return len(self.parents)
+
+    def num_nodes_within(self, depth: int) -> int:
+        """Nodes (root included) at depth <= `depth`: a prefix of the level order."""
+        return self.level_starts[min(depth, len(self.widths)) + 1]
