@@ -6,10 +6,13 @@ Weights are quantized once, on load; activations stay in the model's dtype. int8
 from wasting half the range. That is the grid of GGUF's Q4_1 blocks, so a Q4_1 checkpoint re-quantized
 with group size 32 keeps its own values.
 
-Matmul: for a few rows on CPU, int8 runs through `torch._weight_int8pack_mm`, which reads the int8
-weights directly. Otherwise (and for int4) the weight is dequantized per call into the activation dtype
-and multiplied; that is exact to the quantized values and works under CUDA graphs, but it is slower than
-full precision: these layers save memory now, and need packed kernels (GPU: Triton) to save time.
+Matmul, where the weights are read packed (the point of quantizing a memory-bound decode step):
+- GPU, half precision: int8 through our Triton kernel (`int8_triton.py`); int4 through PyTorch's
+  tinygemm kernel (`torch._weight_int4pack_mm`, bf16, scale and zero point per group), its packed
+  layout made once, on the first call.
+- CPU, a few rows: int8 through `torch._weight_int8pack_mm`.
+Otherwise the weight is dequantized per call into the activation dtype and multiplied: exact to the
+quantized values and graph-safe, but slower than full precision.
 """
 
 from __future__ import annotations
@@ -80,10 +83,37 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if self.mode == "int8" and x.device.type == "cpu" and flat.shape[0] <= INT8_KERNEL_MAX_ROWS:
-            out = torch._weight_int8pack_mm(flat, self.qweight, self.scale.to(x.dtype)).view(*x.shape[:-1], -1)
-            return out if self.bias is None else out + self.bias
-        return F.linear(x, self.dequantized(x.dtype), self.bias)
+        out = None
+        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            if self.mode == "int8":
+                from .int8_triton import int8_matmul
+
+                out = int8_matmul(flat.contiguous(), self.qweight, self.scale)
+            elif self._tinygemm() is not None:
+                weight, scales_and_zeros = self._tinygemm()
+                out = torch._weight_int4pack_mm(flat.to(torch.bfloat16).contiguous(), weight, self.group_size,
+                                                scales_and_zeros).to(x.dtype)
+        elif self.mode == "int8" and x.device.type == "cpu" and flat.shape[0] <= INT8_KERNEL_MAX_ROWS:
+            out = torch._weight_int8pack_mm(flat, self.qweight, self.scale.to(x.dtype))
+        if out is None:
+            return F.linear(x, self.dequantized(x.dtype), self.bias)
+        out = out.view(*x.shape[:-1], -1)
+        return out if self.bias is None else out + self.bias
+
+    def _tinygemm(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The int4 weights in tinygemm's layout (built once), or None where its kernel cannot take them."""
+        if not hasattr(self, "_tinygemm_weights"):
+            self._tinygemm_weights = None
+            tiles = next((t for t in (8, 4, 2) if self.in_features % (t * 16) == 0), None)
+            if self.group_size in (32, 64, 128, 256) and self.out_features % 8 == 0 and tiles is not None:
+                q = torch.stack((self.qweight & 0xF, self.qweight >> 4), dim=-1).view(self.out_features, -1)
+                packed = ((q[:, 0::2] << 4) | q[:, 1::2]).to(torch.uint8)  # even column in the high nibble
+                weight = torch._convert_weight_to_int4pack(packed.contiguous(), tiles)
+                # tinygemm computes (q - 8) * scale + zero: our minimum is zero - 8 * scale.
+                zeros = self.minimum + 8 * self.scale
+                scales_and_zeros = torch.stack((self.scale.t(), zeros.t()), dim=-1).to(torch.bfloat16).contiguous()
+                self._tinygemm_weights = (weight, scales_and_zeros)
+        return self._tinygemm_weights
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.mode == "int4" else ""

@@ -1,0 +1,259 @@
+"""Scale study with RANDOM weights: what one step costs for LLaMA-7B/13B-shaped models, and the
+speed-up those costs project with the acceptance measured on the real default model.
+
+    python benchmarks/scale_study.py --device cuda                          # 7B-shaped, fp16
+    python benchmarks/scale_study.py --device cuda --llm-shape 13b --offload-gb 8 --sections offload
+
+Sections (all timed through our ModelRunner, host work and the step's read-back included, median of
+repeats after warm-up, CUDA graphs on where the engine uses them):
+- bandwidth: device copy bandwidth (bytes read + written) and pinned host-to-device bandwidth;
+- incremental: one decode step per batch size, against the floor (weights + KV bytes / copy bandwidth);
+- verify: one tree verification against tree size (nodes) and batch size, relative to a decode step;
+- draft: one SSM expansion (68M- and 160M-shaped SSMs) of the tree `--expansion`, per batch size;
+- projection: speed-up = tokens per step x decode step / (draft + verification), with the tokens per
+  step given by --accepted (measured on the default model: docs/benchmarks/engine_speed_gpu*.md);
+- quant: the decode step at batch 1 with int8 and int4 weights against the unquantized one;
+- offload: the decode step and a tree verification with the weights streamed from pinned host memory
+  (`--offload-gb` device budget), the host-to-device bandwidth reached, and the projected speed-up.
+Random weights make the outputs meaningless, never the costs: nothing here depends on token values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from specinfer.config import parse_expansion
+from specinfer.engine.model_runner import Chunk, ModelRunner
+from specinfer.models.config import ModelConfig
+from specinfer.models import build_model
+from specinfer.spec.device_draft import DeviceTreeDrafter
+from specinfer.spec.tree import TreeShape
+
+SHAPES = {  # LLaMA-family shapes (Llama-2 7B/13B; the 68M/160M SSMs of the SpecInfer paper)
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+    "68m": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=2, num_attention_heads=12),
+    "160m": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),  # smoke test
+}
+PREFIX = 256  # cached tokens per request when a step is timed
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def random_llama(shape: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Random weights drawn on the GPU where there is one (fast), then placed on `device`."""
+    fields = SHAPES[shape]
+    hf = dict(model_type="llama", vocab_size=32000, num_key_value_heads=fields["num_attention_heads"],
+              max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False, **fields)
+    with torch.device("meta"):
+        model = build_model(ModelConfig.from_hf_dict(hf)).to(dtype)
+    model = model.to_empty(device=device)
+    source = torch.device("cuda") if torch.cuda.is_available() else device
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.empty(p.shape, dtype=dtype, device=source).normal_(0.0, 0.02))
+    return model.eval()
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step reads: every block, the final norm and the LM head (one embedding row)."""
+    seen, total = set(), 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(t) in seen or name.startswith("embed_tokens"):
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def timed(fn, repeats: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def prefilled_runner(model, batch: int, extra: int) -> ModelRunner:
+    runner = ModelRunner(model, num_slots=batch, capacity=PREFIX + extra + 8)
+    for slot in range(batch):
+        runner.forward([Chunk.chain(slot, list(range(1, PREFIX + 1)), logits="none")])
+        runner.commit(slot, list(range(PREFIX)))
+    return runner
+
+
+def step_time(runner: ModelRunner, batch: int, parents: list[int]) -> float:
+    """One pass feeding a tree with `parents` to each of `batch` requests, logits read back; the tree is
+    dropped afterwards so every repeat sees the same cache."""
+    chunks = [Chunk(slot, [7] * len(parents), parents, list(range(len(parents)))) for slot in range(batch)]
+
+    def once():
+        logits = runner.forward(chunks)
+        torch.cat(logits).argmax(-1).tolist()
+        for slot in range(batch):
+            runner.commit(slot, [])
+
+    return timed(once)
+
+
+def tree_parents(nodes: int) -> list[int]:
+    """A bushy tree of `nodes` nodes (breadth-first, 2 to 3 children each), like a merged token tree."""
+    return [-1] + [(i - 1) // 3 if i % 2 else (i - 1) // 2 for i in range(1, nodes)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--llm-shape", default="7b", choices=["7b", "13b", "tiny"])
+    p.add_argument("--ssm-shapes", default="68m,160m")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    p.add_argument("--sections", default="bandwidth,incremental,verify,draft,projection,quant")
+    p.add_argument("--batches", default="1,4,16,64")
+    p.add_argument("--tree-sizes", default="1,2,4,8,16,32,64,128")
+    p.add_argument("--expansion", default="1,1,3,1,1,1,1,1")
+    p.add_argument("--accepted", type=float, default=1.75,
+                   help="tokens per LLM step of --expansion on the default model (measured; see docstring)")
+    p.add_argument("--offload-gb", type=float, default=8.0, help="device weight budget for the offload section")
+    p.add_argument("--out", default="docs/benchmarks")
+    args = p.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    sections = set(args.sections.split(","))
+    batches = [int(b) for b in args.batches.split(",")]
+    sizes = [int(n) for n in args.tree_sizes.split(",")]
+    widths = parse_expansion(args.expansion)
+    shape = TreeShape.from_widths(widths)
+    results: dict = {"meta": {
+        "date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "dtype": args.dtype, "llm_shape": args.llm_shape, "prefix": PREFIX,
+        "expansion": args.expansion, "tree_nodes": len(shape), "accepted_tokens_per_step": args.accepted,
+        "weights": "random (a projection, not a real model)",
+    }}
+
+    if device.type == "cuda" and sections & {"bandwidth", "incremental", "offload"}:
+        buf = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
+        copy = torch.empty_like(buf)
+        t = timed(lambda: copy.copy_(buf), repeats=10)
+        host = torch.empty(2**30, dtype=torch.uint8).pin_memory()
+        t_h2d = timed(lambda: buf[: 2**30].copy_(host, non_blocking=True), repeats=10)
+        results["bandwidth"] = {"device_copy_GBps": 2 * buf.numel() / t / 1e9, "h2d_pinned_GBps": 2**30 / t_h2d / 1e9}
+        del buf, copy, host
+        print("bandwidth", results["bandwidth"])
+    bandwidth = results.get("bandwidth", {}).get("device_copy_GBps")
+
+    if sections & {"incremental", "verify", "projection", "quant"}:
+        llm = random_llama(args.llm_shape, device, dtype)
+        cfg = llm.config
+        kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+        wbytes = weight_bytes(llm)
+        results["llm_weight_GB"] = wbytes / 1e9
+        inc, ver = {}, {}
+        for batch in batches:
+            runner = prefilled_runner(llm, batch, max(sizes + [len(shape)]))
+            inc[batch] = step_time(runner, batch, [-1])
+            floor = (wbytes + batch * PREFIX * kv_per_token) / (bandwidth * 1e9) if bandwidth else None
+            print(f"incremental batch {batch}: {inc[batch] * 1e3:.2f} ms" +
+                  (f", floor {floor * 1e3:.2f} ms ({floor / inc[batch]:.0%})" if floor else ""))
+            results.setdefault("incremental", {})[batch] = {"ms": inc[batch] * 1e3, "floor_ms": floor and floor * 1e3}
+            if "verify" in sections or "projection" in sections:
+                for n in sizes + [len(shape)]:
+                    ver[(batch, n)] = step_time(runner, batch, tree_parents(n) if n != len(shape) else list(shape.parents))
+                    print(f"  verify batch {batch}, {n} nodes: {ver[(batch, n)] * 1e3:.2f} ms = "
+                          f"{ver[(batch, n)] / inc[batch]:.2f} decode steps")
+                    results.setdefault("verify", {}).setdefault(batch, {})[n] = ver[(batch, n)] * 1e3
+            del runner
+            torch.cuda.empty_cache()
+
+        if "draft" in sections or "projection" in sections:
+            for ssm_shape in args.ssm_shapes.split(","):
+                ssm = random_llama(ssm_shape, device, dtype)
+                for batch in batches:
+                    runner = prefilled_runner(ssm, batch, len(shape))
+                    drafter = DeviceTreeDrafter(runner, shape)
+
+                    def draft():
+                        slots = list(range(batch))
+                        root = torch.cat(runner.forward([Chunk.chain(s, [5, 6]) for s in slots]))
+                        drafter.expand(root, slots, [PREFIX + 2] * batch).tolist()
+                        for s in slots:
+                            runner.commit(s, [])
+
+                    t_draft = timed(draft)
+                    results.setdefault("draft", {}).setdefault(ssm_shape, {})[batch] = t_draft * 1e3
+                    projected = args.accepted * inc[batch] / (t_draft + ver[(batch, len(shape))])
+                    results.setdefault("projection", {}).setdefault(ssm_shape, {})[batch] = projected
+                    print(f"draft {ssm_shape} batch {batch}: {t_draft * 1e3:.2f} ms; projected speed-up {projected:.2f}x")
+                    del runner, drafter
+                del ssm
+
+        if "quant" in sections:
+            from specinfer.quant.linear import quantize_model
+
+            base = inc[1] if 1 in inc else step_time(prefilled_runner(llm, 1, 8), 1, [-1])
+            results["quant"] = {args.dtype: base * 1e3}
+            for mode in ("int8", "int4"):
+                del llm
+                torch.cuda.empty_cache()
+                llm = quantize_model(random_llama(args.llm_shape, device, dtype), mode, 128 if mode == "int4" else 64)
+                t_q = step_time(prefilled_runner(llm, 1, 8), 1, [-1])
+                results["quant"][mode] = t_q * 1e3
+                print(f"quant {mode}: {t_q * 1e3:.2f} ms, {base / t_q:.2f}x faster than {args.dtype}")
+        del llm
+        torch.cuda.empty_cache()
+
+    if "offload" in sections:
+        from specinfer.engine.offload import offload
+
+        llm = random_llama(args.llm_shape, torch.device("cpu"), dtype)
+        offload(llm, device, int(args.offload_gb * 2**30))
+        streamer = llm.streamer
+        runner = prefilled_runner(llm, 1, len(shape))
+        t_inc = step_time(runner, 1, [-1])
+        t_ver = step_time(runner, 1, list(shape.parents))
+        reached = streamer.streamed_bytes / t_inc / 1e9
+        ssm = random_llama(args.ssm_shapes.split(",")[0], device, dtype)
+        ssm_runner = prefilled_runner(ssm, 1, len(shape))
+        drafter = DeviceTreeDrafter(ssm_runner, shape)
+
+        def draft():
+            root = torch.cat(ssm_runner.forward([Chunk.chain(0, [5, 6])]))
+            drafter.expand(root, [0], [PREFIX + 2]).tolist()
+            ssm_runner.commit(0, [])
+
+        t_draft = timed(draft)
+        projected = args.accepted * t_inc / (t_draft + t_ver)
+        results["offload"] = {
+            "budget_GB": args.offload_gb, "streamed_GB": streamer.streamed_bytes / 1e9,
+            "decode_ms": t_inc * 1e3, "verify_ms": t_ver * 1e3, "draft_68m_ms": t_draft * 1e3,
+            "h2d_reached_GBps": reached, "h2d_share": reached / results["bandwidth"]["h2d_pinned_GBps"],
+            "projected_speedup": projected,
+        }
+        print("offload", results["offload"])
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"scale_study_{args.llm_shape}" + ("_offload" if sections == {"offload"} else "")
+    (out / f"{tag}.json").write_text(json.dumps(results, indent=2, default=str))
+    print(f"wrote {out}/{tag}.json")
+
+
+if __name__ == "__main__":
+    main()
