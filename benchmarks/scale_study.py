@@ -31,6 +31,7 @@ import torch
 
 from specinfer.config import parse_expansion
 from specinfer.engine.model_runner import Chunk, ModelRunner
+from specinfer.models.compile import compile_blocks
 from specinfer.models.config import ModelConfig
 from specinfer.models import build_model
 from specinfer.spec.device_draft import DeviceTreeDrafter
@@ -61,7 +62,7 @@ def random_llama(shape: str, device: torch.device, dtype: torch.dtype) -> torch.
     model = model.to_empty(device=device)
     source = torch.device("cuda") if torch.cuda.is_available() else device
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in model.named_parameters():  # noqa: B007
             if "norm" in name:
                 p.fill_(1.0)
             else:
@@ -133,10 +134,12 @@ def main() -> None:
     p.add_argument("--accepted", type=float, default=1.75,
                    help="tokens per LLM step of --expansion on the default model (measured; see docstring)")
     p.add_argument("--offload-gb", type=float, default=8.0, help="device weight budget for the offload section")
+    p.add_argument("--compile", action="store_true", help="fuse each block's kernels (torch.compile)")
     p.add_argument("--out", default="docs/benchmarks")
     args = p.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     sections = set(args.sections.split(","))
+    fuse = compile_blocks if args.compile else (lambda model: model)
     batches = [int(b) for b in args.batches.split(",")]
     sizes = [int(n) for n in args.tree_sizes.split(",")]
     widths = parse_expansion(args.expansion)
@@ -145,7 +148,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "dtype": args.dtype, "llm_shape": args.llm_shape, "prefix": PREFIX,
         "expansion": args.expansion, "tree_nodes": len(shape), "accepted_tokens_per_step": args.accepted,
-        "weights": "random (a projection, not a real model)",
+        "weights": "random (a projection, not a real model)", "compiled": args.compile,
     }}
 
     if device.type == "cuda" and sections & {"bandwidth", "incremental", "offload"}:
@@ -160,7 +163,7 @@ def main() -> None:
     bandwidth = results.get("bandwidth", {}).get("device_copy_GBps")
 
     if sections & {"incremental", "verify", "projection", "quant"}:
-        llm = random_llama(args.llm_shape, device, dtype)
+        llm = fuse(random_llama(args.llm_shape, device, dtype))
         cfg = llm.config
         kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
         wbytes = weight_bytes(llm)
@@ -184,7 +187,7 @@ def main() -> None:
 
         if "draft" in sections or "projection" in sections:
             for ssm_shape in args.ssm_shapes.split(","):
-                ssm = random_llama(ssm_shape, device, dtype)
+                ssm = fuse(random_llama(ssm_shape, device, dtype))
                 for batch in batches:
                     runner = prefilled_runner(ssm, batch, len(shape))
                     drafter = DeviceTreeDrafter(runner, shape)
@@ -212,7 +215,7 @@ def main() -> None:
             for mode in ("int8", "int4"):
                 del llm
                 torch.cuda.empty_cache()
-                llm = quantize_model(random_llama(args.llm_shape, device, dtype), mode, 128 if mode == "int4" else 64)
+                llm = fuse(quantize_model(random_llama(args.llm_shape, device, dtype), mode, 128 if mode == "int4" else 64))
                 t_q = step_time(prefilled_runner(llm, 1, 8), 1, [-1])
                 results["quant"][mode] = t_q * 1e3
                 print(f"quant {mode}: {t_q * 1e3:.2f} ms, {base / t_q:.2f}x faster than {args.dtype}")
@@ -250,7 +253,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = f"scale_study_{args.llm_shape}" + ("_offload" if sections == {"offload"} else "")
+    tag = f"scale_study_{args.llm_shape}" + ("_offload" if sections == {"offload"} else "") + ("_compiled" if args.compile else "")
     (out / f"{tag}.json").write_text(json.dumps(results, indent=2, default=str))
     print(f"wrote {out}/{tag}.json")
 

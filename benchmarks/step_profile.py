@@ -41,8 +41,10 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--expansion", default="2,2,1")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--no-profile", action="store_true", help="only the timed runs")
     args = p.parse_args()
-    engine = EngineConfig(max_batch_size=1, max_sequence_length=512, device=args.device)
+    engine = EngineConfig(max_batch_size=1, max_sequence_length=512, device=args.device, compile=args.compile)
     llm = LLM(args.llm, args.ssm, engine=engine,
               speculation=SpeculationConfig(expansion=parse_expansion(args.expansion), adaptive=False))
     labelled(ModelRunner, "forward", "runner.forward")
@@ -62,6 +64,8 @@ def main() -> None:
         steps = result.num_llm_steps
         print(f"{mode}: {len(result.output_tokens)} tokens in {steps} steps, {elapsed / steps * 1e3:.2f} ms/step, "
               f"{(result.num_accepted + steps) / steps:.2f} tokens/step, {len(result.output_tokens) / elapsed:.1f} tok/s")
+        if args.no_profile:
+            continue
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
         with profile(activities=activities) as prof:
             result = llm.generate([PROMPT], GenerationConfig(max_new_tokens=32), mode=mode)[0]

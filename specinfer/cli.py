@@ -61,12 +61,15 @@ def add_engine_arguments(p: argparse.ArgumentParser, max_sequence_length: int) -
                           "stream in layer by layer (offloading; the original's device memory)")
     run.add_argument("--pinned-memory-gb", type=float, metavar="GIB",
                      help="host memory the offloaded layers may take (the original's zero-copy memory)")
+    run.add_argument("--compile", action="store_true",
+                     help="fuse each layer's small kernels with torch.compile (GPU: faster small-batch steps, "
+                          "a slower start)")
 
 
 def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, SpeculationConfig]:
     engine = EngineConfig(args.max_batch_size, args.max_sequence_length, args.device, args.dtype,
                           args.tensor_parallel_size, None if args.quantization == "none" else args.quantization,
-                          args.quant_group_size, args.gpu_memory_gb, args.pinned_memory_gb)
+                          args.quant_group_size, args.gpu_memory_gb, args.pinned_memory_gb, args.compile)
     return engine, SpeculationConfig(args.mode, parse_expansion(args.expansion), args.adaptive)
 
 

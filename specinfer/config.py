@@ -92,8 +92,12 @@ class EngineConfig:
     # host memory, which may hold at most `pinned_memory_gb` of them. None: everything on the device.
     gpu_memory_gb: float | None = None
     pinned_memory_gb: float | None = None
+    # Fuse each block's elementwise kernels with torch.compile (models/compile.py); slower start-up.
+    compile: bool = False
 
     def __post_init__(self) -> None:
+        if self.compile and (self.tensor_parallel_size > 1 or self.gpu_memory_gb):
+            raise SpecInferError("compile cannot be combined with tensor parallelism or offloading")
         if self.quantization not in (None, "int8", "int4"):
             raise SpecInferError(f"quantization must be int8 or int4 (or none), got {self.quantization!r}")
         if self.quant_group_size < 2 or self.quant_group_size % 2:

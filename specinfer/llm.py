@@ -21,6 +21,7 @@ from .distributed.parallel import from_environment
 from .engine.offload import offload
 from .engine.request_manager import RequestManager
 from .errors import SpecInferError
+from .models.compile import compile_blocks
 from .models.early_exit import early_exit_draft
 from .models.loader import load_model
 from .quant import quantize_model
@@ -81,6 +82,9 @@ class LLM:
         if self.speculation.mode == "incremental":
             ssm_specs = []
         self.ssms = [self._load_ssm(spec, device, dtype) for spec in ssm_specs]
+        if self.engine_config.compile:
+            for model in [self.model, *self.ssms]:
+                compile_blocks(model)
         self.eos_token_ids = self.tokenizer.eos_token_ids or self.model.config.eos_token_ids
         self._managers: dict[str, RequestManager] = {}
         self.manager = self.manager_for(self.speculation.mode)

@@ -18,14 +18,20 @@ from .test_speculative import PROMPTS, assert_greedy_equivalent, generate
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,compiled", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
 @pytest.mark.parametrize("batch", [1, 8])
-def test_gpu_greedy_equals_incremental(tmp_path, dtype, batch):
+def test_gpu_greedy_equals_incremental(tmp_path, dtype, compiled, batch):
+    """Compiled: both runs use the fused blocks (models/compile.py), as the engine does with --compile."""
+    from specinfer.models.compile import compile_blocks
+
     bound = ROUNDING_BOUNDS[dtype]
     reference = save_random_llama(tmp_path / "llm")
     save_random_llama(tmp_path / "ssm", noise_from=reference)
     llm = load_model(tmp_path / "llm", "cuda", dtype)
     ssms = [load_model(tmp_path / "ssm", "cuda", dtype), early_exit_draft(llm, 1)]
+    if compiled:
+        for model in [llm, *ssms]:
+            compile_blocks(model)
     prompts = PROMPTS + [p[::-1] for p in PROMPTS]  # 8 requests, served in batches of `batch`
     expected = generate(llm, [], prompts, mode="incremental", batch=batch)
     got = generate(llm, ssms, prompts, expansion=(1, 2, 1, 1), batch=batch)

@@ -25,6 +25,7 @@ class AttentionMetadata:
     mask: torch.Tensor  # [B, 1, T, kv_len] bool, True = may attend
 
 
+@torch.compiler.disable  # in-place cache writes; kept out of compiled blocks (models/compile.py)
 def cached_attention(
     q: torch.Tensor,  # [B, H, T, D]
     k: torch.Tensor,  # [B, Hkv, T, D]

@@ -81,6 +81,7 @@ class QuantizedLinear(nn.Module):
         w = groups * self.scale[..., None] + self.minimum[..., None]
         return w.view(self.out_features, self.in_features).to(dtype)
 
+    @torch.compiler.disable  # its kernels are already fused; the packed layout is built lazily
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         out = None
