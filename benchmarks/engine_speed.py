@@ -39,6 +39,7 @@ def device_name(device: str) -> str:
 
 def run_case(llm: LLM, mode: str, prompts: list[str], max_new_tokens: int) -> dict:
     config = GenerationConfig(max_new_tokens=max_new_tokens)
+    llm.generate([prompts[-1]], config, mode=mode)  # warm-up: CUDA graphs of this tree captured, untimed
     tokens, steps, accepted, elapsed, outputs = 0, 0, 0, 0.0, []
     for prompt in prompts:
         if llm.engine_config.device.startswith("cuda"):
@@ -107,7 +108,7 @@ def write_report(llm: LLM, args: argparse.Namespace, prompts: list[str], rows: l
         "date": datetime.date.today().isoformat(), "device": device_name(args.device),
         "torch": torch.__version__, "dtype": str(llm.model.embed_tokens.weight.dtype).removeprefix("torch."),
         "llm": str(llm.model_path), "ssms": args.ssm or ["default (self:4)"], "prompts": len(prompts),
-        "max_new_tokens": args.max_new_tokens, "batch_size": 1, "greedy": True,
+        "max_new_tokens": args.max_new_tokens, "batch_size": 1, "greedy": True, "compiled": args.compile,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,7 +118,8 @@ def write_report(llm: LLM, args: argparse.Namespace, prompts: list[str], rows: l
     lines = [
         f"# Engine speed, default model, {tag.upper()}", "",
         f"{meta['date']} · {meta['device']} · torch {meta['torch']} · {meta['dtype']} · batch 1, greedy · "
-        f"{len(prompts)} prompts × up to {args.max_new_tokens} new tokens · SSMs: {', '.join(meta['ssms'])}", "",
+        f"{len(prompts)} prompts × up to {args.max_new_tokens} new tokens · SSMs: {', '.join(meta['ssms'])}"
+        f"{' · blocks compiled (--compile)' if args.compile else ''} · each row after one untimed warm-up generation", "",
         f"Reproduce: `python benchmarks/engine_speed.py {' '.join(sys.argv[1:])}`", "",
         f"Outputs vs incremental: identical prompts, and where one differs the LLM's top-two logit margin at the "
         f"first difference (equivalent if <= {bound}, the {meta['dtype']} rounding bound). The transformers rows are "
@@ -150,14 +152,15 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=len(PROMPTS))
     p.add_argument("--out", default="docs/benchmarks", help="folder for the JSON and Markdown results")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers reference rows")
+    p.add_argument("--compile", action="store_true", help="fuse each block's kernels with torch.compile")
     args = p.parse_args()
 
     prompts = PROMPTS[: args.num_prompts]
-    engine = EngineConfig(max_batch_size=1, max_sequence_length=512, device=args.device, dtype=args.dtype)
+    engine = EngineConfig(max_batch_size=1, max_sequence_length=512, device=args.device, dtype=args.dtype,
+                          compile=args.compile)
     expansions = [parse_expansion(e) for e in args.expansions.split(";")]
     # Fixed trees (adaptive off) measure each configuration's acceptance; one adaptive row follows.
     llm = LLM(args.llm, args.ssm, engine=engine, speculation=SpeculationConfig(expansion=expansions[0], adaptive=False))
-    llm.generate([prompts[0]], GenerationConfig(max_new_tokens=8), mode="incremental")  # warm-up
     rows = [run_case(llm, "incremental", prompts, args.max_new_tokens)]
     rows[0]["label"] = "incremental"
     for expansion in expansions:

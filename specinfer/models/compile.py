@@ -22,6 +22,9 @@ def compile_blocks(model: nn.Module) -> nn.Module:
     their collectives and weight-swapping hooks run between the fused parts."""
     if getattr(model, "tp", None) is not None or getattr(model, "streamer", None) is not None:
         raise SpecInferError("compiling is not supported with tensor parallelism or offloading")
+    # Every (batch, tokens) bucket and every model shape in the process is one more specialisation of the
+    # shared block code; past dynamo's default limit of 8 it would silently fall back to eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for block in model.layers:
         if not getattr(block, "compiled", False):
             block.forward = torch.compile(block.forward, dynamic=None)
