@@ -78,7 +78,6 @@ class _Graph:
         self.graph, self.tokens, self.meta, self.hidden = graph, tokens, meta, hidden
 
     def load(self, host: "HostBatch", tokens: torch.Tensor) -> None:
-        # Host tensors are pinned (model_runner uploads them), so these copies do not block the host.
         self.tokens.copy_(tokens)
         # The host tensors are pinned (ModelRunner._prepare): these copies do not block the host.
         self.meta.positions.copy_(host.positions, non_blocking=True)

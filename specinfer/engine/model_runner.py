@@ -140,8 +140,7 @@ class ModelRunner:
             state = self.slots[chunk.slot]
             base, prev, n = state.num_cached, state.num_speculative, len(chunk.tokens)
             depths, ancestors = _extend_tree(state, chunk.parents)
-            if not isinstance(chunk.tokens, torch.Tensor):
-                host.tokens[b, :n] = torch.tensor(chunk.tokens)
+            host.tokens[b, :n] = torch.tensor(chunk.tokens)
             host.positions[b, :n] = base + torch.tensor(depths[prev:])
             host.write_slots[b, :n] = chunk.slot
             host.write_offsets[b, :n] = torch.arange(base + prev, base + prev + n)

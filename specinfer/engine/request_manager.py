@@ -197,8 +197,7 @@ class RequestManager:
         shape = self.tree_shape
         device = self.llm.device
         # Every token id the LLM will read, in one flat device tensor: the roots, then each SSM's trees.
-        sources = [upload(torch.tensor([r.tokens[-1] for r in requests]), device)]
-        drafted = []  # per SSM: [len(drafting), len(shape) - 1] token ids
+        sources = [upload(torch.tensor([r.tokens[-1] for r in requests]), device)] if drafting else []
         catch_up = []  # per SSM: catch-up chain length per drafting request
         for runner, drafter in zip(self.ssms, self.drafters):
             if not drafting:
@@ -208,39 +207,41 @@ class RequestManager:
             root_logits = torch.cat(runner.forward(chunks))
             catch_up.append([len(c.tokens) for c in chunks])
             starts = [runner.num_cached(s) + runner.num_speculative(s) for s in slots]
-            tokens = drafter.expand(root_logits, slots, starts)
-            drafted.append(tokens)
-            sources.append(tokens.to(device).flatten())
-        per_tree = len(shape) - 1 if drafted else 0
+            sources.append(drafter.expand(root_logits, slots, starts).flatten())  # [len(drafting) * (nodes - 1)]
+        num_ssms = len(catch_up)
+        per_tree = len(shape) - 1 if num_ssms else 0
         layouts, chunks, gather = [], [], []
         draft_row = {i: k for k, i in enumerate(drafting)}
         for i, r in enumerate(requests):
             # The tree may be as deep as the tokens still allowed, minus the LLM's own token.
             keep = shape.num_nodes_within(r.num_remaining - 1) - 1 if i in draft_row else 0
             parents, index = [-1], [i]
-            for s in range(len(drafted)):
+            for s in range(num_ssms):
                 offset = len(parents) - 1
                 parents += [0 if p == 0 else offset + p for p in shape.parents[1 : keep + 1]]
                 first = len(requests) + (s * len(drafting) + draft_row.get(i, 0)) * per_tree
                 index += range(first, first + keep)
             layouts.append(keep)
-            chunks.append(Chunk(r.slot, [0] * len(parents), parents, list(range(len(parents)))))
+            # The root's id is known here; drafted ids come from the device (placeholders on the host).
+            chunks.append(Chunk(r.slot, [r.tokens[-1]] + [0] * (len(parents) - 1), parents, list(range(len(parents)))))
             gather.append(index)
-        width = max(len(g) for g in gather)
-        index = torch.tensor([g + [0] * (width - len(g)) for g in gather])
-        device_tokens = torch.cat(sources)[upload(index, device)]
+        device_tokens = None
+        if num_ssms:
+            width = max(len(g) for g in gather)
+            index = torch.tensor([g + [0] * (width - len(g)) for g in gather])
+            device_tokens = torch.cat(sources)[upload(index, device)]
         logits = self.llm.forward(chunks, device_tokens)  # one LLM pass over every node of every tree
         targets = torch.cat(logits).argmax(-1)
-        readback = torch.cat([targets] + [t.to(device).flatten() for t in drafted]).tolist()  # the one sync
+        readback = torch.cat([targets, *sources[1:]]).tolist()  # the step's one host sync
         targets, tokens = readback[: len(targets)], readback[len(targets) :]
+        fed = shape.level_starts[-2] if num_ssms else 0  # nodes above the deepest level have cache entries
         trees, drafts, results, offset = [], [], [], 0
         for i, (r, chunk, keep) in enumerate(zip(requests, chunks, layouts)):
             ssm_drafts = []
             tree_tokens = [r.tokens[-1]]
-            for s in range(len(drafted) if i in draft_row else 0):
+            for s in range(num_ssms if i in draft_row else 0):
                 first = (s * len(drafting) + draft_row[i]) * per_tree
                 own = TokenTree([r.tokens[-1]] + tokens[first : first + keep], list(shape.parents[: keep + 1]))
-                fed = shape.level_starts[-2]  # nodes before the deepest level have cache entries
                 n = catch_up[s][draft_row[i]]
                 cache_index = [n - 1] + [n + j - 1 if j < fed else -1 for j in range(1, keep + 1)]
                 merged_index = [0] + list(range(len(tree_tokens), len(tree_tokens) + keep))
