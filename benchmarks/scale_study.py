@@ -14,7 +14,8 @@ repeats after warm-up, CUDA graphs on where the engine uses them):
   step given by --accepted (measured on the default model: docs/benchmarks/engine_speed_gpu*.md);
 - quant: the decode step at batch 1 with int8 and int4 weights against the unquantized one;
 - offload: the decode step and a tree verification with the weights streamed from pinned host memory
-  (`--offload-gb` device budget), the host-to-device bandwidth reached, and the projected speed-up.
+  (`--offload-gb` device budget), the host-to-device bandwidth reached, and the projected speed-up;
+- profile: device time per kernel of a batch-1 decode step and of a verification of the tree (printed).
 Random weights make the outputs meaningless, never the costs: nothing here depends on token values.
 """
 
@@ -102,23 +103,37 @@ def prefilled_runner(model, batch: int, extra: int) -> ModelRunner:
     return runner
 
 
-def step_time(runner: ModelRunner, batch: int, parents: list[int]) -> float:
+def step_time_once(runner: ModelRunner, batch: int, parents: list[int]) -> None:
     """One pass feeding a tree with `parents` to each of `batch` requests, logits read back; the tree is
     dropped afterwards so every repeat sees the same cache."""
     chunks = [Chunk(slot, [7] * len(parents), parents, list(range(len(parents)))) for slot in range(batch)]
+    logits = runner.forward(chunks)
+    torch.cat(logits).argmax(-1).tolist()
+    for slot in range(batch):
+        runner.commit(slot, [])
 
-    def once():
-        logits = runner.forward(chunks)
-        torch.cat(logits).argmax(-1).tolist()
-        for slot in range(batch):
-            runner.commit(slot, [])
 
-    return timed(once)
+def step_time(runner: ModelRunner, batch: int, parents: list[int]) -> float:
+    return timed(lambda: step_time_once(runner, batch, parents))
 
 
 def tree_parents(nodes: int) -> list[int]:
     """A bushy tree of `nodes` nodes (breadth-first, 2 to 3 children each), like a merged token tree."""
     return [-1] + [(i - 1) // 3 if i % 2 else (i - 1) // 2 for i in range(1, nodes)]
+
+
+def profile_steps(llm, tree: list[int]) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = prefilled_runner(llm, 1, len(tree))
+    for name, parents in (("decode", [-1]), (f"verify {len(tree)} nodes", tree)):
+        step_time(runner, 1, parents)  # captures and warms up
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step_time_once(runner, 1, parents)
+            sync()
+        print(f"--- profile: {name}, batch 1, 5 steps")
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=70))
 
 
 def main() -> None:
@@ -184,6 +199,9 @@ def main() -> None:
                     results.setdefault("verify", {}).setdefault(batch, {})[n] = ver[(batch, n)] * 1e3
             del runner
             torch.cuda.empty_cache()
+
+        if "profile" in sections:
+            profile_steps(llm, list(shape.parents))
 
         if "draft" in sections or "projection" in sections:
             for ssm_shape in args.ssm_shapes.split(","):

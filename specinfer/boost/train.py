@@ -83,8 +83,9 @@ def causal_logits(model: nn.Module, tokens: torch.Tensor, rows: torch.Tensor) ->
         write_slots=torch.arange(B, device=device)[:, None].expand(B, T),
         write_offsets=positions,
         read_slots=torch.arange(B, device=device),
+        prefix_lens=torch.zeros(B, dtype=torch.long, device=device),
+        tree_mask=torch.ones(T, T, dtype=torch.bool, device=device).tril().expand(B, T, T),
         kv_len=T,
-        mask=torch.ones(T, T, dtype=torch.bool, device=device).tril().expand(B, 1, T, T),
     )
     hidden = model(tokens, cache, meta)
     return model.compute_logits(hidden[rows[:, 0], rows[:, 1]])

@@ -2,8 +2,9 @@
 
 A decode, draft or verification step of a small model is dominated by kernel launches, not by math.
 Replaying a captured graph launches the whole forward at once. Shapes must be static, so inputs are
-padded to the bucket and attention reads the slot's whole cache capacity, masking what lies beyond
-the request's entries; padding rows write into the cache's scratch slot.
+padded to the bucket: batch rows, new tokens, and the width of the tree part of the attention mask
+(the speculative entries a token may see). Context lengths stay dynamic: attention reads each row's
+prefix length from the device. Padding rows write into the cache's scratch slot.
 """
 
 from __future__ import annotations
@@ -30,17 +31,19 @@ class CudaGraphs:
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.pool = None
 
-    def bucket(self, batch: int, num_tokens: int) -> tuple[int, int] | None:
-        """The smallest captured shape that holds the batch, or None to run eagerly (e.g. a prefill)."""
+    def bucket(self, batch: int, num_tokens: int, width: int) -> tuple[int, int, int] | None:
+        """The smallest captured shape (batch, tokens, tree width) that holds the batch, or None to run
+        eagerly (e.g. a prefill)."""
         b = next((x for x in self.batch_buckets if x >= batch), None)
         # Padding columns write into the scratch slot at their column index, which must fit the cache.
         t = next((x for x in TOKEN_BUCKETS if num_tokens <= x <= self.cache.capacity), None)
-        return None if b is None or t is None else (b, t)
+        w = next((x for x in TOKEN_BUCKETS if max(width, t or 0) <= x), None)
+        return None if b is None or t is None or w is None else (b, t, w)
 
     def run(self, host: "HostBatch", tokens: torch.Tensor) -> torch.Tensor:
         """Copy `host`'s metadata and the device `tokens` into the bucket's static inputs and replay;
         returns the static hidden states [B, T, H]."""
-        shape = tuple(tokens.shape)
+        shape = (*tokens.shape, host.tree_mask.shape[2])
         graph = self.graphs.get(shape)
         if graph is None:
             graph = self.graphs[shape] = self._capture(*shape)
@@ -48,7 +51,7 @@ class CudaGraphs:
         graph.graph.replay()
         return graph.hidden
 
-    def _capture(self, batch: int, num_tokens: int) -> "_Graph":
+    def _capture(self, batch: int, num_tokens: int, width: int) -> "_Graph":
         device, capacity, scratch = self.cache.data.device, self.cache.capacity, self.cache.scratch_slot
         tokens = torch.zeros(batch, num_tokens, dtype=torch.long, device=device)
         meta = AttentionMetadata(
@@ -56,8 +59,9 @@ class CudaGraphs:
             write_slots=torch.full((batch, num_tokens), scratch, dtype=torch.long, device=device),
             write_offsets=torch.arange(num_tokens, device=device).repeat(batch, 1),
             read_slots=torch.full((batch,), scratch, dtype=torch.long, device=device),
+            prefix_lens=torch.zeros(batch, dtype=torch.long, device=device),
+            tree_mask=torch.ones(batch, num_tokens, width, dtype=torch.bool, device=device),
             kv_len=capacity,
-            mask=torch.ones(batch, 1, num_tokens, capacity, dtype=torch.bool, device=device),
         )
         # Warm up on a side stream (lazy initialisation must not happen during capture).
         stream = torch.cuda.Stream(device)
@@ -66,6 +70,7 @@ class CudaGraphs:
             for _ in range(2):
                 self.model(tokens, self.cache, meta)
         torch.cuda.current_stream(device).wait_stream(stream)
+        meta.dense_mask = None  # built inside the graph, so that replays rebuild it
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             hidden = self.model(tokens, self.cache, meta)
@@ -84,4 +89,5 @@ class _Graph:
         self.meta.write_slots.copy_(host.write_slots, non_blocking=True)
         self.meta.write_offsets.copy_(host.write_offsets, non_blocking=True)
         self.meta.read_slots.copy_(host.read_slots, non_blocking=True)
-        self.meta.mask.copy_(host.mask, non_blocking=True)
+        self.meta.prefix_lens.copy_(host.prefix_lens, non_blocking=True)
+        self.meta.tree_mask.copy_(host.tree_mask, non_blocking=True)

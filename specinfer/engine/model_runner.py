@@ -88,8 +88,12 @@ class ModelRunner:
         `device_tokens` [len(chunks), max chunk length]: the token ids, already on the device (drafted
         there); the chunks' own `tokens` then only count them. Nothing here waits for the device."""
         num_tokens = max(len(c.tokens) for c in chunks)
-        shape = self.graphs.bucket(len(chunks), num_tokens) if self.graphs is not None else None
-        host = self._prepare(chunks, *(shape or (len(chunks), num_tokens)), kv_len=shape and self.cache.capacity)
+        width = max(self.slots[c.slot].num_speculative + len(c.tokens) for c in chunks)
+        shape = self.graphs.bucket(len(chunks), num_tokens, width) if self.graphs is not None else None
+        if shape is None:
+            host = self._prepare(chunks, len(chunks), num_tokens, width, kv_len=None)
+        else:
+            host = self._prepare(chunks, *shape, kv_len=self.cache.capacity)
         tokens = upload(host.tokens, self.device)
         if device_tokens is not None:
             tokens[: device_tokens.shape[0], : device_tokens.shape[1]] = device_tokens
@@ -120,12 +124,12 @@ class ModelRunner:
         state.num_cached += len(keep)
         state.depths, state.ancestors = None, None
 
-    def _prepare(self, chunks: list[Chunk], batch: int, num_tokens: int, kv_len: int | None) -> "HostBatch":
-        """Host tensors for `chunks`, padded to [batch, num_tokens]; kv_len None = as short as possible."""
+    def _prepare(self, chunks: list[Chunk], batch: int, num_tokens: int, width: int, kv_len: int | None) -> "HostBatch":
+        """Host tensors for `chunks`, padded to [batch, num_tokens] and a tree part `width` entries wide;
+        kv_len None = as short as possible."""
         needed = max(self.slots[c.slot].num_cached + self.slots[c.slot].num_speculative + len(c.tokens) for c in chunks)
         if needed > self.cache.capacity:
             raise SpecInferError(f"KV cache overflow: {needed} entries needed, capacity {self.cache.capacity}")
-        kv_len = kv_len or needed
         B, T = batch, num_tokens
         host = HostBatch(
             tokens=torch.zeros(B, T, dtype=torch.long),
@@ -133,9 +137,11 @@ class ModelRunner:
             write_slots=torch.full((B, T), self.cache.scratch_slot, dtype=torch.long),
             write_offsets=torch.arange(T).repeat(B, 1),
             read_slots=torch.full((B,), self.cache.scratch_slot, dtype=torch.long),
-            mask=torch.zeros(B, 1, T, kv_len, dtype=torch.bool),
+            prefix_lens=torch.zeros(B, dtype=torch.long),
+            tree_mask=torch.zeros(B, T, width, dtype=torch.bool),
+            kv_len=kv_len or needed,
         )
-        host.mask[:, :, :, 0] = True  # padding rows see one entry so softmax stays finite; their output is unused
+        host.tree_mask[:, :, 0] = True  # padding rows see one entry so softmax stays finite; their output is unused
         for b, chunk in enumerate(chunks):
             state = self.slots[chunk.slot]
             base, prev, n = state.num_cached, state.num_speculative, len(chunk.tokens)
@@ -145,8 +151,8 @@ class ModelRunner:
             host.write_slots[b, :n] = chunk.slot
             host.write_offsets[b, :n] = torch.arange(base + prev, base + prev + n)
             host.read_slots[b] = chunk.slot
-            host.mask[b, 0, :n, :base] = True
-            host.mask[b, 0, :n, base : base + prev + n] = ancestors[prev:]
+            host.prefix_lens[b] = base
+            host.tree_mask[b, :n, : prev + n] = ancestors[prev:]
             state.depths, state.ancestors = depths, ancestors
         return host.pinned() if self.device.type == "cuda" else host
 
@@ -160,11 +166,15 @@ class HostBatch:
     write_slots: torch.Tensor  # [B, T]
     write_offsets: torch.Tensor  # [B, T]
     read_slots: torch.Tensor  # [B]
-    mask: torch.Tensor  # [B, 1, T, kv_len]
+    prefix_lens: torch.Tensor  # [B]
+    tree_mask: torch.Tensor  # [B, T, W]
+    kv_len: int
+
+    TENSORS = ("tokens", "positions", "write_slots", "write_offsets", "read_slots", "prefix_lens", "tree_mask")
 
     def pinned(self) -> "HostBatch":
         """A copy in pinned memory, so that copies to the device do not wait for it."""
-        return HostBatch(*(getattr(self, name).pin_memory() for name in self.__slots__))
+        return HostBatch(*(getattr(self, name).pin_memory() for name in self.TENSORS), kv_len=self.kv_len)
 
     def to_metadata(self, device: torch.device) -> AttentionMetadata:
         return AttentionMetadata(
@@ -172,8 +182,9 @@ class HostBatch:
             write_slots=upload(self.write_slots, device),
             write_offsets=upload(self.write_offsets, device),
             read_slots=upload(self.read_slots, device),
-            kv_len=self.mask.shape[-1],
-            mask=upload(self.mask, device),
+            prefix_lens=upload(self.prefix_lens, device),
+            tree_mask=upload(self.tree_mask, device),
+            kv_len=self.kv_len,
         )
 
 

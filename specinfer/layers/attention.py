@@ -1,8 +1,15 @@
-"""Attention over a paged-by-slot KV cache, with an arbitrary (tree) visibility mask.
+"""Attention over a paged-by-slot KV cache, with a tree visibility mask.
 
 Every forward pass — prefill, incremental decoding, SSM expansion, tree verification — is the same
 operation: write the new tokens' keys/values into the cache, then let each new token attend to the
-cached entries its mask allows (the committed prefix and its own ancestors in the token tree).
+cached entries it may see. Those are always a *prefix* of its slot (committed tokens, and for SSM tree
+levels the catch-up chain), visible to every new token of the row, followed by a *tree part* where a
+token sees only its own ancestors and itself. The mask is given for the tree part alone, so it stays
+a few hundred columns wide however long the context grows.
+
+On CUDA (and steps of up to 256 tokens) a Triton kernel reads the cache in place
+(`tree_attention.py`); elsewhere the entries are gathered and fed to SDPA with a dense mask built once
+per forward.
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from . import tree_attention
 
 
 @dataclass(slots=True)
@@ -21,8 +30,10 @@ class AttentionMetadata:
     write_slots: torch.Tensor  # [B, T] cache slot of each new token (padding goes to a scratch slot)
     write_offsets: torch.Tensor  # [B, T] index inside the slot where its key/value is stored
     read_slots: torch.Tensor  # [B] cache slot of each batch row
-    kv_len: int  # keys 0..kv_len-1 of each slot are read
-    mask: torch.Tensor  # [B, 1, T, kv_len] bool, True = may attend
+    prefix_lens: torch.Tensor  # [B] entries 0..prefix-1 of the row's slot are visible to all its tokens
+    tree_mask: torch.Tensor  # [B, T, W] bool: token t sees entry prefix + j where True
+    kv_len: int  # no row reads past entry kv_len - 1 (the SDPA path reads this many)
+    dense_mask: torch.Tensor | None = None  # [B, 1, T, kv_len], built on first use by the SDPA path
 
 
 @torch.compiler.disable  # in-place cache writes; kept out of compiled blocks (models/compile.py)
@@ -37,8 +48,22 @@ def cached_attention(
     # Advanced indices around a slice put the indexed dims first: cache_k[s, :, o] is [B, T, Hkv, D].
     cache_k[meta.write_slots, :, meta.write_offsets] = k.transpose(1, 2).to(cache_k.dtype)
     cache_v[meta.write_slots, :, meta.write_offsets] = v.transpose(1, 2).to(cache_v.dtype)
+    if q.dtype == cache_k.dtype and tree_attention.supported(q):
+        return tree_attention.tree_attention(q, cache_k, cache_v, meta.read_slots, meta.prefix_lens, meta.tree_mask)
     keys = cache_k[meta.read_slots, :, : meta.kv_len]  # [B, Hkv, L, D]
     values = cache_v[meta.read_slots, :, : meta.kv_len]
+    if meta.dense_mask is None:
+        meta.dense_mask = dense_mask(meta)
     return F.scaled_dot_product_attention(
-        q, keys.to(q.dtype), values.to(q.dtype), attn_mask=meta.mask, enable_gqa=keys.shape[1] != q.shape[1]
+        q, keys.to(q.dtype), values.to(q.dtype), attn_mask=meta.dense_mask, enable_gqa=keys.shape[1] != q.shape[1]
     )
+
+
+def dense_mask(meta: AttentionMetadata) -> torch.Tensor:
+    """The prefix + tree mask spelled out over entries 0..kv_len-1: [B, 1, T, kv_len] bool."""
+    B, T, W = meta.tree_mask.shape
+    entries = torch.arange(meta.kv_len, device=meta.tree_mask.device)
+    offset = entries[None, :] - meta.prefix_lens[:, None]  # [B, L]: index into the tree part
+    in_tree = (offset >= 0) & (offset < W)
+    tree = meta.tree_mask.gather(2, offset.clamp(0, W - 1)[:, None, :].expand(B, T, -1))  # [B, T, L]
+    return ((offset < 0)[:, None, :] | (tree & in_tree[:, None, :]))[:, None]

@@ -79,18 +79,15 @@ class DeviceTreeDrafter:
         """Feeding the nodes at `depth`: they see every entry before `start` (the committed prefix and the
         catch-up chain ending at the root) and, after it, their own ancestors in the tree."""
         nodes = self.level_nodes[depth - 1]  # [n]
-        batch, n, tree = slots.shape[0], nodes.shape[0], self.ancestors.shape[0]
-        offsets = torch.arange(kv_len, device=self.device)[None, :] - starts[:, None]  # [B, kv_len]
-        in_tree = (offsets >= 0) & (offsets < tree)
-        sees_node = self.ancestors[nodes][:, offsets.clamp(0, tree - 1)].permute(1, 0, 2)  # [B, n, kv_len]
-        mask = (offsets < 0)[:, None, :] | (sees_node & in_tree[:, None, :])
+        batch, n = slots.shape[0], nodes.shape[0]
         return AttentionMetadata(
             positions=(starts - 1 + depth)[:, None].expand(batch, n),
             write_slots=slots[:, None].expand(batch, n),
             write_offsets=starts[:, None] + nodes[None, :],
             read_slots=slots,
+            prefix_lens=starts,
+            tree_mask=self.ancestors[nodes][None].expand(batch, -1, -1),
             kv_len=kv_len,
-            mask=mask[:, None],
         )
 
     def _capture(self, batch: int) -> "_ExpansionGraph":

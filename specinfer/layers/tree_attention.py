@@ -1,0 +1,195 @@
+"""Tree attention on the GPU that reads the KV cache where it lies (Triton).
+
+One kernel serves every step with at most `MAX_TOKENS` new tokens per row: incremental decoding, SSM
+tree levels and tree verification. Row b's queries see every entry before `prefix_lens[b]` in its slot
+(no mask is read there) and, after it, entry `prefix_lens[b] + j` where `tree_mask[b, t, j]` allows.
+Nothing of the cache is gathered or copied, and the loop runs to the row's own length read from the
+device, so a CUDA graph captured once serves every context length.
+
+The grid is (row, KV head, query block, split). A KV head's whole group of query heads shares one
+program, so grouped-query attention reads each key once. When rows and heads alone cannot fill the GPU
+(batch 1), the prefix is split flash-decoding style: each split keeps its own running maximum and sum,
+and a second kernel combines them. The last split also covers the tree part.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: attention falls back to SDPA (layers/attention.py)
+    triton = None
+
+MAX_TOKENS = 256  # longer chunks (prefills) take SDPA
+HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def supported(q: torch.Tensor) -> bool:
+    return (
+        triton is not None
+        and os.environ.get("SPECINFER_ATTENTION") != "sdpa"  # A/B benchmarks against the SDPA path
+        and (q.is_cuda or _interpreting())
+        and q.shape[2] <= MAX_TOKENS
+        and q.shape[3] in HEAD_DIMS
+        and not (q.requires_grad and torch.is_grad_enabled())
+    )
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests without a GPU)
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+def tree_attention(
+    q: torch.Tensor,  # [B, H, T, D]
+    cache_k: torch.Tensor,  # [num_slots, Hkv, capacity, D]
+    cache_v: torch.Tensor,
+    read_slots: torch.Tensor,  # [B]
+    prefix_lens: torch.Tensor,  # [B]
+    tree_mask: torch.Tensor,  # [B, T, W] bool
+) -> torch.Tensor:  # [B, H, T, D]
+    B, H, T, D = q.shape
+    num_kv_heads, capacity = cache_k.shape[1], cache_k.shape[2]
+    group = H // num_kv_heads
+    width = tree_mask.shape[2]
+    rows = group * T
+    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    block_n = 64 if D <= 128 else 32
+    m_blocks = triton.cdiv(rows, block_m)
+    programs = B * num_kv_heads * m_blocks
+    # Split the prefix only while the GPU has idle multiprocessors; each split costs a partial write.
+    sms = _multiprocessors(q.device)
+    splits = 1 << max(0, min(8, sms // programs).bit_length() - 1)  # a power of two, at most 8
+    out = torch.empty_like(q)
+    if splits > 1:
+        partial_out = torch.empty(B, H, T, splits, D, device=q.device, dtype=torch.float32)
+        partial_max = torch.empty(B, H, T, splits, device=q.device, dtype=torch.float32)
+        partial_sum = torch.empty_like(partial_max)
+    else:
+        partial_out = partial_max = partial_sum = out  # unused
+    scale = D**-0.5 * 1.4426950408889634  # exp2 instead of exp
+    _tree_attention_kernel[(B, num_kv_heads, m_blocks * splits)](
+        q, cache_k, cache_v, out, partial_out, partial_max, partial_sum, read_slots, prefix_lens, tree_mask,
+        *q.stride()[:3], *cache_k.stride()[:3], *cache_v.stride()[:3], *out.stride()[:3],
+        tree_mask.stride(0), tree_mask.stride(1),
+        T, width, capacity, scale,
+        GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, SPLITS=splits,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    if splits > 1:
+        _combine_kernel[(B * H * T,)](
+            partial_out, partial_max, partial_sum, out, H, T, *out.stride()[:3],
+            SPLITS=splits, HEAD_DIM=D,
+        )
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _attend(q, k_base, v_base, entries, visible, stride_kl, stride_vl, row_max, row_sum, acc, scale,
+                HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+        """Fold the key block `entries` (visibility [BLOCK_M, BLOCK_N]) into the running softmax."""
+        dims = tl.arange(0, HEAD_DIM)
+        needed = tl.max(visible.to(tl.int32), 0) > 0  # read only keys some query sees
+        k = tl.load(k_base + entries[None, :] * stride_kl + dims[:, None], mask=needed[None, :], other=0.0)
+        scores = tl.dot(q, k, input_precision=PRECISION) * scale
+        scores = tl.where(visible, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows that saw nothing yet
+        p = tl.exp2(scores - safe_max[:, None])
+        alpha = tl.exp2(row_max - safe_max)
+        row_sum = row_sum * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + entries[:, None] * stride_vl + dims[None, :], mask=needed[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return new_max, row_sum, acc
+
+    @triton.jit
+    def _tree_attention_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
+        slots_ptr, prefix_ptr, mask_ptr,
+        stride_qb, stride_qh, stride_qt, stride_ks, stride_kh, stride_kl, stride_vs, stride_vh, stride_vl,
+        stride_ob, stride_oh, stride_ot, stride_mb, stride_mt,
+        num_tokens, width, capacity, scale,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        m_block = tl.program_id(2) // SPLITS
+        split = tl.program_id(2) % SPLITS
+        rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # row = (query head in group) * T + token
+        row_ok = rows < GROUP * num_tokens
+        head = kv_head * GROUP + rows // num_tokens
+        token = rows % num_tokens
+        dims = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + token[:, None] * stride_qt + dims[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        slot = tl.load(slots_ptr + b).to(tl.int64)
+        prefix = tl.load(prefix_ptr + b).to(tl.int32)
+        k_base = k_ptr + slot * stride_ks + kv_head * stride_kh
+        v_base = v_ptr + slot * stride_vs + kv_head * stride_vh
+        row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        row_sum = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+        # This split's share of the prefix, in whole key blocks.
+        chunk = tl.cdiv(tl.cdiv(prefix, SPLITS), BLOCK_N) * BLOCK_N
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, prefix)
+        start = lo
+        while start < hi:  # (while, not range: loop bounds read from memory)
+            entries = start + tl.arange(0, BLOCK_N)
+            visible = row_ok[:, None] & (entries < hi)[None, :]
+            row_max, row_sum, acc = _attend(q, k_base, v_base, entries, visible, stride_kl, stride_vl,
+                                            row_max, row_sum, acc, scale, HEAD_DIM, PRECISION)
+            start += BLOCK_N
+        if split == SPLITS - 1:  # the tree part: entries prefix + j, masked
+            start = 0
+            while start < width:
+                cols = start + tl.arange(0, BLOCK_N)
+                in_range = (cols < width) & (prefix + cols < capacity)
+                visible = tl.load(mask_ptr + b * stride_mb + token[:, None] * stride_mt + cols[None, :],
+                                  mask=row_ok[:, None] & in_range[None, :], other=0) != 0
+                row_max, row_sum, acc = _attend(q, k_base, v_base, prefix + cols, visible, stride_kl, stride_vl,
+                                                row_max, row_sum, acc, scale, HEAD_DIM, PRECISION)
+                start += BLOCK_N
+
+        if SPLITS == 1:
+            out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
+            tl.store(out_ptr + b * stride_ob + head[:, None] * stride_oh + token[:, None] * stride_ot + dims[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        else:  # partials laid out [B, H, T, SPLITS(, D)], contiguous
+            H = tl.num_programs(1) * GROUP
+            base = ((b * H + head) * num_tokens + token) * SPLITS + split
+            tl.store(part_max_ptr + base, row_max, mask=row_ok)
+            tl.store(part_sum_ptr + base, row_sum, mask=row_ok)
+            tl.store(part_out_ptr + base[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
+
+    @triton.jit
+    def _combine_kernel(part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, num_heads, num_tokens,
+                        stride_ob, stride_oh, stride_ot, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+        row = tl.program_id(0)  # (b, head, token)
+        token = row % num_tokens
+        head = (row // num_tokens) % num_heads
+        b = row // (num_tokens * num_heads)
+        splits = tl.arange(0, SPLITS)
+        dims = tl.arange(0, HEAD_DIM)
+        maxes = tl.load(part_max_ptr + row * SPLITS + splits)
+        sums = tl.load(part_sum_ptr + row * SPLITS + splits)
+        parts = tl.load(part_out_ptr + (row * SPLITS + splits)[:, None] * HEAD_DIM + dims[None, :])
+        top = tl.max(maxes, 0)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        weights = tl.exp2(maxes - top)
+        total = tl.sum(sums * weights, 0)
+        out = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0, total, 1.0)
+        tl.store(out_ptr + b * stride_ob + head * stride_oh + token * stride_ot + dims, out.to(out_ptr.dtype.element_ty))

@@ -1,0 +1,75 @@
+"""The Triton tree-attention kernel against SDPA with the same prefix + tree mask spelled out densely.
+
+On a GPU it runs compiled; without one, through Triton's CPU interpreter (in a subprocess, since the
+interpreter is chosen when triton is imported), where triton is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from specinfer.layers import tree_attention
+from specinfer.layers.attention import AttentionMetadata, dense_mask
+
+# (batch, heads, kv heads, tokens, head dim, tree width, prefix lengths): GQA groups, one and many
+# query blocks, splits of the prefix (few programs) and none (many), an empty prefix.
+CASES = [
+    (1, 4, 2, 1, 16, 1, [5]),
+    (2, 9, 3, 5, 64, 7, [70, 3]),
+    (3, 4, 4, 20, 32, 20, [130, 0, 64]),
+    (1, 8, 2, 40, 16, 64, [200]),
+    (4, 2, 1, 3, 128, 4, [17, 250, 1, 64]),
+]
+
+
+def reference(q, cache_k, cache_v, slots, prefix_lens, tree_mask):
+    kv_len = int((prefix_lens + tree_mask.shape[2]).max().clamp(max=cache_k.shape[2]))
+    meta = AttentionMetadata(None, None, None, slots, prefix_lens, tree_mask, kv_len)
+    k, v = cache_k[slots, :, :kv_len].double(), cache_v[slots, :, :kv_len].double()
+    return F.scaled_dot_product_attention(q.double(), k, v, attn_mask=dense_mask(meta), enable_gqa=k.shape[1] != q.shape[1])
+
+
+def check_against_sdpa(device: str, dtype: torch.dtype, tolerance: float) -> None:
+    torch.manual_seed(0)
+    for batch, heads, kv_heads, tokens, head_dim, width, prefixes in CASES:
+        slots, capacity = batch + 1, 300
+        cache_k = torch.randn(slots, kv_heads, capacity, head_dim, device=device, dtype=dtype)
+        cache_v = torch.randn_like(cache_k)
+        q = torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype)
+        read_slots = torch.randperm(slots, device=device)[:batch]
+        prefix_lens = torch.tensor(prefixes, device=device)
+        tree_mask = torch.rand(batch, tokens, width, device=device) < 0.5
+        tree_mask[:, :, 0] = True
+        assert tree_attention.supported(q)
+        out = tree_attention.tree_attention(q, cache_k, cache_v, read_slots, prefix_lens, tree_mask)
+        expected = reference(q, cache_k, cache_v, read_slots, prefix_lens, tree_mask)
+        error = (out.double() - expected).abs().max().item()
+        assert error < tolerance, f"case {batch, heads, kv_heads, tokens, head_dim, width}: max error {error:.2e}"
+        # A row that sees nothing (padding) comes out as zeros, not NaN.
+        tree_mask[0] = False
+        prefix_lens[0] = 0
+        out = tree_attention.tree_attention(q, cache_k, cache_v, read_slots, prefix_lens, tree_mask)
+        assert out[0].eq(0).all() and torch.isfinite(out).all()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_kernel_matches_sdpa_in_triton_interpreter():
+    code = "import torch; from tests.test_tree_attention import check_against_sdpa; check_against_sdpa('cpu', torch.float32, 1e-5)"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 4e-3)])
+def test_kernel_matches_sdpa_on_gpu(dtype, tolerance):
+    check_against_sdpa("cuda", dtype, tolerance)
