@@ -33,6 +33,7 @@ import torch
 from specinfer.config import parse_expansion
 from specinfer.engine.model_runner import Chunk, ModelRunner
 from specinfer.models.compile import compile_blocks
+from specinfer.models.fuse import fuse_projections
 from specinfer.models.config import ModelConfig
 from specinfer.models import build_model
 from specinfer.spec.device_draft import DeviceTreeDrafter
@@ -68,7 +69,7 @@ def random_llama(shape: str, device: torch.device, dtype: torch.dtype) -> torch.
                 p.fill_(1.0)
             else:
                 p.copy_(torch.empty(p.shape, dtype=dtype, device=source).normal_(0.0, 0.02))
-    return model.eval()
+    return fuse_projections(model.eval())  # as the engine serves it
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

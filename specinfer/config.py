@@ -94,6 +94,8 @@ class EngineConfig:
     pinned_memory_gb: float | None = None
     # Fuse each block's elementwise kernels with torch.compile (models/compile.py); slower start-up.
     compile: bool = False
+    # One matrix product for q/k/v and one for gate/up (models/fuse.py). Off where weights get saved.
+    fuse_projections: bool = True
 
     def __post_init__(self) -> None:
         if self.compile and (self.tensor_parallel_size > 1 or self.gpu_memory_gb):

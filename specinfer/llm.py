@@ -22,6 +22,7 @@ from .engine.offload import offload
 from .engine.request_manager import RequestManager
 from .errors import SpecInferError
 from .models.compile import compile_blocks
+from .models.fuse import fuse_projections
 from .models.early_exit import early_exit_draft
 from .models.loader import load_model
 from .quant import quantize_model
@@ -67,6 +68,8 @@ class LLM:
         budget = self.engine_config.gpu_memory_gb
         # Offloading loads on the host first: the model may not fit the device at all.
         self.model = load_model(model_path, "cpu" if budget else device, dtype, tp=self.tp)
+        if self.engine_config.fuse_projections:
+            fuse_projections(self.model)
         if self.engine_config.quantization:
             quantize_model(self.model, self.engine_config.quantization, self.engine_config.quant_group_size)
         if budget:
@@ -118,6 +121,8 @@ class LLM:
                 raise SpecInferError(f"SSM {spec!r}: expected self:N with N a number of layers") from None
             return early_exit_draft(self.model, num_layers)
         ssm = load_model(spec, device, dtype, shared_from=self.model)
+        if self.engine_config.fuse_projections:
+            fuse_projections(ssm)
         ssm_path = Path(spec)
         if ssm_path.is_dir() and _has_tokenizer(ssm_path):
             if load_tokenizer(ssm_path).vocab() != self.tokenizer.vocab():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from specinfer.engine.model_runner import Chunk, ModelRunner
+from specinfer.models.fuse import fuse_projections
 from specinfer.models.loader import load_model
 
 from .conftest import save_random_llama, save_random_opt
@@ -39,12 +40,16 @@ VARIANTS = [("llama", name, kw) for name, kw in LLAMA_VARIANTS.items()] + [
 
 @pytest.mark.parametrize("family,variant,overrides", VARIANTS, ids=[f"{f}-{v}" for f, v, _ in VARIANTS])
 def test_logits_match_transformers(tmp_path, family, variant, overrides):
+    """As loaded (Hugging Face's layout), and with fused projections (as the engine serves it)."""
     save = save_random_llama if family == "llama" else save_random_opt
     ref = save(tmp_path, **overrides)
     ours = load_model(tmp_path)
     tokens = torch.randint(0, 96, (40,)).tolist()
     with torch.no_grad():
         expected = ref(torch.tensor([tokens])).logits[0]
+    torch.testing.assert_close(prefill_logits(ours, tokens), expected, rtol=1e-4, atol=1e-4)
+    fuse_projections(ours)
+    assert not any(name.split(".")[-1] in ("q_proj", "up_proj") for name, _ in ours.named_modules())
     torch.testing.assert_close(prefill_logits(ours, tokens), expected, rtol=1e-4, atol=1e-4)
 
 

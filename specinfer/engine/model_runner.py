@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..errors import SpecInferError
-from ..layers.attention import AttentionMetadata
 from .cuda_graphs import CudaGraphs
+from .host_batch import HostBatch, Layout
 from .kv_cache import KVCache
-from .upload import upload
 
 
 @dataclass(slots=True)
@@ -43,7 +43,7 @@ class Chunk:
 class _SlotState:
     num_cached: int = 0
     depths: list[int] | None = None  # depth of each speculative entry (0 = child of the prefix)
-    ancestors: torch.Tensor | None = None  # [n, n] bool, ancestor-or-self among speculative entries
+    ancestors: np.ndarray | None = None  # [n, n] bool, ancestor-or-self among speculative entries
 
     @property
     def num_speculative(self) -> int:
@@ -90,22 +90,22 @@ class ModelRunner:
         num_tokens = max(len(c.tokens) for c in chunks)
         width = max(self.slots[c.slot].num_speculative + len(c.tokens) for c in chunks)
         shape = self.graphs.bucket(len(chunks), num_tokens, width) if self.graphs is not None else None
+        host = self._prepare(chunks, Layout(*(shape or (len(chunks), num_tokens, width))))
         if shape is None:
-            host = self._prepare(chunks, len(chunks), num_tokens, width, kv_len=None)
+            batch = host.to_device(self.device)
         else:
-            host = self._prepare(chunks, *shape, kv_len=self.cache.capacity)
-        tokens = upload(host.tokens, self.device)
+            batch = self.graphs.load(host)
+            host.kv_len = self.cache.capacity
         if device_tokens is not None:
-            tokens[: device_tokens.shape[0], : device_tokens.shape[1]] = device_tokens
+            batch.tokens[: device_tokens.shape[0], : device_tokens.shape[1]] = device_tokens
         if shape is None:
-            hidden = self.model(tokens, self.cache, host.to_metadata(self.device))  # [B, T, hidden]
+            hidden = self.model(batch.tokens, self.cache, batch.meta)  # [B, T, hidden]
         else:
-            hidden = self.graphs.run(host, tokens)
-        rows = [(b, t) for b, c in enumerate(chunks) for t in c.logit_rows]
-        if not rows:
+            hidden = self.graphs.replay(host.layout)
+        if not host.num_logit_rows:
             return [hidden.new_empty(0) for _ in chunks]
-        index = upload(torch.tensor(rows), self.device)
-        logits = self.model.compute_logits(hidden[index[:, 0], index[:, 1]])
+        rows = batch.logit_rows[: host.num_logit_rows]
+        logits = self.model.compute_logits(hidden.reshape(-1, hidden.shape[-1])[rows])
         return list(logits.split([len(c.logit_rows) for c in chunks]))
 
     def extend_speculative(self, slot: int, depths: list[int]) -> None:
@@ -124,71 +124,35 @@ class ModelRunner:
         state.num_cached += len(keep)
         state.depths, state.ancestors = None, None
 
-    def _prepare(self, chunks: list[Chunk], batch: int, num_tokens: int, width: int, kv_len: int | None) -> "HostBatch":
-        """Host tensors for `chunks`, padded to [batch, num_tokens] and a tree part `width` entries wide;
-        kv_len None = as short as possible."""
+    def _prepare(self, chunks: list[Chunk], layout: Layout) -> HostBatch:
+        """Host inputs for `chunks`, padded to `layout`; reads entries up to the longest row's end."""
         needed = max(self.slots[c.slot].num_cached + self.slots[c.slot].num_speculative + len(c.tokens) for c in chunks)
         if needed > self.cache.capacity:
             raise SpecInferError(f"KV cache overflow: {needed} entries needed, capacity {self.cache.capacity}")
-        B, T = batch, num_tokens
-        host = HostBatch(
-            tokens=torch.zeros(B, T, dtype=torch.long),
-            positions=torch.zeros(B, T, dtype=torch.long),
-            write_slots=torch.full((B, T), self.cache.scratch_slot, dtype=torch.long),
-            write_offsets=torch.arange(T).repeat(B, 1),
-            read_slots=torch.full((B,), self.cache.scratch_slot, dtype=torch.long),
-            prefix_lens=torch.zeros(B, dtype=torch.long),
-            tree_mask=torch.zeros(B, T, width, dtype=torch.bool),
-            kv_len=kv_len or needed,
-        )
-        host.tree_mask[:, :, 0] = True  # padding rows see one entry so softmax stays finite; their output is unused
+        host = HostBatch(layout, self.cache.scratch_slot, pinned=self.device.type == "cuda")
+        host.kv_len = needed
+        rows = 0
         for b, chunk in enumerate(chunks):
             state = self.slots[chunk.slot]
             base, prev, n = state.num_cached, state.num_speculative, len(chunk.tokens)
             depths, ancestors = _extend_tree(state, chunk.parents)
-            host.tokens[b, :n] = torch.tensor(chunk.tokens)
-            host.positions[b, :n] = base + torch.tensor(depths[prev:])
+            host.tokens[b, :n] = chunk.tokens
+            host.positions[b, :n] = depths[prev:]
+            host.positions[b, :n] += base
             host.write_slots[b, :n] = chunk.slot
-            host.write_offsets[b, :n] = torch.arange(base + prev, base + prev + n)
+            host.write_offsets[b, :n] = np.arange(base + prev, base + prev + n)
             host.read_slots[b] = chunk.slot
             host.prefix_lens[b] = base
             host.tree_mask[b, :n, : prev + n] = ancestors[prev:]
+            host.logit_rows[rows : rows + len(chunk.logit_rows)] = chunk.logit_rows
+            host.logit_rows[rows : rows + len(chunk.logit_rows)] += b * layout.tokens
+            rows += len(chunk.logit_rows)
             state.depths, state.ancestors = depths, ancestors
-        return host.pinned() if self.device.type == "cuda" else host
+        host.num_logit_rows = rows
+        return host
 
 
-@dataclass(slots=True)
-class HostBatch:
-    """One forward's inputs, built on the host: token ids plus the attention metadata's tensors."""
-
-    tokens: torch.Tensor  # [B, T]
-    positions: torch.Tensor  # [B, T]
-    write_slots: torch.Tensor  # [B, T]
-    write_offsets: torch.Tensor  # [B, T]
-    read_slots: torch.Tensor  # [B]
-    prefix_lens: torch.Tensor  # [B]
-    tree_mask: torch.Tensor  # [B, T, W]
-    kv_len: int
-
-    TENSORS = ("tokens", "positions", "write_slots", "write_offsets", "read_slots", "prefix_lens", "tree_mask")
-
-    def pinned(self) -> "HostBatch":
-        """A copy in pinned memory, so that copies to the device do not wait for it."""
-        return HostBatch(*(getattr(self, name).pin_memory() for name in self.TENSORS), kv_len=self.kv_len)
-
-    def to_metadata(self, device: torch.device) -> AttentionMetadata:
-        return AttentionMetadata(
-            positions=upload(self.positions, device),
-            write_slots=upload(self.write_slots, device),
-            write_offsets=upload(self.write_offsets, device),
-            read_slots=upload(self.read_slots, device),
-            prefix_lens=upload(self.prefix_lens, device),
-            tree_mask=upload(self.tree_mask, device),
-            kv_len=self.kv_len,
-        )
-
-
-def _extend_tree(state: _SlotState, parents: list[int]) -> tuple[list[int], torch.Tensor]:
+def _extend_tree(state: _SlotState, parents: list[int]) -> tuple[list[int], np.ndarray]:
     """Depths and ancestor-or-self matrix of the slot's speculative entries after appending `parents`."""
     prev = state.num_speculative
     if prev and state.ancestors is None:
@@ -199,14 +163,14 @@ def _extend_tree(state: _SlotState, parents: list[int]) -> tuple[list[int], torc
         if not -1 <= p < prev + i:
             raise ValueError(f"parent {p} of new entry {prev + i} must precede it")
         depths.append(0 if p < 0 else depths[p] + 1)
-    ancestors = torch.zeros(prev + n, prev + n, dtype=torch.bool)
+    ancestors = np.zeros((prev + n, prev + n), dtype=np.bool_)
     if prev:
         ancestors[:prev, :prev] = state.ancestors
     is_chain = all(p == prev + i - 1 for i, p in enumerate(parents[1:], start=1))
     if is_chain:  # prefill and catch-up: one block copy instead of a row per token
         if parents[0] >= 0:
             ancestors[prev:, :prev] = ancestors[parents[0], :prev]
-        ancestors[prev:, prev:] = torch.ones(n, n, dtype=torch.bool).tril()
+        ancestors[prev:, prev:] = np.tri(n, dtype=np.bool_)
     else:
         for i, p in enumerate(parents):
             row = prev + i

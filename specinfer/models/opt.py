@@ -11,6 +11,7 @@ from ..errors import SpecInferError
 from ..layers.attention import AttentionMetadata, cached_attention
 from ..layers.vocab_embedding import VocabEmbedding, vocab_logits, vocab_rows
 from .config import ModelConfig
+from .fuse import concat_linears
 
 # OPT's learned position table reserves its first two rows (a fairseq padding convention).
 POSITION_OFFSET = 2
@@ -29,12 +30,22 @@ class OPTAttention(nn.Module):
         self.k_proj = nn.Linear(h, width, bias=bias)
         self.v_proj = nn.Linear(h, width, bias=bias)
         self.out_proj = nn.Linear(width, h, bias=bias)
+        self.qkv_proj: nn.Linear | None = None  # q, k and v in one product (models/fuse.py)
+
+    def fuse_projections(self) -> None:
+        if self.qkv_proj is None:
+            self.qkv_proj = concat_linears([self.q_proj, self.k_proj, self.v_proj])
+            del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, cache_k, cache_v, meta: AttentionMetadata) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         out = cached_attention(q, k, v, cache_k, cache_v, meta)
         out = self.out_proj(out.transpose(1, 2).reshape(B, T, -1))
         return out if self.tp is None else self.tp.all_reduce(out)

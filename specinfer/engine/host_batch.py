@@ -1,0 +1,91 @@
+"""One forward's inputs, built on the host in one byte buffer and sent to the device in one copy.
+
+A step of a small model is short enough for host work to show: a dozen small torch tensors, each
+filled by torch ops, pinned and copied on its own, cost more than the copies themselves. Here every
+input of a pass — token ids, positions, where keys/values are written and read, prefix lengths, the
+rows whose logits are wanted, the tree mask — has its place in one buffer, filled through numpy views
+(a numpy op costs a microsecond, a torch op several), pinned when allocated and copied once. On the
+device the metadata are views of that copy; a captured CUDA graph owns a device buffer of the same
+layout and the copy lands there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..layers.attention import AttentionMetadata
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Shapes of one padded batch: rows, new tokens per row, and the width of the tree mask."""
+
+    batch: int
+    tokens: int
+    width: int
+
+    @property
+    def num_ints(self) -> int:  # tokens, positions, write slots/offsets, logit rows; then 2 per row
+        return 5 * self.batch * self.tokens + 2 * self.batch
+
+    @property
+    def nbytes(self) -> int:
+        return 8 * self.num_ints + self.batch * self.tokens * self.width
+
+    def split(self, ints, mask_bytes):
+        """Named views of the int64 region and the mask region (numpy arrays or torch tensors alike)."""
+        B, T, W = self.batch, self.tokens, self.width
+        bt = B * T
+        return dict(
+            tokens=ints[0:bt].reshape(B, T),
+            positions=ints[bt : 2 * bt].reshape(B, T),
+            write_slots=ints[2 * bt : 3 * bt].reshape(B, T),
+            write_offsets=ints[3 * bt : 4 * bt].reshape(B, T),
+            logit_rows=ints[4 * bt : 5 * bt],
+            read_slots=ints[5 * bt : 5 * bt + B],
+            prefix_lens=ints[5 * bt + B : 5 * bt + 2 * B],
+            tree_mask=mask_bytes.reshape(B, T, W),
+        )
+
+
+class HostBatch:
+    """Host side: numpy views to fill, initialised as all padding (rows and columns that write into the
+    scratch slot and see one entry, so that their softmax stays finite; their outputs are unused)."""
+
+    def __init__(self, layout: Layout, scratch_slot: int, pinned: bool) -> None:
+        self.layout = layout
+        self.buffer = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=pinned)
+        raw = self.buffer.numpy()
+        views = layout.split(raw[: 8 * layout.num_ints].view(np.int64), raw[8 * layout.num_ints :].view(np.bool_))
+        self.tokens, self.positions = views["tokens"], views["positions"]
+        self.write_slots, self.write_offsets = views["write_slots"], views["write_offsets"]
+        self.logit_rows, self.read_slots = views["logit_rows"], views["read_slots"]
+        self.prefix_lens, self.tree_mask = views["prefix_lens"], views["tree_mask"]
+        raw[: 8 * layout.num_ints].view(np.int64)[:] = 0
+        self.write_slots[:] = scratch_slot
+        self.write_offsets[:] = np.arange(layout.tokens)
+        self.read_slots[:] = scratch_slot
+        self.tree_mask[:] = False
+        self.tree_mask[:, :, 0] = True
+        self.num_logit_rows = 0
+        self.kv_len = 0  # set by the caller: entries the SDPA path reads
+
+    def to_device(self, device: torch.device) -> "DeviceBatch":
+        return DeviceBatch(self.layout, self.buffer.to(device, non_blocking=True), self.kv_len)
+
+
+class DeviceBatch:
+    """Device side: the token ids, the attention metadata and the logit rows, all views of `buffer`."""
+
+    def __init__(self, layout: Layout, buffer: torch.Tensor, kv_len: int) -> None:
+        self.layout, self.buffer = layout, buffer
+        views = layout.split(buffer[: 8 * layout.num_ints].view(torch.int64), buffer[8 * layout.num_ints :].view(torch.bool))
+        self.tokens, self.logit_rows = views["tokens"], views["logit_rows"]
+        self.meta = AttentionMetadata(
+            positions=views["positions"], write_slots=views["write_slots"], write_offsets=views["write_offsets"],
+            read_slots=views["read_slots"], prefix_lens=views["prefix_lens"], tree_mask=views["tree_mask"],
+            kv_len=kv_len,
+        )
