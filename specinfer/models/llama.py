@@ -44,20 +44,24 @@ class LlamaAttention(nn.Module):
             self.qkv_proj = concat_linears([self.q_proj, self.k_proj, self.v_proj])
             del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x, rope, cache_k, cache_v, meta: AttentionMetadata) -> torch.Tensor:
+    def project(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, hidden] -> q [B, H, T, D], k and v [B, Hkv, T, D], rotary embedding applied."""
         B, T, _ = x.shape
         if self.qkv_proj is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
             kv_width = self.num_kv_heads * self.head_dim
             q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = cached_attention(q, k, v, cache_k, cache_v, meta)  # [B, H, T, D]
-        out = self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def output(self, attended: torch.Tensor) -> torch.Tensor:
+        """attended [B, H, T, D] -> [B, T, hidden]."""
+        B, _, T, _ = attended.shape
+        out = self.o_proj(attended.transpose(1, 2).reshape(B, T, -1))
         return out if self.tp is None else self.tp.all_reduce(out)
 
 
@@ -93,7 +97,15 @@ class LlamaBlock(nn.Module):
         self.mlp = LlamaMLP(cfg, tp)
 
     def forward(self, x, rope, cache_k, cache_v, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache_k, cache_v, meta)
+        q, k, v = self.pre_attention(x, rope)
+        return self.post_attention(x, cached_attention(q, k, v, cache_k, cache_v, meta))
+
+    # The two halves around attention over the cache: what models/compile.py fuses.
+    def pre_attention(self, x: torch.Tensor, rope):
+        return self.self_attn.project(self.input_layernorm(x), rope)
+
+    def post_attention(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn.output(attended)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -37,17 +37,20 @@ class OPTAttention(nn.Module):
             self.qkv_proj = concat_linears([self.q_proj, self.k_proj, self.v_proj])
             del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x, cache_k, cache_v, meta: AttentionMetadata) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, hidden] -> q, k, v [B, H, T, D]."""
         B, T, _ = x.shape
         if self.qkv_proj is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
             q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        out = cached_attention(q, k, v, cache_k, cache_v, meta)
-        out = self.out_proj(out.transpose(1, 2).reshape(B, T, -1))
+        shape = (B, T, self.num_heads, self.head_dim)
+        return q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+
+    def output(self, attended: torch.Tensor) -> torch.Tensor:
+        """attended [B, H, T, D] -> [B, T, hidden]."""
+        B, _, T, _ = attended.shape
+        out = self.out_proj(attended.transpose(1, 2).reshape(B, T, -1))
         return out if self.tp is None else self.tp.all_reduce(out)
 
 
@@ -67,8 +70,15 @@ class OPTBlock(nn.Module):
         self.act = ACTIVATIONS[cfg.activation]
 
     def forward(self, x, cache_k, cache_v, meta: AttentionMetadata) -> torch.Tensor:
-        h = self.self_attn_layer_norm(x) if self.pre_norm else x
-        x = x + self.self_attn(h, cache_k, cache_v, meta)
+        q, k, v = self.pre_attention(x)
+        return self.post_attention(x, cached_attention(q, k, v, cache_k, cache_v, meta))
+
+    # The two halves around attention over the cache: what models/compile.py fuses.
+    def pre_attention(self, x: torch.Tensor):
+        return self.self_attn.project(self.self_attn_layer_norm(x) if self.pre_norm else x)
+
+    def post_attention(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn.output(attended)
         if not self.pre_norm:
             x = self.self_attn_layer_norm(x)
         h = self.final_layer_norm(x) if self.pre_norm else x

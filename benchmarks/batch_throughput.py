@@ -1,0 +1,107 @@
+"""Throughput at batch 1, 4, 16 and 64: incremental decoding against speculation, one process, same prompts.
+
+    python benchmarks/batch_throughput.py --device cuda --compile --ssm path/to/ssm --expansion 2,2,1
+
+For each batch size B, B held-out prompts (the boost-tuning prompt set's held-out topics) are served at
+once (continuous batching, greedy) and total generated tokens per second is reported for incremental
+decoding, the adaptive tree (the engine's default: it shrinks the tree, down to plain steps, as the
+batch grows) and the fixed tree. Each row runs once untimed first, so CUDA graphs and compiled shapes
+are ready. Writes JSON and a Markdown table (device, torch version, date) to docs/benchmarks/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from specinfer import LLM, EngineConfig, GenerationConfig, SpeculationConfig
+from specinfer.boost.prompts import build_prompts
+from specinfer.config import parse_expansion
+
+from engine_speed import device_name  # noqa: E402 (benchmarks/ is the script's folder)
+
+
+def timed_generate(llm: LLM, prompts: list[str], mode: str, max_new_tokens: int) -> dict:
+    config = GenerationConfig(max_new_tokens=max_new_tokens)
+    cuda = llm.engine_config.device.startswith("cuda")
+    llm.generate(prompts, config, mode=mode)  # warm-up
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    results = llm.generate(prompts, config, mode=mode)
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(r.output_tokens) for r in results)
+    steps = sum(r.num_llm_steps for r in results)
+    accepted = sum(r.num_accepted for r in results)
+    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
+            "tokens_per_request_step": (accepted + steps) / max(steps, 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--llm", help="LLM path (default: the default model)")
+    p.add_argument("--ssm", action="append", help="SSM(s) (default: the default draft)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--expansion", default="2,2,1")
+    p.add_argument("--batches", default="1,4,16,64")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--out", default="docs/benchmarks")
+    args = p.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    expansion = parse_expansion(args.expansion)
+    _, held_out = build_prompts()
+    engine = EngineConfig(max_batch_size=max(batches), max_sequence_length=256, device=args.device, compile=args.compile)
+    llm = LLM(args.llm, args.ssm, engine=engine, speculation=SpeculationConfig(expansion=expansion))
+    rows = []
+    for batch in batches:
+        prompts = [held_out[i % len(held_out)] for i in range(batch)]
+        row = {"batch": batch}
+        row["incremental"] = timed_generate(llm, prompts, "incremental", args.max_new_tokens)
+        llm.set_speculation(SpeculationConfig(expansion=expansion, adaptive=True))
+        row["adaptive"] = timed_generate(llm, prompts, "tree", args.max_new_tokens)
+        llm.set_speculation(SpeculationConfig(expansion=expansion, adaptive=False))
+        row["fixed"] = timed_generate(llm, prompts, "tree", args.max_new_tokens)
+        base = row["incremental"]["tokens_per_s"]
+        print(f"batch {batch}: incremental {base:.1f} tok/s, adaptive {row['adaptive']['tokens_per_s']:.1f} "
+              f"({row['adaptive']['tokens_per_s'] / base:.2f}x), fixed {row['fixed']['tokens_per_s']:.1f} "
+              f"({row['fixed']['tokens_per_s'] / base:.2f}x)", flush=True)
+        rows.append(row)
+
+    meta = {"date": datetime.date.today().isoformat(), "device": device_name(args.device), "torch": torch.__version__,
+            "dtype": str(llm.model.embed_tokens.weight.dtype).removeprefix("torch."), "llm": str(llm.model_path),
+            "ssms": args.ssm or ["default (self:4)"], "expansion": args.expansion, "max_new_tokens": args.max_new_tokens,
+            "compiled": args.compile, "greedy": True}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "gpu" if args.device.startswith("cuda") else "cpu"
+    (out / f"batch_throughput_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [
+        f"# Throughput against batch size, default model, {tag.upper()}", "",
+        f"{meta['date']} · {meta['device']} · torch {meta['torch']} · {meta['dtype']} · greedy · "
+        f"{args.max_new_tokens} new tokens per request · SSMs: {', '.join(meta['ssms'])} · tree {args.expansion}"
+        f"{' · blocks compiled (--compile)' if args.compile else ''} · each row after one untimed run", "",
+        f"Reproduce: `python benchmarks/batch_throughput.py {' '.join(sys.argv[1:])}`", "",
+        "| batch | incremental tok/s | adaptive tree tok/s | vs incremental | fixed tree tok/s | vs incremental | "
+        "fixed tree: tokens per request-step |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        base = r["incremental"]["tokens_per_s"]
+        lines.append(f"| {r['batch']} | {base:.1f} | {r['adaptive']['tokens_per_s']:.1f} | "
+                     f"{r['adaptive']['tokens_per_s'] / base:.2f}x | {r['fixed']['tokens_per_s']:.1f} | "
+                     f"{r['fixed']['tokens_per_s'] / base:.2f}x | {r['fixed']['tokens_per_request_step']:.2f} |")
+    (out / f"batch_throughput_{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
