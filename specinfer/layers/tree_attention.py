@@ -26,6 +26,7 @@ except ImportError:  # CPU-only installs: attention falls back to SDPA (layers/a
     triton = None
 
 MAX_TOKENS = 256  # longer chunks (prefills) take SDPA
+MAX_SPLITS = 8
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
@@ -62,13 +63,13 @@ def tree_attention(
     group = H // num_kv_heads
     width = tree_mask.shape[2]
     rows = group * T
-    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    # Few variants of the compiled kernel (block_m only), so that no step meets a fresh compilation.
+    block_m = 16 if rows <= 64 else 64
     block_n = 64 if D <= 128 else 32
     m_blocks = triton.cdiv(rows, block_m)
     programs = B * num_kv_heads * m_blocks
     # Split the prefix only while the GPU has idle multiprocessors; each split costs a partial write.
-    sms = _multiprocessors(q.device)
-    splits = 1 << max(0, min(8, sms // programs).bit_length() - 1)  # a power of two, at most 8
+    splits = max(1, min(MAX_SPLITS, _multiprocessors(q.device) // programs))
     out = torch.empty_like(q)
     if splits > 1:
         partial_out = torch.empty(B, H, T, splits, D, device=q.device, dtype=torch.float32)
@@ -81,14 +82,14 @@ def tree_attention(
         q, cache_k, cache_v, out, partial_out, partial_max, partial_sum, read_slots, prefix_lens, tree_mask,
         *q.stride()[:3], *cache_k.stride()[:3], *cache_v.stride()[:3], *out.stride()[:3],
         tree_mask.stride(0), tree_mask.stride(1),
-        T, width, capacity, scale,
-        GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, SPLITS=splits,
+        T, width, capacity, scale, splits,
+        GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     if splits > 1:
         _combine_kernel[(B * H * T,)](
-            partial_out, partial_max, partial_sum, out, H, T, *out.stride()[:3],
-            SPLITS=splits, HEAD_DIM=D,
+            partial_out, partial_max, partial_sum, out, H, T, *out.stride()[:3], splits,
+            MAX_SPLITS=MAX_SPLITS, HEAD_DIM=D,
         )
     return out
 
@@ -113,20 +114,23 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return new_max, row_sum, acc
 
-    @triton.jit
+    # Sizes that change from step to step are not specialised on (Triton would compile a variant for
+    # each value that is 1 or a multiple of 16, in the middle of serving).
+    @triton.jit(do_not_specialize=["stride_qb", "stride_qh", "stride_qt", "stride_ob", "stride_oh", "stride_ot",
+                                   "stride_mb", "stride_mt", "num_tokens", "width", "capacity", "splits"])
     def _tree_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
         slots_ptr, prefix_ptr, mask_ptr,
         stride_qb, stride_qh, stride_qt, stride_ks, stride_kh, stride_kl, stride_vs, stride_vh, stride_vl,
         stride_ob, stride_oh, stride_ot, stride_mb, stride_mt,
-        num_tokens, width, capacity, scale,
+        num_tokens, width, capacity, scale, splits,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         b = tl.program_id(0)
         kv_head = tl.program_id(1)
-        m_block = tl.program_id(2) // SPLITS
-        split = tl.program_id(2) % SPLITS
+        m_block = tl.program_id(2) // splits
+        split = tl.program_id(2) % splits
         rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # row = (query head in group) * T + token
         row_ok = rows < GROUP * num_tokens
         head = kv_head * GROUP + rows // num_tokens
@@ -143,7 +147,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
         # This split's share of the prefix, in whole key blocks.
-        chunk = tl.cdiv(tl.cdiv(prefix, SPLITS), BLOCK_N) * BLOCK_N
+        chunk = tl.cdiv(tl.cdiv(prefix, splits), BLOCK_N) * BLOCK_N
         lo = split * chunk
         hi = tl.minimum(lo + chunk, prefix)
         start = lo
@@ -153,7 +157,7 @@ if triton is not None:
             row_max, row_sum, acc = _attend(q, k_base, v_base, entries, visible, stride_kl, stride_vl,
                                             row_max, row_sum, acc, scale, HEAD_DIM, PRECISION)
             start += BLOCK_N
-        if split == SPLITS - 1:  # the tree part: entries prefix + j, masked
+        if split == splits - 1:  # the tree part: entries prefix + j, masked
             start = 0
             while start < width:
                 cols = start + tl.arange(0, BLOCK_N)
@@ -164,29 +168,31 @@ if triton is not None:
                                                 row_max, row_sum, acc, scale, HEAD_DIM, PRECISION)
                 start += BLOCK_N
 
-        if SPLITS == 1:
+        if splits == 1:
             out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
             tl.store(out_ptr + b * stride_ob + head[:, None] * stride_oh + token[:, None] * stride_ot + dims[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-        else:  # partials laid out [B, H, T, SPLITS(, D)], contiguous
+        else:  # partials laid out [B, H, T, splits(, D)], contiguous
             H = tl.num_programs(1) * GROUP
-            base = ((b * H + head) * num_tokens + token) * SPLITS + split
+            base = ((b * H + head) * num_tokens + token) * splits + split
             tl.store(part_max_ptr + base, row_max, mask=row_ok)
             tl.store(part_sum_ptr + base, row_sum, mask=row_ok)
             tl.store(part_out_ptr + base[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_heads", "num_tokens", "stride_ob", "stride_oh", "stride_ot", "splits"])
     def _combine_kernel(part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, num_heads, num_tokens,
-                        stride_ob, stride_oh, stride_ot, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+                        stride_ob, stride_oh, stride_ot, splits, MAX_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
         row = tl.program_id(0)  # (b, head, token)
         token = row % num_tokens
         head = (row // num_tokens) % num_heads
         b = row // (num_tokens * num_heads)
-        splits = tl.arange(0, SPLITS)
+        index = tl.arange(0, MAX_SPLITS)
+        used = index < splits
         dims = tl.arange(0, HEAD_DIM)
-        maxes = tl.load(part_max_ptr + row * SPLITS + splits)
-        sums = tl.load(part_sum_ptr + row * SPLITS + splits)
-        parts = tl.load(part_out_ptr + (row * SPLITS + splits)[:, None] * HEAD_DIM + dims[None, :])
+        maxes = tl.load(part_max_ptr + row * splits + index, mask=used, other=float("-inf"))
+        sums = tl.load(part_sum_ptr + row * splits + index, mask=used, other=0.0)
+        parts = tl.load(part_out_ptr + (row * splits + index)[:, None] * HEAD_DIM + dims[None, :],
+                        mask=used[:, None], other=0.0)
         top = tl.max(maxes, 0)
         top = tl.where(top == float("-inf"), 0.0, top)
         weights = tl.exp2(maxes - top)
