@@ -23,6 +23,7 @@ from .engine.request_manager import RequestManager
 from .errors import SpecInferError
 from .models.compile import compile_blocks
 from .models.fuse import fuse_projections
+from .models.gguf_file import read_q4_1_blocks
 from .models.early_exit import early_exit_draft
 from .models.loader import load_model
 from .quant import quantize_model
@@ -68,10 +69,13 @@ class LLM:
         budget = self.engine_config.gpu_memory_gb
         # Offloading loads on the host first: the model may not fit the device at all.
         self.model = load_model(model_path, "cpu" if budget else device, dtype, tp=self.tp)
+        if self.engine_config.quantization:
+            blocks = None
+            if self.engine_config.quantization == "int4" and model_path.suffix == ".gguf" and self.tp is None:
+                blocks = read_q4_1_blocks(model_path)  # Q4_1 layers keep the file's own 4-bit values
+            quantize_model(self.model, self.engine_config.quantization, self.engine_config.quant_group_size, blocks)
         if self.engine_config.fuse_projections:
             fuse_projections(self.model)
-        if self.engine_config.quantization:
-            quantize_model(self.model, self.engine_config.quantization, self.engine_config.quant_group_size)
         if budget:
             pinned = self.engine_config.pinned_memory_gb
             offload(self.model, device, int(budget * 2**30), None if pinned is None else int(pinned * 2**30))

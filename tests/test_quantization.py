@@ -51,6 +51,19 @@ def test_quantized_linear_within_stated_error(mode):
     torch.testing.assert_close(got, nn.functional.linear(x, w, linear.bias).detach(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_fused_quantized_layers_compute_the_separate_ones(mode):
+    """Fusing q/k/v after quantizing (models/fuse.py) gives each part's own output."""
+    from specinfer.models.fuse import concat_linears
+
+    torch.manual_seed(0)
+    parts = [QuantizedLinear(nn.Linear(128, n), mode, group_size=32) for n in (64, 32, 32)]
+    fused = concat_linears(parts)
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+
+
 def test_int4_needs_a_dividing_group():
     with pytest.raises(SpecInferError, match="multiple of the group size"):
         QuantizedLinear(nn.Linear(100, 8), "int4", group_size=64)
@@ -88,3 +101,30 @@ def test_cli_quantization_flag(tmp_path, capsys):
     assert main(["--llm", str(tmp_path / "llm"), "--quantization", "int4", "--quant-group-size", "48",
                  "--prompt", "hello", "--max-new-tokens", "2", "--max-sequence-length", "128", "--quiet"]) == 2
     del llm
+
+
+@pytest.mark.slow
+def test_gguf_q4_1_blocks_become_int4_layers_exactly(default_gguf):
+    """int4 from a Q4_1 GGUF keeps the file's own values and scales (the weights gguf dequantizes),
+    where re-quantizing the dequantized weights would move some of them; the engine serves it."""
+    from specinfer import LLM, EngineConfig, GenerationConfig, SpeculationConfig
+    from specinfer.models.gguf_file import read_q4_1_blocks
+    from specinfer.models.loader import load_model
+
+    model = load_model(default_gguf)
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj"]
+    dense = {(i, n): model.layers[i].get_submodule(n).weight.detach().clone() for i in (0, 29) for n in names}
+    quantize_model(model, "int4", 64, read_q4_1_blocks(default_gguf))
+    for (i, name), weight in dense.items():
+        layer = model.layers[i].get_submodule(name)
+        assert layer.group_size == 32
+        assert torch.equal(layer.dequantized(torch.float32), weight), f"layer {i} {name}"
+
+    llm = LLM(engine=EngineConfig(max_sequence_length=64, max_batch_size=1, quantization="int4"),
+              speculation=SpeculationConfig(mode="incremental"))
+    reference = LLM(engine=EngineConfig(max_sequence_length=64, max_batch_size=1),
+                    speculation=SpeculationConfig(mode="incremental"))
+    config = GenerationConfig(max_new_tokens=12)
+    prompt = "Write a short poem about the ocean."
+    # The same values in the same dtype: int4 serving gives the fp32 model's tokens.
+    assert llm.generate([prompt], config)[0].output_tokens == reference.generate([prompt], config)[0].output_tokens

@@ -1,4 +1,5 @@
-"""Read a LLaMA-architecture GGUF file into our config and Hugging Face-named fp32 tensors."""
+"""Read a LLaMA-architecture GGUF file into our config and Hugging Face-named fp32 tensors, and its
+Q4_1 blocks as they are (for int4 layers that keep the file's own values, `read_q4_1_blocks`)."""
 
 from __future__ import annotations
 
@@ -87,6 +88,36 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
             weight = _unpermute(weight, cfg.num_kv_heads)
         tensors[name] = weight
     return cfg, tensors
+
+
+# Q4_1: blocks of 32 weights, each fp16 scale d, fp16 minimum m and 16 bytes of 4-bit values q
+# (low nibbles are weights 0-15, high nibbles 16-31); weight = q * d + m.
+Q4_1_BLOCK, Q4_1_BYTES = 32, 20
+
+
+def read_q4_1_blocks(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per Q4_1 weight matrix (Hugging Face name): its 4-bit values [out, in] (uint8, 0..15), scales and
+    minimums [out, in / 32] (fp32), rows in our layout. Other tensor types are not included."""
+    from gguf import GGMLQuantizationType
+
+    reader = _open(path)
+    cfg = gguf_config(reader, path)
+    blocks = {}
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        if name is None or t.tensor_type != GGMLQuantizationType.Q4_1 or len(t.shape) != 2:
+            continue
+        rows, cols = int(t.shape[1]), int(t.shape[0])
+        raw = np.asarray(t.data, dtype=np.uint8).reshape(rows, cols // Q4_1_BLOCK, Q4_1_BYTES)
+        scale = torch.from_numpy(raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))
+        minimum = torch.from_numpy(raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
+        nibbles = torch.from_numpy(raw[..., 4:].copy())  # [rows, blocks, 16]
+        q = torch.cat((nibbles & 0xF, nibbles >> 4), dim=-1).reshape(rows, cols)
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = cfg.num_heads if name.endswith("q_proj.weight") else cfg.num_kv_heads
+            q, scale, minimum = (_unpermute(x, heads) for x in (q, scale, minimum))
+        blocks[name] = (q.contiguous(), scale.contiguous(), minimum.contiguous())
+    return blocks
 
 
 def _hf_name(gguf_name: str) -> str | None:

@@ -54,7 +54,9 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
 class QuantizedLinear(nn.Module):
     """Drop-in for `nn.Linear` (inference only) holding quantized weights as buffers."""
 
-    def __init__(self, linear: nn.Linear, mode: str, group_size: int = 64) -> None:
+    def __init__(self, linear: nn.Linear, mode: str, group_size: int = 64, int4_values=None) -> None:
+        """`int4_values`: (values [out, in] uint8 0..15, scale, minimum [out, in / group_size]) already
+        quantized elsewhere (a GGUF file's Q4_1 blocks): taken as they are, `linear`'s weight unused."""
         super().__init__()
         if mode not in MODES:
             raise SpecInferError(f"quantization must be one of {', '.join(MODES)}, got {mode!r}")
@@ -66,11 +68,32 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("qweight", q)
             self.register_buffer("scale", scale)
         else:
-            packed, scale, minimum = quantize_int4(weight, group_size)
+            if int4_values is None:
+                packed, scale, minimum = quantize_int4(weight, group_size)
+            else:
+                values, scale, minimum = (t.to(weight.device) for t in int4_values)
+                if values.shape != weight.shape or scale.shape != (self.out_features, self.in_features // group_size):
+                    raise SpecInferError(f"int4 values of shape {tuple(values.shape)} do not fit a {tuple(weight.shape)} layer")
+                packed = values[:, 0::2] | (values[:, 1::2] << 4)
             self.register_buffer("qweight", packed)
             self.register_buffer("scale", scale)
             self.register_buffer("minimum", minimum)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    @classmethod
+    def concat(cls, layers: list[QuantizedLinear]) -> QuantizedLinear:
+        """One layer whose output is the outputs of `layers` (same mode, group size and input width)."""
+        first = layers[0]
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.mode, fused.group_size, fused.in_features = first.mode, first.group_size, first.in_features
+        fused.out_features = sum(layer.out_features for layer in layers)
+        names = ("qweight", "scale") + (("minimum",) if first.mode == "int4" else ())
+        for name in names:
+            fused.register_buffer(name, torch.cat([getattr(layer, name) for layer in layers]))
+        biases = [layer.bias for layer in layers]
+        fused.bias = None if biases[0] is None else nn.Parameter(torch.cat(biases), requires_grad=False)
+        return fused
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight the layer computes with, [out, in] in `dtype`."""
@@ -121,13 +144,20 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}{group}"
 
 
-def quantize_model(model: nn.Module, mode: str, group_size: int = 64) -> nn.Module:
+def quantize_model(model: nn.Module, mode: str, group_size: int = 64, int4_blocks: dict | None = None) -> nn.Module:
     """Replace every linear layer inside the transformer blocks with its quantized form, in place. The
-    embedding and LM head stay in full precision: they set the logits that verification compares."""
-    for block in model.layers:
+    embedding and LM head stay in full precision: they set the logits that verification compares.
+
+    `int4_blocks` (mode int4): {parameter name: (values, scale, minimum)} of layers whose 4-bit values
+    come ready-made, from a GGUF file's Q4_1 blocks (group size 32, whatever `group_size` says); they keep
+    the file's values exactly instead of being re-quantized from their dequantized weights."""
+    int4_blocks = int4_blocks if mode == "int4" else None
+    for index, block in enumerate(model.layers):
         for name, module in list(block.named_modules()):
             if isinstance(module, nn.Linear):
                 parent_name, _, child = name.rpartition(".")
                 parent = block.get_submodule(parent_name) if parent_name else block
-                setattr(parent, child, QuantizedLinear(module, mode, group_size))
+                ready = (int4_blocks or {}).get(f"layers.{index}.{name}.weight")
+                size = group_size if ready is None else module.in_features // ready[1].shape[1]
+                setattr(parent, child, QuantizedLinear(module, mode, size, int4_values=ready))
     return model
