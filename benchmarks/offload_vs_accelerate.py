@@ -24,11 +24,9 @@ from pathlib import Path
 
 import torch
 
-from scale_study import PREFIX, SHAPES, prefilled_runner, random_llama, step_time, timed  # noqa: E402
+from scale_study import PREFIX, SHAPES, draft_time, prefilled_runner, random_llama, step_time  # noqa: E402
 from specinfer.config import parse_expansion
-from specinfer.engine.model_runner import Chunk
 from specinfer.engine.offload import offload
-from specinfer.spec.device_draft import DeviceTreeDrafter
 from specinfer.spec.tree import TreeShape
 
 
@@ -40,15 +38,7 @@ def ours(args, shape: TreeShape, dtype: torch.dtype) -> dict:
     decode = step_time(runner, 1, [-1])
     verify = step_time(runner, 1, list(shape.parents))
     ssm = random_llama(args.ssm_shape, device, dtype)
-    ssm_runner = prefilled_runner(ssm, 1, len(shape))
-    drafter = DeviceTreeDrafter(ssm_runner, shape)
-
-    def draft():
-        root = torch.cat(ssm_runner.forward([Chunk.chain(0, [5, 6])]))
-        drafter.expand(root, [0], [PREFIX + 2]).tolist()
-        ssm_runner.commit(0, [])
-
-    t_draft = timed(draft)
+    t_draft = draft_time(ssm, shape)
     streamed = llm.streamer.streamed_bytes
     return {"decode_ms": decode * 1e3, "verify_ms": verify * 1e3, "draft_ms": t_draft * 1e3,
             "streamed_GB": streamed / 1e9, "h2d_reached_GBps": streamed / decode / 1e9,

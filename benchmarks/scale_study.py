@@ -118,6 +118,21 @@ def step_time(runner: ModelRunner, batch: int, parents: list[int]) -> float:
     return timed(lambda: step_time_once(runner, batch, parents))
 
 
+def draft_time(ssm, shape: TreeShape, batch: int = 1) -> float:
+    """One SSM step of `batch` requests: a 2-token catch-up chain, then the tree expanded on the device."""
+    runner = prefilled_runner(ssm, batch, len(shape))
+    drafter = DeviceTreeDrafter(runner, shape)
+    slots = list(range(batch))
+
+    def draft():
+        root = torch.cat(runner.forward([Chunk.chain(s, [5, 6]) for s in slots]))
+        drafter.expand(root, slots, [PREFIX + 2] * batch).tolist()
+        for s in slots:
+            runner.commit(s, [])
+
+    return timed(draft)
+
+
 def tree_parents(nodes: int) -> list[int]:
     """A bushy tree of `nodes` nodes (breadth-first, 2 to 3 children each), like a merged token tree."""
     return [-1] + [(i - 1) // 3 if i % 2 else (i - 1) // 2 for i in range(1, nodes)]
@@ -208,22 +223,12 @@ def main() -> None:
             for ssm_shape in args.ssm_shapes.split(","):
                 ssm = fuse(random_llama(ssm_shape, device, dtype))
                 for batch in batches:
-                    runner = prefilled_runner(ssm, batch, len(shape))
-                    drafter = DeviceTreeDrafter(runner, shape)
-
-                    def draft():
-                        slots = list(range(batch))
-                        root = torch.cat(runner.forward([Chunk.chain(s, [5, 6]) for s in slots]))
-                        drafter.expand(root, slots, [PREFIX + 2] * batch).tolist()
-                        for s in slots:
-                            runner.commit(s, [])
-
-                    t_draft = timed(draft)
+                    t_draft = draft_time(ssm, shape, batch)
                     results.setdefault("draft", {}).setdefault(ssm_shape, {})[batch] = t_draft * 1e3
                     projected = args.accepted * inc[batch] / (t_draft + ver[(batch, len(shape))])
                     results.setdefault("projection", {}).setdefault(ssm_shape, {})[batch] = projected
                     print(f"draft {ssm_shape} batch {batch}: {t_draft * 1e3:.2f} ms; projected speed-up {projected:.2f}x")
-                    del runner, drafter
+
                 del ssm
 
         if "quant" in sections:
@@ -252,15 +257,7 @@ def main() -> None:
         t_ver = step_time(runner, 1, list(shape.parents))
         reached = streamer.streamed_bytes / t_inc / 1e9
         ssm = random_llama(args.ssm_shapes.split(",")[0], device, dtype)
-        ssm_runner = prefilled_runner(ssm, 1, len(shape))
-        drafter = DeviceTreeDrafter(ssm_runner, shape)
-
-        def draft():
-            root = torch.cat(ssm_runner.forward([Chunk.chain(0, [5, 6])]))
-            drafter.expand(root, [0], [PREFIX + 2]).tolist()
-            ssm_runner.commit(0, [])
-
-        t_draft = timed(draft)
+        t_draft = draft_time(ssm, shape)
         projected = args.accepted * t_inc / (t_draft + t_ver)
         results["offload"] = {
             "budget_GB": args.offload_gb, "streamed_GB": streamer.streamed_bytes / 1e9,
