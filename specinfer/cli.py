@@ -213,8 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[1:] if command else argv)
     tp_size = getattr(args, "tensor_parallel_size", 1)
     try:
-        if tp_size > 1 and command == "serve":
-            raise SpecInferError("specinfer serve does not support --tensor-parallel-size yet")
         if tp_size > 1 and "WORLD_SIZE" not in os.environ:
             from .distributed.launch import spawn
 

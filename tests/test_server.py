@@ -63,7 +63,9 @@ class ServerProcess:
                "--served-model-name", MODEL, "--port", str(self.port), "--max-sequence-length", str(CONTEXT),
                "--expansion", "1,2,1", "--no-adaptive", "--log-level", "warning", *extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env)
+        # A session of its own, so that stop() also ends any tensor-parallel ranks it spawned.
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -87,9 +89,11 @@ class ServerProcess:
                    if line.startswith(prefix) and line[len(prefix)] in " {},")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -309,5 +313,31 @@ def test_full_server_sheds_load_and_drains_on_sigterm(model_dir):
         assert s.proc.wait(timeout=60) == 0
         with pytest.raises(httpx.TransportError):
             httpx.get(s.url + "/health", timeout=2)
+    finally:
+        s.stop()
+
+
+def test_tensor_parallel_server_matches_single_process(server, model_dir, token_ids):
+    """--tensor-parallel-size 2 (gloo on CPU): rank 0 serves HTTP and rank 1 replays its engine calls.
+    Concurrent requests (so registrations and steps interleave) give the single-process server's greedy
+    tokens, up to fp32 rounding ties (the all-reduce sums in another order); SIGTERM ends both ranks."""
+    prompts = token_ids[:4]
+    alone = [_complete(server.url, ids, max_tokens=12)["choices"][0]["token_ids"] for ids in prompts]
+    s = ServerProcess(model_dir, "--tensor-parallel-size", "2", "--max-batch-size", "4")
+    try:
+        async def together() -> list[list[int]]:
+            client = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+            replies = await asyncio.gather(*(client.completions.create(
+                model=MODEL, prompt=ids, max_tokens=12, temperature=0, extra_body={"return_token_ids": True})
+                for ids in prompts))
+            await client.close()
+            return [r.choices[0].model_extra["token_ids"] for r in replies]
+
+        model = load_model(model_dir / "llm", torch.device("cpu"), torch.float32)
+        for _ in range(2):  # the second round after the first has left: ids and slots keep agreeing
+            for ids, expected, got in zip(prompts, alone, asyncio.run(together())):
+                _same_or_tie(model, ids, expected, got)
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=60) == 0
     finally:
         s.stop()

@@ -4,6 +4,7 @@ through the same environment variables torchrun sets (RANK, LOCAL_RANK, WORLD_SI
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -32,9 +33,11 @@ def _worker(rank: int, entry: Callable[[list[str]], int], argv: list[str], size:
 
 
 def spawn(entry: Callable[[list[str]], int], argv: list[str], size: int) -> int:
-    """Run `entry(argv)` on `size` ranks; returns the first non-zero exit code, else 0."""
+    """Run `entry(argv)` on `size` ranks; returns the first non-zero exit code, else 0. A SIGTERM to this
+    process goes on to rank 0, which leads the others (a server drains, then releases them)."""
     context = mp.start_processes(_worker, args=(entry, argv, size, free_port()), nprocs=size, join=False,
                                  start_method="spawn")
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(context.processes[0].pid, signal.SIGTERM))
     try:
         while not context.join():
             pass

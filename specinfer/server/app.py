@@ -30,13 +30,13 @@ DISCONNECT_POLL_S = 0.5  # how often a waiting handler checks whether its client
 class Server:
     """What the routes share: the loaded model, its engine loop and the metrics."""
 
-    def __init__(self, llm: LLM, model_name: str, max_queued: int) -> None:
+    def __init__(self, llm: LLM, model_name: str, max_queued: int, manager=None) -> None:
         self.llm = llm
         self.model_name = model_name
         self.created = int(time.time())
         self.context_length = llm.engine_config.max_sequence_length
         self.metrics = Metrics()
-        self.engine = EngineLoop(llm.manager, llm.tokenizer, max_queued, self.metrics)
+        self.engine = EngineLoop(manager or llm.manager, llm.tokenizer, max_queued, self.metrics)
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -91,8 +91,10 @@ class Server:
         return submissions, events
 
 
-def build_app(llm: LLM, model_name: str, max_queued: int = 256) -> FastAPI:
-    server = Server(llm, model_name, max_queued)
+def build_app(llm: LLM, model_name: str, max_queued: int = 256, manager=None) -> FastAPI:
+    """`manager`: what the engine loop drives, by default `llm.manager` (tensor parallelism passes its
+    rank-0 `LockstepManager`)."""
+    server = Server(llm, model_name, max_queued, manager)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -70,6 +70,7 @@ class _Live:
 
 class EngineLoop:
     def __init__(self, manager: RequestManager, tokenizer: Tokenizer, max_queued: int, metrics: Metrics) -> None:
+        """`manager`: the request manager, or under tensor parallelism its rank-0 `LockstepManager`."""
         self.manager = manager
         self.tokenizer = tokenizer
         self.metrics = metrics
@@ -126,11 +127,17 @@ class EngineLoop:
     # --- the engine thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        # Under tensor parallelism the manager mirrors itself to the other ranks (distributed/lockstep.py).
+        idle, close = getattr(self.manager, "idle", None), getattr(self.manager, "close", None)
         while True:
             self._take_inbox()
             if not self.manager.has_work():
                 if self._stopped.is_set() and self._inbox.empty():
+                    if close is not None:
+                        close()
                     return
+                if idle is not None:
+                    idle()
                 self._wakeup.wait(0.05)
                 self._wakeup.clear()
                 continue

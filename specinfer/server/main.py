@@ -1,7 +1,8 @@
 """`specinfer serve`: load the models, then run the HTTP server until SIGINT/SIGTERM.
 
 On SIGTERM uvicorn stops accepting connections and waits for the requests in flight to finish; the
-engine loop keeps stepping until they have, then the process exits.
+engine loop keeps stepping until they have, then the process exits. Under tensor parallelism rank 0
+serves HTTP and the other ranks replay its engine calls (distributed/lockstep.py) until it closes.
 """
 
 from __future__ import annotations
@@ -36,8 +37,16 @@ def serve(args: argparse.Namespace) -> int:
         raise SpecInferError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
     engine, speculation = engine_configs(args)
     llm = LLM(args.llm, args.ssms, args.tokenizer, engine, speculation)
+    manager = None
+    if llm.tp is not None:
+        from ..distributed.lockstep import LockstepManager, follow
+
+        if not llm.tp.is_first:
+            follow(llm.manager)
+            return 0
+        manager = LockstepManager(llm.manager)
     name = args.served_model_name or default_model_name(args.llm, llm.model_path)
-    app = build_app(llm, name, args.max_queued_requests)
+    app = build_app(llm, name, args.max_queued_requests, manager)
     log.info("serving %r (%s speculation) on http://%s:%d/v1", name, speculation.mode, args.host, args.port)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=30)
     server = uvicorn.Server(config)
