@@ -6,7 +6,8 @@ For each batch size B, B held-out prompts (the boost-tuning prompt set's held-ou
 once (continuous batching, greedy) and total generated tokens per second is reported for incremental
 decoding, the adaptive tree (the engine's default: it shrinks the tree, down to plain steps, as the
 batch grows) and the fixed tree. Each row runs once untimed first, so CUDA graphs and compiled shapes
-are ready. Writes JSON and a Markdown table (device, torch version, date) to docs/benchmarks/.
+are ready, then --repeats timed runs give the median. Writes JSON and a Markdown table (device, torch
+version, date) to docs/benchmarks/.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,17 +29,21 @@ from specinfer.config import parse_expansion
 from engine_speed import device_name  # noqa: E402 (benchmarks/ is the script's folder)
 
 
-def timed_generate(llm: LLM, prompts: list[str], mode: str, max_new_tokens: int) -> dict:
+def timed_generate(llm: LLM, prompts: list[str], mode: str, max_new_tokens: int, repeats: int) -> dict:
+    """The median of `repeats` timed runs, after one untimed run (graph captures, compilation)."""
     config = GenerationConfig(max_new_tokens=max_new_tokens)
     cuda = llm.engine_config.device.startswith("cuda")
     llm.generate(prompts, config, mode=mode)  # warm-up
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    results = llm.generate(prompts, config, mode=mode)
-    if cuda:
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    runs = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        results = llm.generate(prompts, config, mode=mode)
+        if cuda:
+            torch.cuda.synchronize()
+        runs.append(time.perf_counter() - start)
+    elapsed = statistics.median(runs)
     tokens = sum(len(r.output_tokens) for r in results)
     steps = sum(r.num_llm_steps for r in results)
     accepted = sum(r.num_accepted for r in results)
@@ -52,7 +58,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--expansion", default="2,2,1")
     p.add_argument("--batches", default="1,4,16,64")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--out", default="docs/benchmarks")
     args = p.parse_args()
@@ -65,11 +72,11 @@ def main() -> None:
     for batch in batches:
         prompts = [held_out[i % len(held_out)] for i in range(batch)]
         row = {"batch": batch}
-        row["incremental"] = timed_generate(llm, prompts, "incremental", args.max_new_tokens)
+        row["incremental"] = timed_generate(llm, prompts, "incremental", args.max_new_tokens, args.repeats)
         llm.set_speculation(SpeculationConfig(expansion=expansion, adaptive=True))
-        row["adaptive"] = timed_generate(llm, prompts, "tree", args.max_new_tokens)
+        row["adaptive"] = timed_generate(llm, prompts, "tree", args.max_new_tokens, args.repeats)
         llm.set_speculation(SpeculationConfig(expansion=expansion, adaptive=False))
-        row["fixed"] = timed_generate(llm, prompts, "tree", args.max_new_tokens)
+        row["fixed"] = timed_generate(llm, prompts, "tree", args.max_new_tokens, args.repeats)
         base = row["incremental"]["tokens_per_s"]
         print(f"batch {batch}: incremental {base:.1f} tok/s, adaptive {row['adaptive']['tokens_per_s']:.1f} "
               f"({row['adaptive']['tokens_per_s'] / base:.2f}x), fixed {row['fixed']['tokens_per_s']:.1f} "
@@ -88,7 +95,7 @@ def main() -> None:
         f"# Throughput against batch size, default model, {tag.upper()}", "",
         f"{meta['date']} · {meta['device']} · torch {meta['torch']} · {meta['dtype']} · greedy · "
         f"{args.max_new_tokens} new tokens per request · SSMs: {', '.join(meta['ssms'])} · tree {args.expansion}"
-        f"{' · blocks compiled (--compile)' if args.compile else ''} · each row after one untimed run", "",
+        f"{' · blocks compiled (--compile)' if args.compile else ''} · each row the median of {args.repeats} runs after one untimed run", "",
         f"Reproduce: `python benchmarks/batch_throughput.py {' '.join(sys.argv[1:])}`", "",
         "| batch | incremental tok/s | adaptive tree tok/s | vs incremental | fixed tree tok/s | vs incremental | "
         "fixed tree: tokens per request-step |",
