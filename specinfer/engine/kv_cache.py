@@ -25,15 +25,21 @@ class KVCache:
         self.capacity = capacity
         self.scratch_slot = num_slots
 
-    def move_entries(self, slot: int, src: list[int], dst_start: int) -> None:
-        """Copy entries `src` of `slot` (all layers) to `dst_start, dst_start+1, ...` (src sorted ascending)."""
-        dst = list(range(dst_start, dst_start + len(src)))
-        if src == dst:
+    def move_entries(self, moves: list[tuple[int, list[int], int]]) -> None:
+        """For each (slot, src, dst_start): copy entries `src` of `slot` (all layers, src ascending) to
+        `dst_start, dst_start + 1, ...`. All moves of a step go in one upload and one gather/scatter."""
+        slots, src, dst = [], [], []
+        for slot, entries, start in moves:
+            targets = range(start, start + len(entries))
+            if list(entries) != list(targets):
+                slots += [slot] * len(entries)
+                src += entries
+                dst += targets
+        if not slots:
             return
-        device = self.data.device
-        src_t, dst_t = upload(torch.tensor(src), device), upload(torch.tensor(dst), device)
-        # Indexing with a tensor copies first, so overlapping source and destination are safe.
-        self.data[:, :, slot, :, dst_t] = self.data[:, :, slot, :, src_t]
+        index = upload(torch.tensor([slots, src, dst]), self.data.device)
+        # Indexing with tensors copies first, so overlapping sources and destinations are safe.
+        self.data[:, :, index[0], :, index[2]] = self.data[:, :, index[0], :, index[1]]
 
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()

@@ -117,12 +117,19 @@ class ModelRunner:
 
     def commit(self, slot: int, keep: list[int]) -> None:
         """Keep speculative entries `keep` (a chain hanging off the prefix) as committed; drop the rest."""
-        state = self.slots[slot]
-        if keep:
-            assert state.depths is not None and [state.depths[i] for i in keep] == list(range(len(keep))), keep
-            self.cache.move_entries(slot, [state.num_cached + i for i in keep], state.num_cached)
-        state.num_cached += len(keep)
-        state.depths, state.ancestors = None, None
+        self.commit_all([(slot, keep)])
+
+    def commit_all(self, commits: list[tuple[int, list[int]]]) -> None:
+        """`commit` for several slots at once: one cache move for all of them."""
+        moves = []
+        for slot, keep in commits:
+            state = self.slots[slot]
+            if keep:
+                assert state.depths is not None and [state.depths[i] for i in keep] == list(range(len(keep))), keep
+                moves.append((slot, [state.num_cached + i for i in keep], state.num_cached))
+            state.num_cached += len(keep)
+            state.depths, state.ancestors = None, None
+        self.cache.move_entries(moves)
 
     def _prepare(self, chunks: list[Chunk], layout: Layout) -> HostBatch:
         """Host inputs for `chunks`, padded to `layout`; reads entries up to the longest row's end."""

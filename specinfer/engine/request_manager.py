@@ -173,8 +173,8 @@ class RequestManager:
         chunks = [Chunk.chain(r.slot, r.prompt_tokens) for r in requests]
         logits = self.llm.forward(chunks)
         tokens = choose_tokens(torch.cat(logits), [r.sampling for r in requests], [r.generator for r in requests])
-        for r, chunk, token in zip(requests, chunks, tokens):
-            self.llm.commit(r.slot, list(range(len(chunk.tokens))))
+        self.llm.commit_all([(r.slot, list(range(len(chunk.tokens)))) for r, chunk in zip(requests, chunks)])
+        for r, token in zip(requests, tokens):
             r.append([token], self.eos_token_ids)
 
     def _choose_drafting(self, requests: list[Request]) -> list[int]:
@@ -302,11 +302,13 @@ class RequestManager:
     def _commit(
         self, requests: list[Request], trees: list[TokenTree], drafts: list[list[SSMDraft]], results: list[VerifyResult]
     ) -> None:
+        # Tree nodes were fed to the LLM in node order, so node index == speculative cache entry. Each
+        # model compacts the kept entries of every request in one move.
+        self.llm.commit_all([(r.slot, result.accepted) for r, result in zip(requests, results)])
+        for s, runner in enumerate(self.ssms):
+            runner.commit_all([(r.slot, ssm_drafts[s].entries_to_keep(result.accepted))
+                               for r, ssm_drafts, result in zip(requests, drafts, results) if ssm_drafts])
         for r, tree, ssm_drafts, result in zip(requests, trees, drafts, results):
-            # Tree nodes were fed to the LLM in node order, so node index == speculative cache entry.
-            self.llm.commit(r.slot, result.accepted)
-            for runner, draft in zip(self.ssms, ssm_drafts):
-                runner.commit(r.slot, draft.entries_to_keep(result.accepted))
             r.stats.num_llm_steps += 1
             r.stats.num_speculated += len(tree) - 1
             r.stats.num_accepted += len(result.accepted) - 1
