@@ -91,11 +91,8 @@ class ModelRunner:
         width = max(self.slots[c.slot].num_speculative + len(c.tokens) for c in chunks)
         shape = self.graphs.bucket(len(chunks), num_tokens, width) if self.graphs is not None else None
         host = self._prepare(chunks, Layout(*(shape or (len(chunks), num_tokens, width))))
-        if shape is None:
-            batch = host.to_device(self.device)
-        else:
-            batch = self.graphs.load(host)
-            host.kv_len = self.cache.capacity
+        # Eagerly: a device copy of the inputs; with graphs: the bucket's static inputs, loaded.
+        batch = host.to_device(self.device) if shape is None else self.graphs.load(host)
         if device_tokens is not None:
             batch.tokens[: device_tokens.shape[0], : device_tokens.shape[1]] = device_tokens
         if shape is None:

@@ -52,14 +52,15 @@ class DeviceTreeDrafter:
         graphs = self.runner.graphs
         bucket = next((b for b in graphs.batch_buckets if b >= batch), None) if graphs is not None else None
         if bucket is None:
-            slots_t, starts_t = (upload(torch.tensor(x), self.device) for x in (slots, starts))
+            slots_t, starts_t = upload(torch.tensor([slots, starts]), self.device)
             kv_len = max(starts) + len(self.shape) - 1
             return self._expand(root_logits, slots_t, starts_t, kv_len)
         padding = bucket - batch  # padding rows write into the scratch slot, from entry 0
         graph = self.graphs.get(bucket) or self._capture(bucket)
         graph.root_logits[:batch].copy_(root_logits)
-        graph.slots.copy_(upload(torch.tensor(slots + [self.cache.scratch_slot] * padding), self.device))
-        graph.starts.copy_(upload(torch.tensor(starts + [0] * padding), self.device))
+        where = upload(torch.tensor([slots + [self.cache.scratch_slot] * padding, starts + [0] * padding]), self.device)
+        graph.slots.copy_(where[0])
+        graph.starts.copy_(where[1])
         graph.graph.replay()
         return graph.tokens[:batch]
 
