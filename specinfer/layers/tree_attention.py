@@ -59,6 +59,9 @@ def tree_attention(
     tree_mask: torch.Tensor,  # [B, T, W] bool
 ) -> torch.Tensor:  # [B, H, T, D]
     B, H, T, D = q.shape
+    # The kernel reads the last dimension of every tensor as contiguous.
+    q, tree_mask = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, tree_mask))
+    assert cache_k.stride(-1) == 1 and cache_v.stride(-1) == 1
     num_kv_heads, capacity = cache_k.shape[1], cache_k.shape[2]
     group = H // num_kv_heads
     width = tree_mask.shape[2]
