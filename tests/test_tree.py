@@ -72,3 +72,30 @@ def test_commit_compacts_accepted_path(tmp_path):
     seq = prefix + [7, 9, 10, 11]
     expected = alone.forward([Chunk.chain(0, seq)])[0][0]
     torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_one_buffer_inputs_spell_out_the_prefix_and_tree_mask(tmp_path):
+    """A pass's inputs (engine/host_batch.py): one byte buffer whose views hold, per row, positions, cache
+    places, the prefix every new token sees, the tree mask over the speculative entries and the flat
+    indexes of the rows whose logits are wanted; padding writes to the scratch slot and sees one entry."""
+    from specinfer.engine.host_batch import Layout
+    from specinfer.layers.attention import dense_mask
+
+    save_random_llama(tmp_path)
+    runner = ModelRunner(load_model(tmp_path), num_slots=3, capacity=32)
+    runner.forward([Chunk.chain(1, [3, 1, 4, 1, 5], logits="none")])
+    runner.commit(1, list(range(5)))
+    runner.forward([Chunk(1, [9, 2], [-1, 0], [])])  # two speculative entries to extend
+    chunks = [Chunk(1, [6, 5, 3], [0, 1, 0], [0, 2]), Chunk.chain(2, [7, 7], logits="last")]
+    layout = Layout(batch=4, tokens=4, width=8)
+    host = runner._prepare(chunks, layout)
+    assert host.buffer.numel() == layout.nbytes == 8 * (5 * 16 + 2 * 4) + 4 * 4 * 8
+    assert host.positions[0, :3].tolist() == [5 + 1, 5 + 2, 5 + 1]
+    assert host.write_offsets[0, :3].tolist() == [7, 8, 9] and host.write_slots[0, 3] == runner.cache.scratch_slot
+    assert host.prefix_lens.tolist() == [5, 0, 0, 0] and host.read_slots[2] == runner.cache.scratch_slot
+    assert host.tree_mask[0, :3, :5].tolist() == [[1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 0, 0, 1]]
+    assert host.tree_mask[1, :2, :2].tolist() == [[1, 0], [1, 1]] and host.tree_mask[3, :, 0].all()
+    assert host.logit_rows[: host.num_logit_rows].tolist() == [0, 2, 4 + 1]
+    meta = host.to_device(torch.device("cpu")).meta
+    mask = dense_mask(meta)[:, 0]  # over entries 0..kv_len-1
+    assert meta.kv_len == 10 and mask[0, 2].tolist() == [True] * 5 + [True, False, False, False, True]
