@@ -210,7 +210,7 @@ class RequestManager:
             sources.append(drafter.expand(root_logits, slots, starts).flatten())  # [len(drafting) * (nodes - 1)]
         num_ssms = len(catch_up)
         per_tree = len(shape) - 1 if num_ssms else 0
-        layouts, chunks, gather = [], [], []
+        keeps, chunks, gather = [], [], []
         draft_row = {i: k for k, i in enumerate(drafting)}
         for i, r in enumerate(requests):
             # The tree may be as deep as the tokens still allowed, minus the LLM's own token.
@@ -221,7 +221,7 @@ class RequestManager:
                 parents += [0 if p == 0 else offset + p for p in shape.parents[1 : keep + 1]]
                 first = len(requests) + (s * len(drafting) + draft_row.get(i, 0)) * per_tree
                 index += range(first, first + keep)
-            layouts.append(keep)
+            keeps.append(keep)
             # The root's id is known here; drafted ids come from the device (placeholders on the host).
             chunks.append(Chunk(r.slot, [r.tokens[-1]] + [0] * (len(parents) - 1), parents, list(range(len(parents)))))
             gather.append(index)
@@ -236,7 +236,7 @@ class RequestManager:
         targets, tokens = readback[: len(targets)], readback[len(targets) :]
         fed = shape.level_starts[-2] if num_ssms else 0  # nodes above the deepest level have cache entries
         trees, drafts, results, offset = [], [], [], 0
-        for i, (r, chunk, keep) in enumerate(zip(requests, chunks, layouts)):
+        for i, (r, chunk, keep) in enumerate(zip(requests, chunks, keeps)):
             ssm_drafts = []
             tree_tokens = [r.tokens[-1]]
             for s in range(num_ssms if i in draft_row else 0):

@@ -2,8 +2,9 @@
 
 A speculative step costs `ratio` plain steps (SSM passes plus a wider verification), and the ratio
 grows with the batch as compute stops being free, so it is measured per batch-size bucket (medians of
-recent steps of both kinds; gains are exponential moving averages). A request's `gain` is its measured tokens per speculative step;
-a plain step yields one token per request. Speculating for the set S in a batch of B requests pays when
+recent steps of both kinds). A request's `gain` is its tokens per speculative step (an exponential
+moving average); a plain step yields one token per request. Speculating for the set S in a batch of B
+requests pays when
 
     sum over S of (gain - 1)  >  (ratio - 1) * B,
 

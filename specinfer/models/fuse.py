@@ -4,8 +4,8 @@ A decode step multiplies every weight matrix by a handful of rows: each product 
 kernel of its own, and small ones neither fill the GPU nor amortise their launch. Fusing q/k/v into
 one product, and LLaMA's gate/up into another, leaves four products per block instead of seven, each
 larger. Done once after loading, sharding and quantizing (quantization is per output row, so fusing
-quantized layers gives what quantizing the fused one would). Fused models no longer carry Hugging Face's parameter names, so
-models whose weights are to be saved (boost-tuning) stay unfused.
+quantized layers gives what quantizing the fused one would). Fused models no longer carry Hugging
+Face's parameter names, so models whose weights are to be saved (boost-tuning) stay unfused.
 """
 
 from __future__ import annotations

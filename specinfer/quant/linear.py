@@ -46,9 +46,17 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     low, high = w.amin(-1), w.amax(-1)
     scale = ((high - low) / 15.0).clamp_min(1e-12)
     q = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
-    q = q.view(out_features, in_features)
-    packed = q[:, 0::2] | (q[:, 1::2] << 4)
-    return packed, scale, low
+    return pack_int4(q.view(out_features, in_features)), scale, low
+
+
+def pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """[out, in] uint8 in 0..15 -> [out, in / 2], column 2i in the low nibble, 2i + 1 in the high one."""
+    return values[:, 0::2] | (values[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_int4`."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).view(packed.shape[0], -1)
 
 
 class QuantizedLinear(nn.Module):
@@ -74,7 +82,7 @@ class QuantizedLinear(nn.Module):
                 values, scale, minimum = (t.to(weight.device) for t in int4_values)
                 if values.shape != weight.shape or scale.shape != (self.out_features, self.in_features // group_size):
                     raise SpecInferError(f"int4 values of shape {tuple(values.shape)} do not fit a {tuple(weight.shape)} layer")
-                packed = values[:, 0::2] | (values[:, 1::2] << 4)
+                packed = pack_int4(values)
             self.register_buffer("qweight", packed)
             self.register_buffer("scale", scale)
             self.register_buffer("minimum", minimum)
@@ -99,8 +107,7 @@ class QuantizedLinear(nn.Module):
         """The weight the layer computes with, [out, in] in `dtype`."""
         if self.mode == "int8":
             return (self.qweight.to(torch.float32) * self.scale[:, None]).to(dtype)
-        q = torch.stack((self.qweight & 0xF, self.qweight >> 4), dim=-1).view(self.out_features, -1)
-        groups = q.view(self.out_features, -1, self.group_size).to(torch.float32)
+        groups = unpack_int4(self.qweight).view(self.out_features, -1, self.group_size).to(torch.float32)
         w = groups * self.scale[..., None] + self.minimum[..., None]
         return w.view(self.out_features, self.in_features).to(dtype)
 
@@ -130,8 +137,8 @@ class QuantizedLinear(nn.Module):
             self._tinygemm_weights = None
             tiles = next((t for t in (8, 4, 2) if self.in_features % (t * 16) == 0), None)
             if self.group_size in (32, 64, 128, 256) and self.out_features % 8 == 0 and tiles is not None:
-                q = torch.stack((self.qweight & 0xF, self.qweight >> 4), dim=-1).view(self.out_features, -1)
-                packed = ((q[:, 0::2] << 4) | q[:, 1::2]).to(torch.uint8)  # even column in the high nibble
+                q = unpack_int4(self.qweight)
+                packed = ((q[:, 0::2] << 4) | q[:, 1::2]).to(torch.uint8)  # tinygemm: even column in the high nibble
                 weight = torch._convert_weight_to_int4pack(packed.contiguous(), tiles)
                 # tinygemm computes (q - 8) * scale + zero: our minimum is zero - 8 * scale.
                 zeros = self.minimum + 8 * self.scale

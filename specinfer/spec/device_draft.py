@@ -30,11 +30,12 @@ class DeviceTreeDrafter:
             if parent > 0:
                 ancestors[node - 1] = ancestors[parent - 1]
             ancestors[node - 1, node - 1] = True
-        self.ancestors = ancestors.to(self.device)
+        ancestors = ancestors.to(self.device)
         self.level_nodes = [  # per depth >= 1: its node ids minus one (= entry offsets after `start`)
             torch.arange(shape.level_starts[d] - 1, shape.level_starts[d + 1] - 1, device=self.device)
             for d in range(1, len(shape.widths) + 1)
         ]
+        self.level_masks = [ancestors[nodes] for nodes in self.level_nodes]  # what each level's nodes see
         self.graphs: dict[int, _ExpansionGraph] = {}
         self.pool = None
 
@@ -79,7 +80,7 @@ class DeviceTreeDrafter:
     def _metadata(self, depth: int, slots: torch.Tensor, starts: torch.Tensor, kv_len: int) -> AttentionMetadata:
         """Feeding the nodes at `depth`: they see every entry before `start` (the committed prefix and the
         catch-up chain ending at the root) and, after it, their own ancestors in the tree."""
-        nodes = self.level_nodes[depth - 1]  # [n]
+        nodes, mask = self.level_nodes[depth - 1], self.level_masks[depth - 1]  # [n], [n, tree]
         batch, n = slots.shape[0], nodes.shape[0]
         return AttentionMetadata(
             positions=(starts - 1 + depth)[:, None].expand(batch, n),
@@ -87,7 +88,7 @@ class DeviceTreeDrafter:
             write_offsets=starts[:, None] + nodes[None, :],
             read_slots=slots,
             prefix_lens=starts,
-            tree_mask=self.ancestors[nodes][None].expand(batch, -1, -1),
+            tree_mask=mask[None].expand(batch, -1, -1),
             kv_len=kv_len,
         )
 
