@@ -3,7 +3,12 @@ speculative output equal to its own incremental decoding."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,3 +133,39 @@ def test_gguf_q4_1_blocks_become_int4_layers_exactly(default_gguf):
     prompt = "Write a short poem about the ocean."
     # The same values in the same dtype: int4 serving gives the fp32 model's tokens.
     assert llm.generate([prompt], config)[0].output_tokens == reference.generate([prompt], config)[0].output_tokens
+
+
+def check_gemv_kernels(device: str, dtype: torch.dtype, tolerance: float) -> None:
+    """The matrix-vector kernels compute the dequantized layer, for 1 to MAX_ROWS rows, with column
+    counts and widths that leave partial blocks."""
+    from specinfer.quant.gemv_triton import MAX_ROWS, int4_gemv, int8_gemv
+
+    torch.manual_seed(0)
+    for out_features, in_features, group in [(96, 256, 32), (50, 192, 64), (33, 384, 128)]:
+        linear = nn.Linear(in_features, out_features, bias=False)
+        for rows in range(1, MAX_ROWS + 1):
+            x = torch.randn(rows, in_features).to(device, dtype)
+            for mode in ("int8", "int4"):
+                layer = QuantizedLinear(linear, mode, group).to(device)
+                expected = x.float() @ layer.dequantized(torch.float32).T
+                if mode == "int8":
+                    got = int8_gemv(x, layer.qweight, layer.scale)
+                else:
+                    got = int4_gemv(x, layer.qweight, layer.scale, layer.minimum, group)
+                assert got.dtype == dtype and got.shape == expected.shape
+                error = float((got.float() - expected).abs().max() / expected.abs().max())
+                assert error < tolerance, (mode, out_features, in_features, rows, error)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_gemv_kernels_in_triton_interpreter():
+    code = "import torch; from tests.test_quantization import check_gemv_kernels; check_gemv_kernels('cpu', torch.float32, 1e-5)"
+    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=Path(__file__).parent.parent,
+                            env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemv_kernels_on_gpu(dtype):
+    check_gemv_kernels("cuda", dtype, 1e-2)

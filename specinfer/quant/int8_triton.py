@@ -50,6 +50,6 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
     N = qweight.shape[0]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     bucket = 16 if M <= 16 else 64 if M <= 64 else 256 if M <= 256 else 1024
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))
     _int8_matmul_kernel[grid](x, qweight, scale, out, M, N, K, bucket)
     return out

@@ -7,7 +7,9 @@ from wasting half the range. That is the grid of GGUF's Q4_1 blocks, so a Q4_1 c
 with group size 32 keeps its own values.
 
 Matmul, where the weights are read packed (the point of quantizing a memory-bound decode step):
-- GPU, half precision: int8 through our Triton kernel (`int8_triton.py`); int4 through PyTorch's
+- GPU, half precision, up to `gemv_triton.MAX_ROWS` rows (decode, small trees): our matrix-vector
+  kernels (`gemv_triton.py`), int8 and int4.
+- GPU, half precision, more rows: int8 through our Triton tile kernel (`int8_triton.py`); int4 through PyTorch's
   tinygemm kernel (`torch._weight_int4pack_mm`, bf16, scale and zero point per group), its packed
   layout made once, on the first call.
 - CPU, a few rows: int8 through `torch._weight_int8pack_mm`.
@@ -116,7 +118,15 @@ class QuantizedLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         out = None
         if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-            if self.mode == "int8":
+            from . import gemv_triton  # Triton comes with CUDA builds of torch only
+
+            if flat.shape[0] <= gemv_triton.MAX_ROWS:
+                if self.mode == "int8":
+                    out = gemv_triton.int8_gemv(flat.contiguous(), self.qweight, self.scale)
+                else:
+                    out = gemv_triton.int4_gemv(flat.contiguous(), self.qweight, self.scale, self.minimum,
+                                                self.group_size)
+            elif self.mode == "int8":
                 from .int8_triton import int8_matmul
 
                 out = int8_matmul(flat.contiguous(), self.qweight, self.scale)

@@ -1,0 +1,112 @@
+"""Weight-only quantized matmuls at decode shapes: each kernel's time and the weight bandwidth it reaches.
+
+    python benchmarks/quant_kernels.py --device cuda
+
+The linear layers of a 7B-shaped LLaMA (q/k/v and gate/up fused, as the engine runs them), random
+weights, 1 to 4 rows (decode and small trees): full precision (cuBLAS), int8 (our matrix-vector kernel
+and our tile kernel) and int4 (our matrix-vector kernel and PyTorch's tinygemm). Each time is a median
+over CUDA-event-timed repeats. Writes JSON and a Markdown table (device, torch version, date) to
+docs/benchmarks/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from specinfer.quant import QuantizedLinear
+from specinfer.quant.gemv_triton import int4_gemv, int8_gemv
+from specinfer.quant.int8_triton import int8_matmul
+
+# (name, out_features, in_features) of a 7B LLaMA block, projections fused.
+SHAPES = [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096), ("down", 4096, 11008)]
+
+
+def median_ms(fn, repeats: int = 50) -> float:
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def measure(linear: nn.Linear, q8: QuantizedLinear, q4: QuantizedLinear, x: torch.Tensor) -> dict:
+    n, k = linear.weight.shape
+    group = q4.group_size
+    kernels = {
+        "fp": (lambda: torch.nn.functional.linear(x, linear.weight), 2 * n * k),
+        "int8 gemv": (lambda: int8_gemv(x, q8.qweight, q8.scale), n * k),
+        "int8 tile": (lambda: int8_matmul(x, q8.qweight, q8.scale), n * k),
+        "int4 gemv": (lambda: int4_gemv(x, q4.qweight, q4.scale, q4.minimum, group), n * k // 2),
+    }
+    if q4._tinygemm() is not None:
+        weight, scales_and_zeros = q4._tinygemm()
+        x_bf16 = x.to(torch.bfloat16)
+        kernels["int4 tinygemm"] = (lambda: torch._weight_int4pack_mm(x_bf16, weight, group, scales_and_zeros), n * k // 2)
+
+    def relative_error(got: torch.Tensor, layer: QuantizedLinear) -> float:
+        reference = x.float() @ layer.dequantized(torch.float32).T
+        return float((got.float() - reference).abs().max() / reference.abs().max())
+
+    row = {"shape": [n, k], "rows": x.shape[0],
+           "int8_gemv_rel_error": relative_error(int8_gemv(x, q8.qweight, q8.scale), q8),
+           "int4_gemv_rel_error": relative_error(int4_gemv(x, q4.qweight, q4.scale, q4.minimum, group), q4)}
+    for label, (fn, weight_bytes) in kernels.items():
+        ms = median_ms(fn)
+        row[label] = {"ms": ms, "GBps": weight_bytes / ms / 1e6}
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    p.add_argument("--rows", default="1,2,4")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--out", default="docs/benchmarks")
+    args = p.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    results = {"meta": {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(device),
+                        "torch": torch.__version__, "dtype": args.dtype, "int4_group_size": args.group_size,
+                        "weights": "random, 7B-shaped layers"}, "rows": []}
+    # The layers are 32 to 180 MB in fp16, larger than the 50 MB L2: their weights stream from memory.
+    for name, n, k in SHAPES:
+        linear = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
+        q8 = QuantizedLinear(linear, "int8")
+        q4 = QuantizedLinear(linear, "int4", args.group_size)
+        for rows in (int(r) for r in args.rows.split(",")):
+            row = measure(linear, q8, q4, torch.randn(rows, k, device=device, dtype=dtype))
+            row["layer"] = name
+            results["rows"].append(row)
+            print(name, rows, {k_: (round(v["ms"], 4), round(v["GBps"])) for k_, v in row.items() if isinstance(v, dict)},
+                  f"errors {row['int8_gemv_rel_error']:.1e} {row['int4_gemv_rel_error']:.1e}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quant_kernels.json").write_text(json.dumps(results, indent=2))
+    labels = ["fp", "int8 gemv", "int8 tile", "int4 gemv", "int4 tinygemm"]
+    lines = ["# Quantized matmul kernels at decode shapes\n",
+             (f"{results['meta']['date']} · {results['meta']['device']} · torch {results['meta']['torch']} · "
+             f"{args.dtype} activations · int4 group {args.group_size} · random 7B-shaped layers (q/k/v and gate/up fused)\n"
+             "\nMedian kernel time in µs, and the weight bandwidth it reaches (GB/s).\n"),
+             "| layer | rows | " + " | ".join(labels) + " |", "|---|---:|" + "---:|" * len(labels)]
+    for row in results["rows"]:
+        cells = [f"{row[l]['ms'] * 1e3:.0f} µs, {row[l]['GBps']:.0f}" if l in row else "–" for l in labels]
+        lines.append(f"| {row['layer']} {row['shape'][0]}×{row['shape'][1]} | {row['rows']} | " + " | ".join(cells) + " |")
+    (out / "quant_kernels.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}/quant_kernels.md")
+
+
+if __name__ == "__main__":
+    main()
