@@ -5,7 +5,8 @@
 The linear layers of a 7B-shaped LLaMA (q/k/v and gate/up fused, as the engine runs them), random
 weights, 1 to 4 rows (decode and small trees): full precision (cuBLAS), int8 (our matrix-vector kernel
 and our tile kernel) and int4 (our matrix-vector kernel and PyTorch's tinygemm). Each time is a median
-over CUDA-event-timed repeats. Writes JSON and a Markdown table (device, torch version, date) to
+over CUDA-event-timed repeats of 8 distinct copies of the layer called back to back (so
+that no weight is served from L2). Writes JSON and a Markdown table (device, torch version, date) to
 docs/benchmarks/.
 """
 
@@ -20,51 +21,71 @@ import torch
 from torch import nn
 
 from specinfer.quant import QuantizedLinear
-from specinfer.quant.gemv_triton import int4_gemv, int8_gemv
+from specinfer.quant import gemv_triton
+from specinfer.quant.gemv_triton import gemv, int4_gemv
 from specinfer.quant.int8_triton import int8_matmul
 
 # (name, out_features, in_features) of a 7B LLaMA block, projections fused.
 SHAPES = [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096), ("down", 4096, 11008)]
 
 
-def median_ms(fn, repeats: int = 50) -> float:
-    for _ in range(5):
-        fn()
+COPIES = 8  # distinct copies of each layer, run in turn, so that no weight is served from the 50 MB L2
+
+
+def per_call_ms(calls: list, repeats: int = 20) -> float:
+    """Median over `repeats` of the time of all `calls` back to back, per call (launch gaps included,
+    as in a decode step's stream of kernels)."""
+    for call in calls:
+        call()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for call in calls:
+            call()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / len(calls))
     return sorted(times)[len(times) // 2]
 
 
-def measure(linear: nn.Linear, q8: QuantizedLinear, q4: QuantizedLinear, x: torch.Tensor) -> dict:
+def kernel_calls(linear: nn.Linear, q8: QuantizedLinear, q4: QuantizedLinear, x: torch.Tensor) -> dict:
+    """label -> (call, bytes of weights it reads)."""
     n, k = linear.weight.shape
     group = q4.group_size
-    kernels = {
+    calls = {
         "fp": (lambda: torch.nn.functional.linear(x, linear.weight), 2 * n * k),
-        "int8 gemv": (lambda: int8_gemv(x, q8.qweight, q8.scale), n * k),
+        "fp gemv": (lambda: gemv(x, linear.weight), 2 * n * k),
+        "int8 gemv": (lambda: gemv(x, q8.qweight, q8.scale), n * k),
         "int8 tile": (lambda: int8_matmul(x, q8.qweight, q8.scale), n * k),
         "int4 gemv": (lambda: int4_gemv(x, q4.qweight, q4.scale, q4.minimum, group), n * k // 2),
     }
     if q4._tinygemm() is not None:
         weight, scales_and_zeros = q4._tinygemm()
         x_bf16 = x.to(torch.bfloat16)
-        kernels["int4 tinygemm"] = (lambda: torch._weight_int4pack_mm(x_bf16, weight, group, scales_and_zeros), n * k // 2)
+        calls["int4 tinygemm"] = (lambda: torch._weight_int4pack_mm(x_bf16, weight, group, scales_and_zeros), n * k // 2)
+    return calls
+
+
+def measure(layers: list[tuple[nn.Linear, QuantizedLinear, QuantizedLinear]], x: torch.Tensor) -> dict:
+    linear, q8, q4 = layers[0]
+    n, k = linear.weight.shape
 
     def relative_error(got: torch.Tensor, layer: QuantizedLinear) -> float:
         reference = x.float() @ layer.dequantized(torch.float32).T
         return float((got.float() - reference).abs().max() / reference.abs().max())
 
     row = {"shape": [n, k], "rows": x.shape[0],
-           "int8_gemv_rel_error": relative_error(int8_gemv(x, q8.qweight, q8.scale), q8),
-           "int4_gemv_rel_error": relative_error(int4_gemv(x, q4.qweight, q4.scale, q4.minimum, group), q4)}
-    for label, (fn, weight_bytes) in kernels.items():
-        ms = median_ms(fn)
+           "fp_gemv_rel_error": float((gemv(x, linear.weight).float() - x.float() @ linear.weight.float().T).abs().max()
+                                      / (x.float() @ linear.weight.float().T).abs().max()),
+           "int8_gemv_rel_error": relative_error(gemv(x, q8.qweight, q8.scale), q8),
+           "int4_gemv_rel_error": relative_error(int4_gemv(x, q4.qweight, q4.scale, q4.minimum, q4.group_size), q4)}
+    per_copy = [kernel_calls(*copy, x) for copy in layers]
+    for label, (_, weight_bytes) in per_copy[0].items():
+        ms = per_call_ms([calls[label][0] for calls in per_copy])
         row[label] = {"ms": ms, "GBps": weight_bytes / ms / 1e6}
+    row["tuned"] = {name: str(kernel.best_config) for name, kernel in
+                    [("gemv", gemv_triton._gemv_tuned), *((f"int4 gemv g{g}", k) for g, k in gemv_triton._int4_tuned.items())]}
     return row
 
 
@@ -81,21 +102,23 @@ def main() -> None:
     results = {"meta": {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(device),
                         "torch": torch.__version__, "dtype": args.dtype, "int4_group_size": args.group_size,
                         "weights": "random, 7B-shaped layers"}, "rows": []}
-    # The layers are 32 to 180 MB in fp16, larger than the 50 MB L2: their weights stream from memory.
     for name, n, k in SHAPES:
-        linear = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
-        q8 = QuantizedLinear(linear, "int8")
-        q4 = QuantizedLinear(linear, "int4", args.group_size)
+        layers = []
+        for _ in range(COPIES):
+            linear = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
+            layers.append((linear, QuantizedLinear(linear, "int8"), QuantizedLinear(linear, "int4", args.group_size)))
         for rows in (int(r) for r in args.rows.split(",")):
-            row = measure(linear, q8, q4, torch.randn(rows, k, device=device, dtype=dtype))
+            row = measure(layers, torch.randn(rows, k, device=device, dtype=dtype))
             row["layer"] = name
             results["rows"].append(row)
-            print(name, rows, {k_: (round(v["ms"], 4), round(v["GBps"])) for k_, v in row.items() if isinstance(v, dict)},
-                  f"errors {row['int8_gemv_rel_error']:.1e} {row['int4_gemv_rel_error']:.1e}", flush=True)
+            print(name, rows, {k_: (round(v["ms"], 4), round(v["GBps"])) for k_, v in row.items() if isinstance(v, dict) and "ms" in v}, row["tuned"],
+                  f"errors {row['fp_gemv_rel_error']:.1e} {row['int8_gemv_rel_error']:.1e} {row['int4_gemv_rel_error']:.1e}", flush=True)
+        del layers
+        torch.cuda.empty_cache()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quant_kernels.json").write_text(json.dumps(results, indent=2))
-    labels = ["fp", "int8 gemv", "int8 tile", "int4 gemv", "int4 tinygemm"]
+    labels = ["fp", "fp gemv", "int8 gemv", "int8 tile", "int4 gemv", "int4 tinygemm"]
     lines = ["# Quantized matmul kernels at decode shapes\n",
              (f"{results['meta']['date']} · {results['meta']['device']} · torch {results['meta']['torch']} · "
              f"{args.dtype} activations · int4 group {args.group_size} · random 7B-shaped layers (q/k/v and gate/up fused)\n"

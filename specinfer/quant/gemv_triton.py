@@ -26,32 +26,33 @@ MAX_ROWS = 4
 
 def _configs(block_ks: tuple[int, ...]) -> list[triton.Config]:
     return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for n in (8, 16, 32) for k in block_ks for w in (4, 8) for s in (3,)]
+            for n in (8, 16, 32) for k in block_ks for w in (4, 8) for s in (2, 4)]
 
 
 @triton.jit
-def _int8_gemv_kernel(x_ptr, q_ptr, scale_ptr, out_ptr, N, K,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, N, K: tl.constexpr,
+                 HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # w: [N, K] in any dtype (int8 with a per-row scale, or the activations' own half precision).
+    # K is a compile-time constant: a model has a few widths, and the interpreter needs a plain int here.
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    k = 0
-    while k < K:  # a while loop: Triton's CPU interpreter (tests) trips over range() here
+    for k in range(0, K, BLOCK_K):  # a for loop, so that Triton pipelines the loads across iterations
         kk = k + ks
         x = tl.load(x_ptr + row * K + kk, mask=kk < K, other=0.0).to(tl.float32)
-        q = tl.load(q_ptr + cols[:, None] * K + kk[None, :], mask=col_ok[:, None] & (kk[None, :] < K), other=0)
-        acc += q.to(tl.float32) * x[None, :]
-        k += BLOCK_K
-    scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
-    out = tl.sum(acc, axis=1) * scale
+        w = tl.load(w_ptr + cols[:, None] * K + kk[None, :], mask=col_ok[:, None] & (kk[None, :] < K), other=0)
+        acc += w.to(tl.float32) * x[None, :]
+    out = tl.sum(acc, axis=1)
+    if HAS_SCALE:
+        out *= tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
     tl.store(out_ptr + row * N + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, q_ptr, scale_ptr, min_ptr, out_ptr, N, K,
+def _int4_gemv_kernel(x_ptr, q_ptr, scale_ptr, min_ptr, out_ptr, N, K: tl.constexpr,
                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # q: [N, K / 2] bytes, column 2i in the low nibble and 2i + 1 in the high one; scale, min: [N, K / GROUP].
     HALF: tl.constexpr = BLOCK_K // 2
@@ -64,8 +65,7 @@ def _int4_gemv_kernel(x_ptr, q_ptr, scale_ptr, min_ptr, out_ptr, N, K,
     groups = tl.arange(0, GROUPS)
     num_groups = K // GROUP
     acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
-    k = 0
-    while k < K:
+    for k in range(0, K, BLOCK_K):
         even = k + 2 * pairs
         k_ok = even < K
         x_even = tl.load(x_ptr + row * K + even, mask=k_ok, other=0.0).to(tl.float32)
@@ -81,11 +81,10 @@ def _int4_gemv_kernel(x_ptr, q_ptr, scale_ptr, min_ptr, out_ptr, N, K,
         scale = tl.load(scale_ptr + cols[:, None] * num_groups + g[None, :], mask=g_ok, other=0.0)
         minimum = tl.load(min_ptr + cols[:, None] * num_groups + g[None, :], mask=g_ok, other=0.0)
         acc += qx * scale + minimum * x_sum[None, :]
-        k += BLOCK_K
     tl.store(out_ptr + row * N + cols, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
-_int8_tuned = triton.autotune(configs=_configs((128, 256, 512)), key=["N", "K"])(_int8_gemv_kernel)
+_gemv_tuned = triton.autotune(configs=_configs((256, 512)), key=["N", "K", "HAS_SCALE"])(_gemv_kernel)
 _int4_tuned = {}  # group size -> autotuned kernel (its block sizes must hold whole groups)
 
 
@@ -93,15 +92,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests without a GPU)
 
 
-def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M <= MAX_ROWS, K] contiguous @ (qweight [N, K] int8 * scale [N] fp32).T -> [M, N] in x's dtype."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M <= MAX_ROWS, K] contiguous @ (weight [N, K] * scale [N]).T -> [M, N] in x's dtype. `weight`:
+    int8 with its fp32 per-row `scale`, or half precision with no scale."""
     M, K = x.shape
-    N = qweight.shape[0]
+    N = weight.shape[0]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    has_scale = scale is not None
+    scale = scale if has_scale else out  # an unread placeholder
     if _interpreting():
-        _int8_gemv_kernel[(triton.cdiv(N, 16), M)](x, qweight, scale, out, N, K, BLOCK_N=16, BLOCK_K=64)
+        _gemv_kernel[(triton.cdiv(N, 16), M)](x, weight, scale, out, N, K, has_scale, BLOCK_N=16, BLOCK_K=64)
     else:
-        _int8_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](x, qweight, scale, out, N, K)
+        _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](x, weight, scale, out, N, K, has_scale)
     return out
 
 
@@ -117,7 +119,7 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, minim
                                                    GROUP=group_size, BLOCK_N=16, BLOCK_K=2 * group_size)
         return out
     if group_size not in _int4_tuned:
-        block_ks = tuple(group_size * m for m in (2, 4, 8) if group_size * m <= 1024)
+        block_ks = tuple(group_size * m for m in (2, 4) if group_size * m <= 1024)
         _int4_tuned[group_size] = triton.autotune(configs=_configs(block_ks), key=["N", "K"])(_int4_gemv_kernel)
     _int4_tuned[group_size][lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](
         x, qweight, scale, minimum, out, N, K, GROUP=group_size)

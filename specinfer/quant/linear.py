@@ -122,7 +122,7 @@ class QuantizedLinear(nn.Module):
 
             if flat.shape[0] <= gemv_triton.MAX_ROWS:
                 if self.mode == "int8":
-                    out = gemv_triton.int8_gemv(flat.contiguous(), self.qweight, self.scale)
+                    out = gemv_triton.gemv(flat.contiguous(), self.qweight, self.scale)
                 else:
                     out = gemv_triton.int4_gemv(flat.contiguous(), self.qweight, self.scale, self.minimum,
                                                 self.group_size)
