@@ -5,8 +5,8 @@
 The linear layers of a 7B-shaped LLaMA (q/k/v and gate/up fused, as the engine runs them), random
 weights, 1 to 4 rows (decode and small trees): full precision (cuBLAS), int8 (our matrix-vector kernel
 and our tile kernel) and int4 (our matrix-vector kernel and PyTorch's tinygemm). Each time is a median
-over CUDA-event-timed repeats of 8 distinct copies of the layer called back to back (so
-that no weight is served from L2). Writes JSON and a Markdown table (device, torch version, date) to
+over repeats of a CUDA graph that calls the kernel on 8 distinct copies of the layer back to
+back (so that no weight is served from L2, and no host launch cost counts). Writes JSON and a Markdown table (device, torch version, date) to
 docs/benchmarks/.
 """
 
@@ -33,16 +33,22 @@ COPIES = 8  # distinct copies of each layer, run in turn, so that no weight is s
 
 
 def per_call_ms(calls: list, repeats: int = 20) -> float:
-    """Median over `repeats` of the time of all `calls` back to back, per call (launch gaps included,
-    as in a decode step's stream of kernels)."""
-    for call in calls:
+    """Median over `repeats` of one replay of a CUDA graph of all `calls` back to back, per call. The
+    graph leaves out the host's launch cost (Triton's launcher alone takes tens of µs), as the engine's
+    captured steps do."""
+    for call in calls:  # warm-up: autotuning and lazy set-up happen outside the capture
         call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for call in calls:
-            call()
+        graph.replay()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / len(calls))

@@ -7,11 +7,11 @@ from wasting half the range. That is the grid of GGUF's Q4_1 blocks, so a Q4_1 c
 with group size 32 keeps its own values.
 
 Matmul, where the weights are read packed (the point of quantizing a memory-bound decode step):
-- GPU, half precision, up to `gemv_triton.MAX_ROWS` rows (decode, small trees): our matrix-vector
-  kernels (`gemv_triton.py`), int8 and int4.
-- GPU, half precision, more rows: int8 through our Triton tile kernel (`int8_triton.py`); int4 through PyTorch's
-  tinygemm kernel (`torch._weight_int4pack_mm`, bf16, scale and zero point per group), its packed
-  layout made once, on the first call.
+- GPU, half precision, int8: up to `gemv_triton.MAX_ROWS` rows (decode, small trees) through our
+  matrix-vector kernel (`gemv_triton.py`), more rows through our tile kernel (`int8_triton.py`).
+- GPU, half precision, int4: PyTorch's tinygemm kernel (`torch._weight_int4pack_mm`, bf16, scale and
+  zero point per group), its packed layout made once, on the first call; where tinygemm cannot take the
+  layer's shape, our int4 matrix-vector kernel for a few rows.
 - CPU, a few rows: int8 through `torch._weight_int8pack_mm`.
 Otherwise the weight is dequantized per call into the activation dtype and multiplied: exact to the
 quantized values and graph-safe, but slower than full precision.
@@ -120,20 +120,20 @@ class QuantizedLinear(nn.Module):
         if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
             from . import gemv_triton  # Triton comes with CUDA builds of torch only
 
-            if flat.shape[0] <= gemv_triton.MAX_ROWS:
-                if self.mode == "int8":
+            few_rows = flat.shape[0] <= gemv_triton.MAX_ROWS
+            if self.mode == "int8":
+                if few_rows:
                     out = gemv_triton.gemv(flat.contiguous(), self.qweight, self.scale)
                 else:
-                    out = gemv_triton.int4_gemv(flat.contiguous(), self.qweight, self.scale, self.minimum,
-                                                self.group_size)
-            elif self.mode == "int8":
-                from .int8_triton import int8_matmul
+                    from .int8_triton import int8_matmul
 
-                out = int8_matmul(flat.contiguous(), self.qweight, self.scale)
+                    out = int8_matmul(flat.contiguous(), self.qweight, self.scale)
             elif self._tinygemm() is not None:
                 weight, scales_and_zeros = self._tinygemm()
                 out = torch._weight_int4pack_mm(flat.to(torch.bfloat16).contiguous(), weight, self.group_size,
                                                 scales_and_zeros).to(x.dtype)
+            elif few_rows:
+                out = gemv_triton.int4_gemv(flat.contiguous(), self.qweight, self.scale, self.minimum, self.group_size)
         elif self.mode == "int8" and x.device.type == "cpu" and flat.shape[0] <= INT8_KERNEL_MAX_ROWS:
             out = torch._weight_int8pack_mm(flat, self.qweight, self.scale.to(x.dtype))
         if out is None:
