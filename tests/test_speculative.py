@@ -28,8 +28,8 @@ def assert_greedy_equivalent(llm, prompt, got, expected, bound=ROUNDING_BOUND):
     assert margin is None or margin <= bound, f"outputs diverge where the top-2 margin is {margin} > {bound}"
 
 
-def generate(llm, ssms, prompts, mode="tree", expansion=(1, 1, 3, 1, 1), batch=4, max_new=20, eos=()):
-    manager = RequestManager(llm, ssms, EngineConfig(max_batch_size=batch, max_sequence_length=128),
+def generate(llm, ssms, prompts, mode="tree", expansion=(1, 1, 3, 1, 1), batch=4, max_new=20, eos=(), device="cpu"):
+    manager = RequestManager(llm, ssms, EngineConfig(max_batch_size=batch, max_sequence_length=128, device=device),
                              SpeculationConfig(mode=mode, expansion=expansion, adaptive=False), eos_token_ids=list(eos))
     ids = [manager.register_new_request(p, sampling=GenerationConfig(max_new_tokens=max_new)) for p in prompts]
     manager.run()

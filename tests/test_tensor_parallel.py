@@ -7,14 +7,16 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from specinfer.cli import main
 from specinfer.distributed.launch import spawn
+from specinfer.exactness import ROUNDING_BOUNDS
 from specinfer.models.loader import load_model
 
 from .conftest import save_random_llama, save_random_opt
 from .test_cli import VOCAB, write_byte_level_tokenizer
-from .test_speculative import PROMPTS, assert_greedy_equivalent, generate
+from .test_speculative import PROMPTS, ROUNDING_BOUND, assert_greedy_equivalent, generate
 
 MODELS = {
     "llama-gqa": lambda d: save_random_llama(d, num_attention_heads=4, num_key_value_heads=2),
@@ -27,11 +29,11 @@ def _serve_on_rank(argv: list[str]) -> int:
     """One rank: load its slice of the LLM and a replicated SSM, generate, write what it got."""
     from specinfer.distributed.parallel import from_environment
 
-    llm_dir, ssm_dir, out = argv
-    tp, device = from_environment(2, "cpu")
-    llm = load_model(llm_dir, tp=tp)
-    ssm = load_model(ssm_dir)
-    results = generate(llm, [ssm], PROMPTS, expansion=(1, 2, 1), batch=4, max_new=16)
+    llm_dir, ssm_dir, out, device = argv
+    tp, device = from_environment(2, device)
+    llm = load_model(llm_dir, device, tp=tp)
+    ssm = load_model(ssm_dir, device)
+    results = generate(llm, [ssm], PROMPTS, expansion=(1, 2, 1), batch=4, max_new=16, device=device)
     with open(f"{out}.rank{tp.rank}", "w") as f:
         json.dump([r.output_tokens for r in results], f)
     return 0
@@ -39,6 +41,18 @@ def _serve_on_rank(argv: list[str]) -> int:
 
 @pytest.mark.parametrize("family", sorted(MODELS))
 def test_two_ranks_give_the_single_process_output(tmp_path, family):
+    check_two_ranks(tmp_path, family, "cpu", ROUNDING_BOUND)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_two_gpus_give_the_single_gpu_output(tmp_path, family):
+    """The same identity over NCCL, in fp32 on the GPU (the GPU rounding bound)."""
+    check_two_ranks(tmp_path, family, "cuda", ROUNDING_BOUNDS[torch.float32])
+
+
+def check_two_ranks(tmp_path, family: str, device: str, bound: float) -> None:
     full = MODELS[family](tmp_path / "llm")
     if family == "opt":
         save_random_opt(tmp_path / "ssm", vocab_size=97, seed=1)
@@ -46,14 +60,15 @@ def test_two_ranks_give_the_single_process_output(tmp_path, family):
         save_random_llama(tmp_path / "ssm", noise_from=full, num_attention_heads=4,
                           num_key_value_heads=full.config.num_key_value_heads, vocab_size=full.config.vocab_size)
     out = tmp_path / "tokens"
-    assert spawn(_serve_on_rank, [str(tmp_path / "llm"), str(tmp_path / "ssm"), str(out)], 2) == 0
+    assert spawn(_serve_on_rank, [str(tmp_path / "llm"), str(tmp_path / "ssm"), str(out), device], 2) == 0
     ranks = [json.loads((tmp_path / f"tokens.rank{r}").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]  # every rank reaches the same decisions
-    llm = load_model(tmp_path / "llm")
-    alone = generate(llm, [load_model(tmp_path / "ssm")], PROMPTS, expansion=(1, 2, 1), batch=4, max_new=16)
+    llm = load_model(tmp_path / "llm", device)
+    alone = generate(llm, [load_model(tmp_path / "ssm", device)], PROMPTS, expansion=(1, 2, 1), batch=4, max_new=16,
+                     device=device)
     for prompt, single, split in zip(PROMPTS, alone, ranks[0]):
         assert len(split) == 16
-        assert_greedy_equivalent(llm, prompt, split, single.output_tokens)
+        assert_greedy_equivalent(llm, prompt, split, single.output_tokens, bound)
 
 
 def test_cli_tensor_parallel_flag_spawns_ranks_and_matches(tmp_path, capsys):
