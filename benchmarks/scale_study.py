@@ -234,13 +234,8 @@ def main() -> None:
         if "quant" in sections:
             from specinfer.quant.linear import quantize_model
 
-            from specinfer.layers.linear import use_gemv
-
             base = inc[1] if 1 in inc else step_time(prefilled_runner(llm, 1, 8), 1, [-1])
             results["quant"] = {args.dtype: base * 1e3}
-            t_gemv = step_time(prefilled_runner(use_gemv(llm), 1, 8), 1, [-1])
-            results["quant"][f"{args.dtype} gemv"] = t_gemv * 1e3
-            print(f"{args.dtype} through our matrix-vector kernel: {t_gemv * 1e3:.2f} ms, {base / t_gemv:.2f}x")
             for mode in ("int8", "int4"):
                 del llm
                 torch.cuda.empty_cache()

@@ -136,14 +136,14 @@ def test_gguf_q4_1_blocks_become_int4_layers_exactly(default_gguf):
 
 
 def check_gemv_kernels(device: str, dtype: torch.dtype, tolerance: float) -> None:
-    """The matrix-vector kernels compute the half-precision or dequantized layer, for 1 to MAX_ROWS rows, with column
+    """The matrix-vector kernels compute the half-precision or dequantized layer, for one row and more, with column
     counts and widths that leave partial blocks."""
-    from specinfer.quant.gemv_triton import MAX_ROWS, gemv, int4_gemv
+    from specinfer.quant.gemv_triton import gemv, int4_gemv
 
     torch.manual_seed(0)
     for out_features, in_features, group in [(96, 256, 32), (50, 192, 64), (33, 384, 128)]:
         linear = nn.Linear(in_features, out_features, bias=False)
-        for rows in range(1, MAX_ROWS + 1):
+        for rows in (1, 3):
             x = torch.randn(rows, in_features).to(device, dtype)
             dense = linear.weight.detach().to(device, dtype)
             expected = x.float() @ dense.float().T

@@ -1,16 +1,18 @@
-"""Matrix-vector kernels for weight-only int8 and int4 layers: the decode step, a few rows at a time.
+"""Matrix-vector kernels for weight-only int8 and int4 layers: the decode step, one row at a time.
 
 A decode step reads every weight once and does two flops per weight read, so its speed is the speed
 at which the packed weights stream. A tile kernel built on `tl.dot` pads a single row to 16 and spends
 its registers on an accumulator it mostly wastes; these kernels instead give each program a strip of
 output columns, stream the strip's packed bytes once, widen them in registers and reduce along K.
-Rows beyond the first reuse the strip from L2 (grid axis 1), which is why they serve up to
-`MAX_ROWS` rows; more rows go to the tile kernels.
+Measured on an H100 (`docs/benchmarks/quant_kernels.md`), the int8 kernel beats the tile kernel for
+one row and loses from two rows on (each extra row re-reads the strip), hence `MAX_ROWS`. It also
+takes half-precision weights without a scale, which the benchmark uses to compare with cuBLAS.
 
 int4 (asymmetric groups, w = q * scale + minimum): per group g of input columns,
     sum_k w_k x_k = scale_g * sum_k q_k x_k + minimum_g * sum_k x_k,
-so the scale and minimum are applied once per group, not per weight: the inner loop is unpack,
-convert and one fused multiply-add per weight, which keeps the kernel memory-bound even at 4 bits.
+so the scale and minimum are applied once per group, not per weight. PyTorch's tinygemm is faster
+still (about 1.6x at one row on the H100) and serves int4 wherever it takes the layer's shape; this
+kernel serves the other shapes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_ROWS = 4
+MAX_ROWS = 1  # more rows go to the tile kernels (int8_triton.py, tinygemm)
 
 
 def _configs(block_ks: tuple[int, ...]) -> list[triton.Config]:
@@ -93,7 +95,8 @@ def _interpreting() -> bool:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M <= MAX_ROWS, K] contiguous @ (weight [N, K] * scale [N]).T -> [M, N] in x's dtype. `weight`:
+    """x [M, K] contiguous @ (weight [N, K] * scale [N]).T -> [M, N] in x's dtype (any M; M <= MAX_ROWS is where
+    it pays). `weight`:
     int8 with its fp32 per-row `scale`, or half precision with no scale."""
     M, K = x.shape
     N = weight.shape[0]
@@ -109,7 +112,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
 
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
               group_size: int) -> torch.Tensor:
-    """x [M <= MAX_ROWS, K] contiguous @ the int4 layer's weight.T -> [M, N] in x's dtype (quant/linear.py
+    """x [M, K] contiguous @ the int4 layer's weight.T -> [M, N] in x's dtype (quant/linear.py
     has the packing)."""
     M, K = x.shape
     N = qweight.shape[0]

@@ -7,8 +7,8 @@ from wasting half the range. That is the grid of GGUF's Q4_1 blocks, so a Q4_1 c
 with group size 32 keeps its own values.
 
 Matmul, where the weights are read packed (the point of quantizing a memory-bound decode step):
-- GPU, half precision, int8: up to `gemv_triton.MAX_ROWS` rows (decode, small trees) through our
-  matrix-vector kernel (`gemv_triton.py`), more rows through our tile kernel (`int8_triton.py`).
+- GPU, half precision, int8: one row (batch-1 decode) through our matrix-vector kernel
+  (`gemv_triton.py`), more rows through our tile kernel (`int8_triton.py`).
 - GPU, half precision, int4: PyTorch's tinygemm kernel (`torch._weight_int4pack_mm`, bf16, scale and
   zero point per group), its packed layout made once, on the first call; where tinygemm cannot take the
   layer's shape, our int4 matrix-vector kernel for a few rows.
