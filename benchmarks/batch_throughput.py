@@ -85,7 +85,7 @@ def main() -> None:
 
     meta = {"date": datetime.date.today().isoformat(), "device": device_name(args.device), "torch": torch.__version__,
             "dtype": str(llm.model.embed_tokens.weight.dtype).removeprefix("torch."), "llm": str(llm.model_path),
-            "ssms": args.ssm or ["default (self:4)"], "expansion": args.expansion, "max_new_tokens": args.max_new_tokens,
+            "ssms": args.ssm or ["default (tuned:1)"], "expansion": args.expansion, "max_new_tokens": args.max_new_tokens,
             "compiled": args.compile, "greedy": True}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -107,7 +107,7 @@ def write_report(llm: LLM, args: argparse.Namespace, prompts: list[str], rows: l
     meta = {
         "date": datetime.date.today().isoformat(), "device": device_name(args.device),
         "torch": torch.__version__, "dtype": str(llm.model.embed_tokens.weight.dtype).removeprefix("torch."),
-        "llm": str(llm.model_path), "ssms": args.ssm or ["default (self:4)"], "prompts": len(prompts),
+        "llm": str(llm.model_path), "ssms": args.ssm or ["default (tuned:1)"], "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens, "batch_size": 1, "greedy": True, "compiled": args.compile,
     }
     out = Path(args.out)

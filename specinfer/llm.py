@@ -16,7 +16,14 @@ import torch
 from tqdm import tqdm
 
 from .config import EngineConfig, GenerationConfig, SpeculationConfig
-from .default_model import DEFAULT_DRAFT, default_model_path
+from .default_model import (
+    DEFAULT_SSMS,
+    EARLY_EXIT_DRAFT,
+    TUNED_PREFIX,
+    default_model_path,
+    is_default_model,
+    tuned_ssm_path,
+)
 from .distributed.parallel import from_environment
 from .engine.offload import offload
 from .engine.request_manager import RequestManager
@@ -55,7 +62,8 @@ class LLM:
         speculation: SpeculationConfig | None = None,
     ) -> None:
         """`model`: a Hugging Face folder or a GGUF file (None: the default model). `ssms`: folders, GGUF
-        files, or `self:N` for the LLM's own first N layers (None: the default draft, `self:4`)."""
+        files, `self:N` for the LLM's own first N layers, or `tuned:N` for the boost-tuned SSMs shipped for
+        the default model (None: `tuned:1` with the default model, `self:4` with any other)."""
         self.engine_config = engine or EngineConfig()
         self.speculation = speculation or SpeculationConfig()
         if self.engine_config.device.startswith("cuda") and not torch.cuda.is_available():
@@ -85,7 +93,9 @@ class LLM:
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but the LLM only {self.model.config.vocab_size}: "
                 "it does not belong to this model"
             )
-        ssm_specs = [DEFAULT_DRAFT] if ssms is None else list(ssms)
+        if ssms is None:
+            ssms = list(DEFAULT_SSMS) if is_default_model(model_path) else [EARLY_EXIT_DRAFT]
+        ssm_specs = list(ssms)
         if self.speculation.mode == "incremental":
             ssm_specs = []
         self.ssms = [self._load_ssm(spec, device, dtype) for spec in ssm_specs]
@@ -124,6 +134,11 @@ class LLM:
             except ValueError:
                 raise SpecInferError(f"SSM {spec!r}: expected self:N with N a number of layers") from None
             return early_exit_draft(self.model, num_layers)
+        if spec.startswith(TUNED_PREFIX):
+            if not is_default_model(self.model_path):
+                raise SpecInferError(f"SSM {spec!r} was tuned for the default model ({self.model_path.name} is "
+                                     "another): boost-tune SSMs for this LLM with `specinfer boost-tune`")
+            spec = str(tuned_ssm_path(spec))
         ssm = load_model(spec, device, dtype, shared_from=self.model)
         if self.engine_config.fuse_projections:
             fuse_projections(ssm)
