@@ -21,6 +21,7 @@ import torch
 
 from specinfer import LLM, EngineConfig, GenerationConfig, SpeculationConfig
 from specinfer.config import parse_expansion
+from specinfer.default_model import DEFAULT_SSMS, TUNED_PREFIX, tuned_ssm_path
 from specinfer.exactness import ROUNDING_BOUNDS, divergence_margin
 
 PROMPTS = [
@@ -59,8 +60,8 @@ def run_case(llm: LLM, mode: str, prompts: list[str], max_new_tokens: int) -> di
     }
 
 
-def hf_case(llm: LLM, label: str, prompts: list[str], max_new_tokens: int, **generate_kwargs) -> dict:
-    """`transformers` on the same weights, dtype, device and token ids, as a reference point."""
+def hf_llm(llm: LLM):
+    """The LLM as a `transformers` model: the same weights, dtype and device."""
     from transformers import AutoModelForCausalLM
 
     path = Path(llm.model_path)
@@ -69,7 +70,32 @@ def hf_case(llm: LLM, label: str, prompts: list[str], max_new_tokens: int, **gen
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    model = model.to(llm.engine_config.device).eval()
+    return model.to(llm.engine_config.device).eval()
+
+
+def hf_assistant(hf_model, ssm_folder: Path):
+    """A saved SSM that shares the LLM's embeddings and LM head (boost-tuned from `self:N`) as a
+    `transformers` model for assisted generation: its own layers and norm, the LLM's embeddings."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    config = hf_model.config.__class__.from_dict(
+        {**hf_model.config.to_dict(), **json.loads((ssm_folder / "config.json").read_text())})
+    assistant = AutoModelForCausalLM.from_config(config, dtype=hf_model.dtype)
+    state = {}
+    for file in sorted(ssm_folder.glob("*.safetensors")):
+        state.update(load_file(file))
+    state["model.embed_tokens.weight"] = hf_model.model.embed_tokens.weight.detach()
+    missing, unexpected = assistant.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise SystemExit(f"{ssm_folder}: not an SSM sharing the LLM's embeddings ({missing} {unexpected})")
+    assistant.tie_weights()
+    return assistant.to(hf_model.device).eval()
+
+
+def hf_case(llm: LLM, label: str, prompts: list[str], max_new_tokens: int, model=None, **generate_kwargs) -> dict:
+    """`transformers` on the same weights, dtype, device and token ids, as a reference point."""
+    model = model if model is not None else hf_llm(llm)
     eos = llm.eos_token_ids[0] if llm.eos_token_ids else None
     tokens, elapsed, outputs = 0, 0.0, []
     for i, prompt in enumerate(prompts):
@@ -179,11 +205,16 @@ def main() -> None:
     if not args.no_transformers:
         rows.append(hf_case(llm, "transformers generate", prompts, args.max_new_tokens))
         write_report(llm, args, prompts, rows)
-        ssm = (args.ssm or ["self:4"])[0]
+        ssm = (args.ssm or list(DEFAULT_SSMS))[0]
         if ssm.startswith("self:"):  # the same draft: the LLM's first N layers and its LM head
             layers = int(ssm.removeprefix("self:"))
             rows.append(hf_case(llm, f"transformers assisted (early exit {layers})", prompts, args.max_new_tokens,
                                 assistant_early_exit=layers))
+        else:  # the same SSM, as a transformers assistant model
+            folder = tuned_ssm_path(ssm) if ssm.startswith(TUNED_PREFIX) else Path(ssm)
+            model = hf_llm(llm)
+            rows.append(hf_case(llm, f"transformers assisted ({ssm})", prompts, args.max_new_tokens, model=model,
+                                assistant_model=hf_assistant(model, folder)))
     write_report(llm, args, prompts, rows, final=True)
     print(f"wrote {args.out}/engine_speed_{'gpu' if args.device.startswith('cuda') else 'cpu'}.{{md,json}}")
 
