@@ -95,9 +95,7 @@ class LLM:
             )
         if ssms is None:
             ssms = list(DEFAULT_SSMS) if is_default_model(model_path) else [EARLY_EXIT_DRAFT]
-        ssm_specs = list(ssms)
-        if self.speculation.mode == "incremental":
-            ssm_specs = []
+        ssm_specs = [] if self.speculation.mode == "incremental" else list(ssms)
         self.ssms = [self._load_ssm(spec, device, dtype) for spec in ssm_specs]
         if self.engine_config.compile:
             for model in [self.model, *self.ssms]:

@@ -95,9 +95,8 @@ def _interpreting() -> bool:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] contiguous @ (weight [N, K] * scale [N]).T -> [M, N] in x's dtype (any M; M <= MAX_ROWS is where
-    it pays). `weight`:
-    int8 with its fp32 per-row `scale`, or half precision with no scale."""
+    """x [M, K] contiguous @ (weight [N, K] * scale [N]).T -> [M, N] in x's dtype. `weight`: int8 with its
+    fp32 per-row `scale`, or half precision with no scale. Any M works; M <= MAX_ROWS is where it pays."""
     M, K = x.shape
     N = weight.shape[0]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -122,7 +121,7 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, minim
                                                    GROUP=group_size, BLOCK_N=16, BLOCK_K=2 * group_size)
         return out
     if group_size not in _int4_tuned:
-        block_ks = tuple(group_size * m for m in (2, 4) if group_size * m <= 1024)
+        block_ks = tuple(group_size * m for m in (2, 4) if group_size * m <= 1024) or (group_size,)
         _int4_tuned[group_size] = triton.autotune(configs=_configs(block_ks), key=["N", "K"])(_int4_gemv_kernel)
     _int4_tuned[group_size][lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](
         x, qweight, scale, minimum, out, N, K, GROUP=group_size)

@@ -11,7 +11,7 @@ Matmul, where the weights are read packed (the point of quantizing a memory-boun
   (`gemv_triton.py`), more rows through our tile kernel (`int8_triton.py`).
 - GPU, half precision, int4: PyTorch's tinygemm kernel (`torch._weight_int4pack_mm`, bf16, scale and
   zero point per group), its packed layout made once, on the first call; where tinygemm cannot take the
-  layer's shape, our int4 matrix-vector kernel for a few rows.
+  layer's shape, our int4 matrix-vector kernel for one row.
 - CPU, a few rows: int8 through `torch._weight_int8pack_mm`.
 Otherwise the weight is dequantized per call into the activation dtype and multiplied: exact to the
 quantized values and graph-safe, but slower than full precision.
