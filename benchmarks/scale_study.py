@@ -42,6 +42,8 @@ from specinfer.spec.tree import TreeShape
 SHAPES = {  # LLaMA-family shapes (Llama-2 7B/13B; the 68M/160M SSMs of the SpecInfer paper)
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
     "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8),  # Llama-2 70B: grouped-query attention
     "68m": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=2, num_attention_heads=12),
     "160m": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),  # smoke test
@@ -57,8 +59,8 @@ def sync() -> None:
 def random_llama(shape: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """Random weights drawn on the GPU where there is one (fast), then placed on `device`."""
     fields = SHAPES[shape]
-    hf = dict(model_type="llama", vocab_size=32000, num_key_value_heads=fields["num_attention_heads"],
-              max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False, **fields)
+    hf = dict(model_type="llama", vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+              tie_word_embeddings=False, **{"num_key_value_heads": fields["num_attention_heads"], **fields})
     with torch.device("meta"):
         model = build_model(ModelConfig.from_hf_dict(hf)).to(dtype)
     model = model.to_empty(device=device)

@@ -38,31 +38,33 @@ from specinfer.spec.tree import TreeShape  # noqa: E402
 
 
 def llama_config(shape: str) -> ModelConfig:
-    fields = SHAPES[shape]
+    fields = {"num_key_value_heads": SHAPES[shape]["num_attention_heads"], **SHAPES[shape]}
     return ModelConfig.from_hf_dict(dict(model_type="llama", vocab_size=32000, max_position_embeddings=4096,
-                                         num_key_value_heads=fields["num_attention_heads"], rms_norm_eps=1e-5,
-                                         tie_word_embeddings=False, **fields))
+                                         rms_norm_eps=1e-5, tie_word_embeddings=False, **fields))
 
 
-def random_weights(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
-    """The full model's weights, the same on every GPU of a kind (one seed per tensor)."""
+def random_weights(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, tp=None, seed: int = 0) -> dict:
+    """The model's weights (this rank's slices under `tp`), the same on every GPU of a kind: each full
+    tensor is drawn from a seed of its own, cut, and dropped before the next, so a rank never holds more
+    than its share plus one full tensor (a 70B-shaped model does not fit one GPU whole)."""
     with torch.device("meta"):
         names = {name: p.shape for name, p in build_model(cfg).state_dict().items()}
     weights = {}
     for index, (name, shape) in enumerate(sorted(names.items())):
         generator = torch.Generator(device).manual_seed(seed + index)
         if "norm" in name:
-            weights[name] = torch.ones(shape, dtype=dtype, device=device)
+            full = torch.ones(shape, dtype=dtype, device=device)
         else:
-            weights[name] = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=generator)
+            full = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=generator)
+        weights.update(shard_tensors(cfg, {name: full}, tp) if tp is not None else {name: full})
+        del full
     return weights
 
 
 def build(shape: str, device: torch.device, dtype: torch.dtype, tp=None) -> torch.nn.Module:
     cfg = llama_config(shape)
-    weights = random_weights(cfg, device, dtype)
+    weights = random_weights(cfg, device, dtype, tp)
     if tp is not None:
-        weights = shard_tensors(cfg, weights, tp)
         cfg = local_config(cfg, tp)
     return fuse_projections(instantiate(cfg, weights, device, dtype, source="random", tp=tp))
 
@@ -99,7 +101,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", type=int, default=2)
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (gloo, no CUDA graphs)")
-    p.add_argument("--llm-shape", default="13b", choices=["7b", "13b", "tiny"])
+    p.add_argument("--llm-shape", default="13b", choices=["7b", "13b", "70b", "tiny"])
     p.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"])
     p.add_argument("--expansion", default="2,2,1")
     p.add_argument("--accepted", type=float, default=2.00, help="mean tokens per LLM step for the tree")
