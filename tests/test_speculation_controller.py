@@ -82,3 +82,32 @@ def test_adaptive_engine_skips_a_useless_draft_and_stays_exact(tmp_path):
         r = manager.requests[i]
         assert_greedy_equivalent(llm, prompt, r.output_tokens, e.output_tokens)
         assert r.stats.num_speculated < 3 * 12  # speculated on a handful of the ~40 steps only
+
+
+def test_a_draft_far_from_paying_waits_the_longest_back_off_at_once():
+    """A CPU-like cost: a speculative step costs 6.5 plain steps and yields 2 tokens. After the first
+    plain step and two timed speculative ones the controller stops probing for MAX_BACKOFF steps."""
+    controller = SpeculationController()
+    speculative_steps = []
+    for step in range(1, 101):
+        chosen = controller.choose([0])
+        controller.record_step(0.65 if chosen else 0.1, 1, speculative=bool(chosen))
+        if chosen:
+            speculative_steps.append(step)
+            controller.record_request(0, 2, 1)
+    assert speculative_steps[0] == 2  # the first step is plain: the speculative one is weighed against it
+    assert len(speculative_steps) == 2, speculative_steps
+
+
+def test_a_draft_that_pays_is_not_written_off_by_one_slow_first_step():
+    """The first speculative step may capture CUDA graphs (100x slower once): no verdict from it alone."""
+    controller = SpeculationController()
+    speculated = 0
+    for _ in range(60):
+        chosen = controller.choose([0])
+        seconds = (1.0 if speculated == 0 else 0.015) if chosen else 0.01  # then 1.5 plain steps, for 3 tokens
+        controller.record_step(seconds, 1, speculative=bool(chosen))
+        if chosen:
+            speculated += 1
+            controller.record_request(0, 3, 1)
+    assert speculated > 40

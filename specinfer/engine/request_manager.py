@@ -147,9 +147,12 @@ class RequestManager:
                 results = self._verify(decoding, trees)
             else:
                 trees, drafts, results = self._speculate_greedy(decoding)
-            self._commit(decoding, trees, drafts, results)
+            drafted = self._commit(decoding, trees, drafts, results)
             if self.controller is not None:
+                # The step's time first: a request's verdict then weighs its tokens against this step too.
                 self.controller.record_step(time.perf_counter() - start, len(decoding), speculative=any(drafts))
+                for request_id, tokens in drafted:
+                    self.controller.record_request(request_id, tokens, len(decoding))
         finished = self.scheduler.retire_finished()
         for request in finished:
             self._release(request)
@@ -301,18 +304,21 @@ class RequestManager:
 
     def _commit(
         self, requests: list[Request], trees: list[TokenTree], drafts: list[list[SSMDraft]], results: list[VerifyResult]
-    ) -> None:
+    ) -> list[tuple[int, int]]:
+        """Keep every request's accepted tokens; returns (request id, tokens committed) of those that drafted."""
         # Tree nodes were fed to the LLM in node order, so node index == speculative cache entry. Each
         # model compacts the kept entries of every request in one move.
         self.llm.commit_all([(r.slot, result.accepted) for r, result in zip(requests, results)])
         for s, runner in enumerate(self.ssms):
             runner.commit_all([(r.slot, ssm_drafts[s].entries_to_keep(result.accepted))
                                for r, ssm_drafts, result in zip(requests, drafts, results) if ssm_drafts])
+        drafted = []
         for r, tree, ssm_drafts, result in zip(requests, trees, drafts, results):
             r.stats.num_llm_steps += 1
             r.stats.num_speculated += len(tree) - 1
             r.stats.num_accepted += len(result.accepted) - 1
             new_tokens = result.new_tokens(tree)
-            if ssm_drafts and self.controller is not None:
-                self.controller.record_request(r.id, len(new_tokens), len(requests))
+            if ssm_drafts:
+                drafted.append((r.id, len(new_tokens)))
             r.append(new_tokens, self.eos_token_ids)
+        return drafted

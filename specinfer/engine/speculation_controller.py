@@ -11,7 +11,11 @@ requests pays when
 which for one request is gain > ratio. Where it does not pay the whole batch runs plain steps, down to
 plain incremental decoding. Drafts that do not pay are probed again after a back-off that grows while
 probes keep failing; probes fall on steps that are multiples of the back-off, so at a large batch they
-share a few speculative steps instead of each one making the whole batch pay. A new request starts from
+share a few speculative steps instead of each one making the whole batch pay. A draft that yields less
+than half of what even the cheapest speculative step seen costs (a CPU verifying a tree of 20 tokens pays
+about six plain steps for two tokens) goes straight to the longest back-off: a probe re-measures the
+draft's acceptance, which does not triple. Each batch size starts with a plain step, so the first
+speculative step is already weighed against a measured plain one. A new request starts from
 the gain and back-off measured on earlier ones. The choice never changes the output: every tree, down
 to the bare root, is verified exactly.
 """
@@ -30,6 +34,8 @@ REMEASURE_EVERY = 64  # a plain step this often while only speculative steps run
 FIRST_MEASURE_AFTER = 2  # speculative steps between the first timed plain steps at a batch size
 STEP_WINDOW = 9  # recent step times kept per kind and batch-size bucket
 MIN_PLAIN_SAMPLES = 3  # plain steps timed early at each batch size, so that one outlier cannot set the median
+HOPELESS = 0.5  # gain below this share of the cheapest speculative step's cost ratio: longest back-off at once
+MIN_HOPELESS_SAMPLES = 2  # speculative steps timed before that verdict (the first may capture CUDA graphs)
 
 
 @dataclass(slots=True)
@@ -54,7 +60,11 @@ class _StepTimes:
 
     @property
     def speculative_s(self) -> float | None:
-        return statistics.median(self.speculative) if self.speculative else None
+        # Below three samples a median is a mean, and one first-use stall would make speculation look
+        # hopeless for the long back-off that follows: take the fastest until there are three.
+        if len(self.speculative) < 3:
+            return min(self.speculative, default=None)
+        return statistics.median(self.speculative)
 
 
 @dataclass
@@ -83,9 +93,9 @@ class SpeculationController:
         self.step += 1
         batch = len(request_ids)
         times = self.times.setdefault(_bucket(batch), _StepTimes())
-        if self.fixed_cost_ratio is None and times.steps_since_plain >= (
+        if self.fixed_cost_ratio is None and (not times.plain or times.steps_since_plain >= (
             FIRST_MEASURE_AFTER if len(times.plain) < MIN_PLAIN_SAMPLES else REMEASURE_EVERY
-        ):
+        )):
             return set()
         ratio = self.cost_ratio(batch)
         states = {rid: self._state(rid) for rid in request_ids}
@@ -106,9 +116,21 @@ class SpeculationController:
             state.backoff = self.prior_backoff = FIRST_BACKOFF
             state.next_probe = self.step
         else:
+            cheapest = self._cheapest_ratio(batch_size)
+            if cheapest is not None and state.gain < HOPELESS * cheapest:
+                state.backoff = MAX_BACKOFF
             state.next_probe = self.step + state.backoff
             state.backoff = min(BACKOFF_GROWTH * state.backoff, MAX_BACKOFF)
             self.prior_backoff = max(self.prior_backoff, state.backoff)
+
+    def _cheapest_ratio(self, batch_size: int) -> float | None:
+        """The cost ratio of the cheapest speculative step timed at this batch size (None: too few timed)."""
+        if self.fixed_cost_ratio is not None:
+            return self.fixed_cost_ratio
+        t = self.times.get(_bucket(batch_size))
+        if t is None or t.plain_s is None or len(t.speculative) < MIN_HOPELESS_SAMPLES:
+            return None
+        return min(t.speculative) / t.plain_s
 
     def record_step(self, seconds: float, batch_size: int, speculative: bool) -> None:
         t = self.times.setdefault(_bucket(batch_size), _StepTimes())
