@@ -102,3 +102,18 @@ def test_self_init_ssm_ships_without_embeddings_and_shares_the_llms(tmp_path):
     got = generate(llm, [loaded], PROMPTS, max_new=16)
     for prompt, e, g in zip(PROMPTS, expected, got):
         assert_greedy_equivalent(llm, prompt, g.output_tokens, e.output_tokens)
+
+
+def test_answer_oracle_measures_what_the_llm_accepts(boosted):
+    """Acceptance measured with the recorded answers standing in for the LLM equals the engine's with the
+    LLM itself, for one SSM and for the merged pair."""
+    from specinfer.boost.evaluate import mean_tokens_per_step
+    from specinfer.boost.oracle import oracle_tokens_per_step
+
+    llm = load_model(boosted / "llm")
+    ssms = [load_model(boosted / "out" / f"ssm{k}", dtype=torch.float32) for k in (1, 2)]
+    examples = read_examples(boosted / "out" / "data" / "held_out.jsonl")[:8]
+    for group in ([ssms[0]], ssms):
+        real = mean_tokens_per_step(llm, group, examples, (2, 1, 1), max_new_tokens=24)
+        oracle = oracle_tokens_per_step(llm.config, group, examples, (2, 1, 1), max_new_tokens=24)
+        assert real > 1.2 and abs(oracle - real) < 0.02, (real, oracle)
