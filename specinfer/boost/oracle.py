@@ -24,14 +24,15 @@ from .data import Example
 
 
 class AnswerOracle(nn.Module):
-    """Stands in for the LLM of one request: at position p its logits pick `tokens[p + 1]`."""
+    """Stands in for the LLM of the request being served (one at a time): at position p its logits pick
+    `answer[p + 1]`."""
 
-    def __init__(self, config: ModelConfig, tokens: list[int]) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         # A one-layer, one-head cache of width one: the engine allocates one, nothing reads it.
         self.config = dataclasses.replace(config, num_layers=1, num_kv_heads=1, head_dim=1)
-        self.register_buffer("answer", torch.tensor(tokens))
         self.anchor = nn.Parameter(torch.zeros(1), requires_grad=False)  # device and dtype for the engine
+        self.answer = torch.zeros(1, dtype=torch.long)
 
     def forward(self, tokens: torch.Tensor, cache, meta) -> torch.Tensor:
         return meta.positions.to(torch.float32)[..., None]  # [B, T, 1]: the position is all it needs
@@ -49,22 +50,25 @@ def oracle_tokens_per_step(llm_config: ModelConfig, ssms: list[nn.Module], examp
     """Mean tokens per LLM step (accepted plus the LLM's own, per verification) of greedy tree speculation
     with `ssms` (their trees merged) over the recorded greedy answers of `examples`, each served alone,
     without running the LLM."""
+    answers = [(e.tokens[: e.answer_start + max_new_tokens], e.answer_start) for e in examples]
+    answers = [(answer, start) for answer, start in answers if len(answer) > start]
+    if not answers:
+        return 0.0
     device = next(ssms[0].parameters()).device
+    oracle = AnswerOracle(llm_config).to(device)
+    # One engine for every answer, so that caches and CUDA graphs are made once.
+    longest = max(len(answer) for answer, _ in answers)
+    manager = RequestManager(oracle, ssms, EngineConfig(max_batch_size=1, max_sequence_length=longest + 1,
+                                                        device=str(device)),
+                             SpeculationConfig(expansion=expansion, adaptive=False), eos_token_ids=[])
     steps = committed = 0
-    for example in examples:
-        answer = example.tokens[: example.answer_start + max_new_tokens]
-        new_tokens = len(answer) - example.answer_start
-        if new_tokens < 1:
-            continue
-        oracle = AnswerOracle(llm_config, answer).to(device)
-        manager = RequestManager(oracle, ssms, EngineConfig(max_batch_size=1, max_sequence_length=len(answer) + 1,
-                                                            device=str(device)),
-                                 SpeculationConfig(expansion=expansion, adaptive=False), eos_token_ids=[])
-        request_id = manager.register_new_request(answer[: example.answer_start],
-                                                  sampling=GenerationConfig(max_new_tokens=new_tokens))
+    for answer, start in answers:
+        oracle.answer = torch.tensor(answer, device=device)
+        request_id = manager.register_new_request(answer[:start],
+                                                  sampling=GenerationConfig(max_new_tokens=len(answer) - start))
         manager.run()
         request = manager.pop_request(request_id)
-        if request.output_tokens != answer[example.answer_start :]:  # an engine bug, not bad input
+        if request.output_tokens != answer[start:]:  # an engine bug, not bad input
             raise RuntimeError("speculation with the answer oracle did not reproduce the recorded answer")
         steps += request.stats.num_llm_steps  # as the engine counts (evaluate.mean_tokens_per_step)
         committed += request.stats.num_accepted + request.stats.num_llm_steps
