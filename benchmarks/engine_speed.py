@@ -2,6 +2,7 @@
 
     python benchmarks/engine_speed.py                       # default model, CPU
     python benchmarks/engine_speed.py --device cuda         # one GPU (bf16)
+    python benchmarks/engine_speed.py --trees tree_10.json  # also a fitted tree (specinfer fit-tree)
 
 Each prompt is served alone (batch 1, greedy), so tokens/s is single-request latency. Writes a JSON file
 and a Markdown table (device, torch version, date) to docs/benchmarks/.
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from specinfer import LLM, EngineConfig, GenerationConfig, SpeculationConfig
+from specinfer.boost.fit_tree import load_tree_file
 from specinfer.config import parse_expansion
 from specinfer.default_model import DEFAULT_SSMS, TUNED_PREFIX, tuned_ssm_path
 from specinfer.exactness import ROUNDING_BOUNDS, divergence_margin
@@ -174,6 +176,9 @@ def main() -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--expansions", default="1,1,3,1,1,1,1,1;2,2,1,1;1,1,1,1",
                    help="semicolon-separated expansion configs for tree mode")
+    p.add_argument("--trees", default="",
+                   help="semicolon-separated fitted tree files (`specinfer fit-tree`): one fixed row each, and an "
+                        "adaptive row with the first")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--num-prompts", type=int, default=len(PROMPTS))
     p.add_argument("--out", default="docs/benchmarks", help="folder for the JSON and Markdown results")
@@ -197,11 +202,21 @@ def main() -> None:
             row["label"] = f"sequence (depth {depth})" if mode == "sequence" else f"tree {','.join(map(str, expansion))}"
             rows.append(row)
             write_report(llm, args, prompts, rows)
-    llm.set_speculation(SpeculationConfig(expansion=expansions[0], adaptive=True))
-    row = run_case(llm, "tree", prompts, args.max_new_tokens)
-    row["label"] = f"tree {','.join(map(str, expansions[0]))}, adaptive"
-    rows.append(row)
-    write_report(llm, args, prompts, rows)
+    trees = [(Path(f).stem, load_tree_file(f)) for f in args.trees.split(";") if f]
+    for name, tree in trees:
+        llm.set_speculation(SpeculationConfig(tree=tree, adaptive=False))
+        row = run_case(llm, "tree", prompts, args.max_new_tokens)
+        row["label"] = f"fitted tree {name} ({len(tree)} nodes)"
+        rows.append(row)
+        write_report(llm, args, prompts, rows)
+    adaptive = [(f"tree {','.join(map(str, expansions[0]))}, adaptive", SpeculationConfig(expansion=expansions[0]))]
+    adaptive += [(f"fitted tree {name}, adaptive", SpeculationConfig(tree=tree)) for name, tree in trees[:1]]
+    for label, speculation in adaptive:
+        llm.set_speculation(speculation)
+        row = run_case(llm, "tree", prompts, args.max_new_tokens)
+        row["label"] = label
+        rows.append(row)
+        write_report(llm, args, prompts, rows)
     if not args.no_transformers:
         rows.append(hf_case(llm, "transformers generate", prompts, args.max_new_tokens))
         write_report(llm, args, prompts, rows)

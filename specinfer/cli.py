@@ -1,6 +1,7 @@
 """`specinfer`: serve prompts with tree-based speculative inference from the command line.
 
-`specinfer boost-tune --out DIR` trains SSMs for an LLM (see specinfer/boost/).
+`specinfer boost-tune --out DIR` trains SSMs for an LLM (see specinfer/boost/); `specinfer fit-tree --out DIR`
+fits a draft tree's shape to them.
 
 With no arguments it answers a sample prompt with the default model (SmolLM2-135M-Instruct and its
 default draft), runs incremental decoding on the same prompt for comparison, and prints the speed-up.
@@ -43,6 +44,9 @@ def add_engine_arguments(p: argparse.ArgumentParser, max_sequence_length: int) -
                       help="tree: token trees from all SSMs; sequence: a chain from the first SSM; incremental: no SSM")
     spec.add_argument("--expansion", default=",".join(map(str, DEFAULT_EXPANSION)),
                       help="children per tree depth, e.g. 1,1,3,1,1,1,1,1")
+    spec.add_argument("--tree", metavar="JSON",
+                      help="a fitted tree shape (`specinfer fit-tree`, or a JSON list of rank paths such as "
+                           "[[0],[1],[0,0]]); takes the place of --expansion")
     spec.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
                       help="let a request sit out speculation while its draft is measured not to pay")
     run = p.add_argument_group("engine")
@@ -72,14 +76,20 @@ def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, SpeculationC
     engine = EngineConfig(args.max_batch_size, args.max_sequence_length, args.device, args.dtype,
                           args.tensor_parallel_size, None if args.quantization == "none" else args.quantization,
                           args.quant_group_size, args.gpu_memory_gb, args.pinned_memory_gb, args.compile)
-    return engine, SpeculationConfig(args.mode, parse_expansion(args.expansion), args.adaptive)
+    tree = None
+    if args.tree:
+        from .boost.fit_tree import load_tree_file
+
+        tree = load_tree_file(args.tree)
+    return engine, SpeculationConfig(args.mode, parse_expansion(args.expansion), args.adaptive, tree)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="specinfer",
         description="Serve an LLM with tree-based speculative inference; output equals the LLM's own. "
-                    "Subcommands: `specinfer serve` (OpenAI-compatible HTTP server), `specinfer boost-tune`.",
+                    "Subcommands: `specinfer serve` (OpenAI-compatible HTTP server), `specinfer boost-tune`, "
+                    "`specinfer fit-tree`.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_arguments(p)
@@ -184,6 +194,19 @@ def build_boost_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_fit_tree_parser() -> argparse.ArgumentParser:
+    from .boost.fit_tree import add_arguments
+
+    p = argparse.ArgumentParser(
+        prog="specinfer fit-tree",
+        description="Fit a draft tree's shape to where the SSMs agree with the LLM on its own answers, and "
+                    "compare it with an expansion config on held-out prompts; writes JSON for --tree.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_arguments(p)
+    return p
+
+
 def build_serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="specinfer serve",
@@ -204,7 +227,7 @@ def build_serve_parser() -> argparse.ArgumentParser:
     return p
 
 
-SUBCOMMANDS = {"boost-tune": build_boost_parser, "serve": build_serve_parser}
+SUBCOMMANDS = {"boost-tune": build_boost_parser, "fit-tree": build_fit_tree_parser, "serve": build_serve_parser}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
             from .boost.pipeline import run as run_boost
 
             return run_boost(args)
+        if command == "fit-tree":
+            from .boost.fit_tree import run as run_fit_tree
+
+            return run_fit_tree(args)
         if command == "serve":
             from .server.main import serve
 

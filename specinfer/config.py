@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import SpecInferError
+from .spec.tree import TreeShape
 
 MODES = ("tree", "sequence", "incremental")
 DEFAULT_EXPANSION = (1, 1, 3, 1, 1, 1, 1, 1)
+MAX_TREE_NODES = 1024  # per SSM, root excluded
 
 
 @dataclass(slots=True)
@@ -34,14 +36,16 @@ class GenerationConfig:
 
 @dataclass(slots=True)
 class SpeculationConfig:
-    """`tree`: every SSM expands `expansion` (children per depth) and the trees merge; `sequence`: the first
-    SSM speculates a chain as deep as `expansion`; `incremental`: no speculation. `adaptive` lets a request
+    """`tree`: every SSM drafts a tree, by `expansion` (children per depth) or by `tree`, a fitted shape
+    given as rank paths (`spec/tree_fit.py`; it takes precedence); the trees merge. `sequence`: the first
+    SSM speculates a chain as deep as the tree. `incremental`: no speculation. `adaptive` lets a request
     sit out speculation while its draft does not pay; outputs are the same either way."""
 
     mode: str = "tree"
     expansion: tuple[int, ...] = DEFAULT_EXPANSION
     # Speculate for a request only while its draft is measured to pay (engine/speculation_controller.py).
     adaptive: bool = True
+    tree: tuple[tuple[int, ...], ...] | None = None  # rank paths, e.g. ((0,), (1,), (0, 0))
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -51,23 +55,28 @@ class SpeculationConfig:
             raise SpecInferError(f"expansion must be one or more positive integers, got {self.expansion}")
         if len(self.expansion) > 32 or max(self.expansion) > 16:
             raise SpecInferError(f"expansion {self.expansion} is too large (at most 32 levels of at most 16 children)")
+        if self.tree is not None:
+            shape = TreeShape.from_paths(self.tree)  # validates
+            self.tree = shape.paths[1:]
+            if len(shape) > MAX_TREE_NODES + 1 or shape.depth > 32:
+                raise SpecInferError(f"the tree has {len(shape) - 1} nodes and depth {shape.depth}: at most "
+                                     f"{MAX_TREE_NODES} nodes and depth 32")
 
     @property
-    def draft_widths(self) -> tuple[int, ...]:
+    def tree_shape(self) -> TreeShape | None:
+        """The shape every SSM drafts (None when nothing is drafted)."""
         if self.mode == "incremental":
-            return ()
-        if self.mode == "sequence":
-            return (1,) * len(self.expansion)
-        return self.expansion
+            return None
+        if self.tree is not None:
+            shape = TreeShape.from_paths(self.tree)
+            return shape if self.mode == "tree" else TreeShape.from_widths((1,) * shape.depth)
+        return TreeShape.from_widths(self.expansion if self.mode == "tree" else (1,) * len(self.expansion))
 
     @property
     def max_tree_nodes(self) -> int:
-        """Upper bound on tree nodes per SSM, root included."""
-        total, level = 1, 1
-        for width in self.draft_widths:
-            level *= width
-            total += level
-        return total
+        """Tree nodes per SSM, root included (1 when nothing is drafted)."""
+        shape = self.tree_shape
+        return len(shape) if shape is not None else 1
 
 
 def parse_expansion(text: str) -> tuple[int, ...]:

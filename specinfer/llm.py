@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +114,7 @@ class LLM:
     def manager_for(self, mode: str) -> RequestManager:
         """The request manager running `mode` (tree, sequence or incremental) over the loaded models."""
         if mode not in self._managers:
-            speculation = SpeculationConfig(mode, self.speculation.expansion, self.speculation.adaptive)
+            speculation = dataclasses.replace(self.speculation, mode=mode)
             self._managers[mode] = RequestManager(
                 self.model, self.ssms, self.engine_config, speculation, self.eos_token_ids, self.tokenizer
             )

@@ -117,3 +117,48 @@ def test_answer_oracle_measures_what_the_llm_accepts(boosted):
         real = mean_tokens_per_step(llm, group, examples, (2, 1, 1), max_new_tokens=24)
         oracle = oracle_tokens_per_step(llm.config, group, examples, (2, 1, 1), max_new_tokens=24)
         assert real > 1.2 and abs(oracle - real) < 0.02, (real, oracle)
+
+
+def test_replayed_ranks_give_what_the_engine_accepts(boosted):
+    """A shape's tokens per step replayed from teacher-forced ranks (spec/tree_fit.py) equal the engine's,
+    served with the answers standing in for the LLM: for a uniform and a fitted shape, one SSM and two."""
+    from specinfer.boost.fit_tree import answer_ranks
+    from specinfer.boost.oracle import oracle_tokens_per_step
+    from specinfer.spec.tree import TreeShape
+    from specinfer.spec.tree_fit import fit_tree, tokens_per_step
+
+    llm = load_model(boosted / "llm")
+    ssms = [load_model(boosted / "out" / f"ssm{k}", dtype=torch.float32) for k in (1, 2)]
+    train = read_examples(boosted / "out" / "data" / "train.jsonl")[:40]
+    held_out = read_examples(boosted / "out" / "data" / "held_out.jsonl")[:8]
+    for group in ([ssms[0]], ssms):
+        fitted = fit_tree([answer_ranks(s, train) for s in group], num_nodes=6)
+        held_ranks = [answer_ranks(s, held_out) for s in group]
+        for shape in (TreeShape.from_widths((2, 1, 1)), fitted):
+            replayed = tokens_per_step(shape, held_ranks, max_new_tokens=24)
+            served = oracle_tokens_per_step(llm.config, group, held_out, (1,), 24, tree=shape.paths[1:])
+            assert served > 1.2 and abs(replayed - served) < 0.02, (shape.paths, replayed, served)
+
+
+def test_fit_tree_command_writes_a_tree_that_serves_exactly(boosted, tmp_path):
+    from specinfer.boost.fit_tree import load_tree_file
+
+    out = tmp_path / "fit"
+    llm_dir, ssm_dir = boosted / "llm", boosted / "out" / "ssm1"
+    code = main(["fit-tree", "--llm", str(llm_dir), "--ssm", str(ssm_dir), "--out", str(out), "--nodes", "4",
+                 "--max-prompts", "40", "--max-held-out", "8", "--max-new-tokens", "24", "--eval-new-tokens", "24",
+                 "--max-sequence-length", "200",
+                 "--expansion", "2,1,1", "--engine-check"])
+    assert code == 0
+    record = json.loads((out / "tree.json").read_text())
+    assert record["nodes"] == len(record["paths"]) <= 4 and record["ssms"] == [str(ssm_dir)]
+    report = (out / "fit_tree.md").read_text()
+    assert "fitted, 4 nodes" in report and "expansion 2,1,1" in report
+    tree = load_tree_file(out / "tree.json")
+    llm = load_model(llm_dir)
+    prompts = [e.tokens[: e.answer_start] for e in read_examples(out / "data" / "held_out.jsonl")[:4]]
+    expected = generate(llm, [], prompts, mode="incremental", max_new=16)
+    got = generate(llm, [load_model(ssm_dir)], prompts, tree=tree, max_new=16)
+    for prompt, g, e in zip(prompts, got, expected):
+        assert_greedy_equivalent(llm, prompt, g.output_tokens, e.output_tokens)
+    assert sum(r.stats.num_accepted for r in got) > 0

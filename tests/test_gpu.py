@@ -14,14 +14,16 @@ from specinfer.models.early_exit import early_exit_draft
 from specinfer.models.loader import load_model
 
 from .conftest import save_random_llama
-from .test_speculative import PROMPTS, assert_greedy_equivalent, generate
+from .test_speculative import FITTED_TREE, PROMPTS, assert_greedy_equivalent, generate
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,compiled", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
 @pytest.mark.parametrize("batch", [1, 8])
-def test_gpu_greedy_equals_incremental(tmp_path, dtype, compiled, batch):
-    """Compiled: both runs use the fused blocks (models/compile.py), as the engine does with --compile."""
+@pytest.mark.parametrize("tree", [None, FITTED_TREE], ids=["expansion", "fitted-tree"])
+def test_gpu_greedy_equals_incremental(tmp_path, dtype, compiled, batch, tree):
+    """Compiled: both runs use the fused blocks (models/compile.py), as the engine does with --compile.
+    The fitted tree's levels are gathered from each parent's top-k inside the drafter's CUDA graph."""
     from specinfer.models.compile import compile_blocks
 
     bound = ROUNDING_BOUNDS[dtype]
@@ -34,7 +36,7 @@ def test_gpu_greedy_equals_incremental(tmp_path, dtype, compiled, batch):
             compile_blocks(model)
     prompts = PROMPTS + [p[::-1] for p in PROMPTS]  # 8 requests, served in batches of `batch`
     expected = generate(llm, [], prompts, mode="incremental", batch=batch)
-    got = generate(llm, ssms, prompts, expansion=(1, 2, 1, 1), batch=batch)
+    got = generate(llm, ssms, prompts, expansion=(1, 2, 1, 1), batch=batch, tree=tree)
     for prompt, g, e in zip(prompts, got, expected):
         assert_greedy_equivalent(llm, prompt, g.output_tokens, e.output_tokens, bound)
     assert sum(r.stats.num_accepted for r in got) > 0

@@ -28,10 +28,16 @@ def assert_greedy_equivalent(llm, prompt, got, expected, bound=ROUNDING_BOUND):
     assert margin is None or margin <= bound, f"outputs diverge where the top-2 margin is {margin} > {bound}"
 
 
-def generate(llm, ssms, prompts, mode="tree", expansion=(1, 1, 3, 1, 1), batch=4, max_new=20, eos=(), device="cpu"):
+def generate(llm, ssms, prompts, mode="tree", expansion=(1, 1, 3, 1, 1), batch=4, max_new=20, eos=(), device="cpu",
+             tree=None, sampled_neighbour=False):
+    """Serve `prompts` greedily. `sampled_neighbour`: one sampled request rides along, which sends the
+    whole batch through host drafting (spec/draft.py) instead of the device drafter."""
     manager = RequestManager(llm, ssms, EngineConfig(max_batch_size=batch, max_sequence_length=128, device=device),
-                             SpeculationConfig(mode=mode, expansion=expansion, adaptive=False), eos_token_ids=list(eos))
+                             SpeculationConfig(mode=mode, expansion=expansion, adaptive=False, tree=tree),
+                             eos_token_ids=list(eos))
     ids = [manager.register_new_request(p, sampling=GenerationConfig(max_new_tokens=max_new)) for p in prompts]
+    if sampled_neighbour:
+        manager.register_new_request(prompts[0], sampling=GenerationConfig(do_sample=True, max_new_tokens=max_new))
     manager.run()
     return [manager.requests[i] for i in ids]
 
@@ -46,6 +52,25 @@ def random_models(tmp_path_factory):
     llm = load_model(root / "llm")
     ssms = [load_model(root / "ssm0"), load_model(root / "ssm1"), early_exit_draft(llm, 1)]
     return llm, ssms
+
+
+# An irregular shape, as tree fitting makes them: a deep first-choice chain, side branches of other widths.
+FITTED_TREE = ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 1, 0), (0, 0, 0, 0), (0, 0, 0, 1),
+               (0, 0, 0, 0, 0))
+
+
+@pytest.mark.parametrize("num_ssms", [1, 2])
+@pytest.mark.parametrize("host_drafting", [False, True])
+def test_fitted_tree_greedy_equals_incremental(random_models, num_ssms, host_drafting):
+    llm, ssms = random_models
+    expected = generate(llm, [], PROMPTS, mode="incremental")
+    got = generate(llm, ssms[:num_ssms], PROMPTS, tree=FITTED_TREE, batch=5, sampled_neighbour=host_drafting)
+    for prompt, g, e in zip(PROMPTS, got, expected):
+        assert len(g.output_tokens) == 20
+        assert_greedy_equivalent(llm, prompt, g.output_tokens, e.output_tokens)
+    assert sum(r.stats.num_accepted for r in got) > 0
+    # The drafts followed the shape: no step speculated more nodes than the shape has per SSM.
+    assert all(r.stats.num_speculated <= r.stats.num_llm_steps * num_ssms * len(FITTED_TREE) for r in got)
 
 
 @pytest.mark.parametrize("expansion", EXPANSIONS)

@@ -77,9 +77,9 @@ def tiny_models(tmp_path_factory):
     return load_model(root / "llm"), [load_model(root / "ssm0"), load_model(root / "ssm1")]
 
 
-def sample_sequences(llm, ssms, config: GenerationConfig, num: int) -> dict:
+def sample_sequences(llm, ssms, config: GenerationConfig, num: int, tree=None) -> dict:
     manager = RequestManager(llm, ssms, EngineConfig(max_batch_size=256, max_sequence_length=16),
-                             SpeculationConfig(expansion=(2, 2), adaptive=False), eos_token_ids=[])
+                             SpeculationConfig(expansion=(2, 2), adaptive=False, tree=tree), eos_token_ids=[])
     ids = [manager.register_new_request(PROMPT, sampling=GenerationConfig(
         do_sample=True, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
         seed=seed, max_new_tokens=NEW_TOKENS)) for seed in range(num)]
@@ -123,6 +123,17 @@ def test_tree_sampling_matches_llm_distribution(tiny_models, name, monkeypatch):
         wrong_counts, _ = sample_sequences(llm, ssms, config, num)
         wrong_p = chi_square_p_value(wrong_counts, exact, num)
         assert wrong_p < ALPHA, f"the test failed to reject a biased verifier (p = {wrong_p:.2e})"
+
+
+def test_sampling_along_a_fitted_tree_matches_llm_distribution(tiny_models):
+    """A fitted shape gives each node its own number of draws (here 3 under the root, 1 or 2 below)."""
+    llm, ssms = tiny_models
+    config = CONFIGS["temperature-1"]
+    num = 6000
+    counts, accepted = sample_sequences(llm, ssms, config, num, tree=((0,), (1,), (2,), (0, 0), (0, 1), (1, 0)))
+    assert accepted > num // 4
+    p_value = chi_square_p_value(counts, exact_sequence_probs(llm, config), num)
+    assert p_value > ALPHA, f"speculative samples differ from the LLM's distribution (p = {p_value:.2e})"
 
 
 def test_top_k_children_rule():

@@ -6,7 +6,10 @@ import torch
 
 from specinfer.engine.model_runner import Chunk, ModelRunner
 from specinfer.models.loader import load_model
-from specinfer.spec.tree import TokenTree, ancestor_mask, merge_trees
+import pytest
+
+from specinfer.errors import SpecInferError
+from specinfer.spec.tree import TokenTree, TreeShape, ancestor_mask, merge_trees
 
 from .conftest import save_random_llama, save_random_opt
 
@@ -19,6 +22,24 @@ def test_ancestor_mask_and_paths():
     assert tree.path_to(4) == [0, 1, 3, 4]
     assert tree.depths() == [0, 1, 1, 2, 3]
     assert tree.children(0) == [1, 2]
+
+
+def test_tree_shapes_from_widths_and_rank_paths():
+    uniform = TreeShape.from_widths((2, 1))
+    assert uniform.parents == (-1, 0, 0, 1, 2)
+    assert uniform.paths == ((), (0,), (1,), (0, 0), (1, 0))
+    assert uniform == TreeShape.from_paths([[1, 0], [0], [0, 0], [1]])  # any order in, level order out
+    fitted = TreeShape.from_paths([[0], [1], [0, 0], [0, 1], [0, 0, 0], [1, 0]])
+    assert fitted.parents == (-1, 0, 0, 1, 1, 2, 3)
+    assert fitted.ranks == (0, 0, 1, 0, 1, 0, 0)
+    assert fitted.children == ((1, 2), (3, 4), (5,), (6,), (), (), ())
+    assert fitted.level_starts == (0, 1, 3, 6, 7) and fitted.depth == 3
+    assert [fitted.level_width(d) for d in (1, 2, 3)] == [2, 2, 1]
+    assert fitted.num_nodes_within(1) == 3
+    for bad, message in [([[0, 0]], "lacks its parent"), ([[1]], "better-ranked sibling"), ([], "at least one"),
+                         ([[0], [-1]], "negative"), ([[0], ["x"]], "rank paths")]:
+        with pytest.raises(SpecInferError, match=message):
+            TreeShape.from_paths(bad)
 
 
 def test_merge_shares_prefixes():
@@ -99,3 +120,40 @@ def test_one_buffer_inputs_spell_out_the_prefix_and_tree_mask(tmp_path):
     meta = host.to_device(torch.device("cpu")).meta
     mask = dense_mask(meta)[:, 0]  # over entries 0..kv_len-1
     assert meta.kv_len == 10 and mask[0, 2].tolist() == [True] * 5 + [True, False, False, False, True]
+
+
+def test_device_drafter_and_host_drafting_grow_the_same_fitted_tree(tmp_path):
+    """Both drafters follow a fitted shape: every node is its parent's top-k token of the given rank."""
+    from specinfer.config import GenerationConfig
+    from specinfer.spec.device_draft import DeviceTreeDrafter
+    from specinfer.spec.draft import DraftRequest, expand
+
+    save_random_llama(tmp_path)
+    ssm = load_model(tmp_path)
+    shape = TreeShape.from_paths([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0, 0]])
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    host = expand(ModelRunner(ssm, num_slots=1, capacity=64), [DraftRequest(0, prompt, 8, GenerationConfig(), None)],
+                  shape)[0]
+    runner = ModelRunner(ssm, num_slots=1, capacity=64)
+    root_logits = torch.cat(runner.forward([Chunk.chain(0, prompt)]))
+    device_tokens = DeviceTreeDrafter(runner, shape).expand(root_logits, [0], [len(prompt)])[0].tolist()
+    assert host.tree.parents == list(shape.parents)
+    assert host.tree.tokens == [prompt[-1]] + device_tokens
+    # Check a few nodes against the SSM run alone on their paths.
+    for node in (2, 5, 8):
+        path = [host.tree.tokens[u] for u in host.tree.path_to(shape.parents[node])][1:]
+        alone = ModelRunner(ssm, num_slots=1, capacity=64).forward([Chunk.chain(0, prompt + path)])[0][0]
+        assert host.tree.tokens[node] == alone.topk(shape.ranks[node] + 1).indices[-1].item()
+
+
+def test_greedy_verification_keeps_the_deeper_of_two_side_by_side_paths():
+    """Two SSMs' trees under one root, both starting with token 7: the second's path runs deeper."""
+    from specinfer.spec.verify import verify_greedy_targets
+
+    tree = TokenTree(tokens=[1, 7, 8, 7, 9, 10], parents=[-1, 0, 1, 0, 3, 4])
+    targets = [7, 5, 0, 9, 10, 11]  # the LLM's argmax after each node
+    result = verify_greedy_targets(tree, targets)
+    assert result.accepted == [0, 3, 4, 5] and result.next_token == 11
+    assert result.new_tokens(tree) == [7, 9, 10, 11]
+    first_only = verify_greedy_targets(tree, [7, 8, 3, 5, 0, 0])  # now only the first tree's path matches
+    assert first_only.accepted == [0, 1, 2] and first_only.next_token == 3

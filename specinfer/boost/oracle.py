@@ -46,10 +46,11 @@ class AnswerOracle(nn.Module):
 
 @torch.no_grad()
 def oracle_tokens_per_step(llm_config: ModelConfig, ssms: list[nn.Module], examples: list[Example],
-                           expansion: tuple[int, ...], max_new_tokens: int) -> float:
+                           expansion: tuple[int, ...], max_new_tokens: int,
+                           tree: tuple[tuple[int, ...], ...] | None = None) -> float:
     """Mean tokens per LLM step (accepted plus the LLM's own, per verification) of greedy tree speculation
     with `ssms` (their trees merged) over the recorded greedy answers of `examples`, each served alone,
-    without running the LLM."""
+    without running the LLM. `tree`: a fitted shape in place of `expansion`."""
     answers = [(e.tokens[: e.answer_start + max_new_tokens], e.answer_start) for e in examples]
     answers = [(answer, start) for answer, start in answers if len(answer) > start]
     if not answers:
@@ -60,7 +61,7 @@ def oracle_tokens_per_step(llm_config: ModelConfig, ssms: list[nn.Module], examp
     longest = max(len(answer) for answer, _ in answers)
     manager = RequestManager(oracle, ssms, EngineConfig(max_batch_size=1, max_sequence_length=longest + 1,
                                                         device=str(device)),
-                             SpeculationConfig(expansion=expansion, adaptive=False), eos_token_ids=[])
+                             SpeculationConfig(expansion=expansion, adaptive=False, tree=tree), eos_token_ids=[])
     steps = committed = 0
     for answer, start in answers:
         oracle.answer = torch.tensor(answer, device=device)

@@ -15,7 +15,7 @@ from ..errors import SpecInferError
 from ..spec.device_draft import DeviceTreeDrafter
 from ..spec.draft import DraftRequest, SSMDraft, expand
 from ..spec.sampling import choose_tokens, logits_to_probs
-from ..spec.tree import TokenTree, TreeShape, merge_trees
+from ..spec.tree import TokenTree, merge_trees
 from ..spec.verify import VerifyResult, verify_greedy_targets, verify_stochastic
 from ..tokenizer import Tokenizer
 from .model_runner import Chunk, ModelRunner
@@ -62,7 +62,7 @@ class RequestManager:
             ModelRunner(ssm, engine.max_batch_size, engine.max_sequence_length + speculation.max_tree_nodes)
             for ssm in active_ssms
         ]
-        self.tree_shape = TreeShape.from_widths(speculation.draft_widths) if self.ssms else None
+        self.tree_shape = speculation.tree_shape if self.ssms else None
         self.drafters = [DeviceTreeDrafter(runner, self.tree_shape) for runner in self.ssms]
         self.controller = SpeculationController() if speculation.adaptive and self.ssms else None
         self.scheduler = Scheduler(engine.max_batch_size)
@@ -267,7 +267,7 @@ class RequestManager:
                              requests[i].sampling, requests[i].generator)
                 for i in drafting
             ]
-            per_ssm.append(expand(runner, draft_requests, self.speculation.draft_widths))
+            per_ssm.append(expand(runner, draft_requests, self.tree_shape))
         trees = [TokenTree.root_only(r.tokens[-1]) for r in requests]
         drafts: list[list[SSMDraft]] = [[] for _ in requests]
         for k, i in enumerate(drafting):

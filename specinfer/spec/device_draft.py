@@ -1,6 +1,6 @@
 """Greedy tree drafting that stays on the device from the root's logits to the last level's tokens.
 
-With top-k children the tree's shape depends on the expansion widths alone (`TreeShape`), so every SSM
+With top-k children the tree's shape depends on the children's ranks alone (`TreeShape`), so every SSM
 pass of an expansion has static shapes: positions, cache offsets and tree masks follow from where each
 request's tree starts in its cache, and each level's tokens are the previous level's top-k, never read
 by the host. On a GPU the whole expansion (all levels) is captured once per batch bucket and replayed
@@ -33,9 +33,18 @@ class DeviceTreeDrafter:
         ancestors = ancestors.to(self.device)
         self.level_nodes = [  # per depth >= 1: its node ids minus one (= entry offsets after `start`)
             torch.arange(shape.level_starts[d] - 1, shape.level_starts[d + 1] - 1, device=self.device)
-            for d in range(1, len(shape.widths) + 1)
+            for d in range(1, shape.depth + 1)
         ]
         self.level_masks = [ancestors[nodes] for nodes in self.level_nodes]  # what each level's nodes see
+        # Level d's tokens are picked from the top-k of every node of level d - 1: node j takes entry
+        # (its parent's place in that level) * k + (its rank). None where that is every entry in order.
+        self.level_picks: list[torch.Tensor | None] = []
+        for d in range(1, shape.depth + 1):
+            k, first = shape.level_width(d), shape.level_starts[d - 1]
+            nodes = range(shape.level_starts[d], shape.level_starts[d + 1])
+            picks = [(shape.parents[j] - first) * k + shape.ranks[j] for j in nodes]
+            everything = picks == list(range((shape.level_starts[d] - first) * k))
+            self.level_picks.append(None if everything else torch.tensor(picks, device=self.device))
         self.graphs: dict[int, _ExpansionGraph] = {}
         self.pool = None
 
@@ -66,15 +75,16 @@ class DeviceTreeDrafter:
         return graph.tokens[:batch]
 
     def _expand(self, root_logits: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, kv_len: int) -> torch.Tensor:
-        widths = self.shape.widths
         batch = root_logits.shape[0]
-        level_tokens = root_logits.topk(widths[0], dim=-1).indices  # [B, width]: depth 1
-        levels = [level_tokens]
-        for depth in range(1, len(widths)):
-            hidden = self.model(level_tokens, self.cache, self._metadata(depth, slots, starts, kv_len))
-            logits = self.model.compute_logits(hidden)  # [B, nodes at depth, V]
-            level_tokens = logits.topk(widths[depth], dim=-1).indices.reshape(batch, -1)
-            levels.append(level_tokens)
+        logits = root_logits[:, None]  # [B, nodes of the level above, V]
+        levels = []
+        for depth in range(1, self.shape.depth + 1):
+            if depth > 1:
+                hidden = self.model(levels[-1], self.cache, self._metadata(depth - 1, slots, starts, kv_len))
+                logits = self.model.compute_logits(hidden)
+            top = logits.topk(self.shape.level_width(depth), dim=-1).indices.reshape(batch, -1)
+            picks = self.level_picks[depth - 1]
+            levels.append(top if picks is None else top[:, picks])  # [B, nodes at depth]
         return torch.cat(levels, dim=1)
 
     def _metadata(self, depth: int, slots: torch.Tensor, starts: torch.Tensor, kv_len: int) -> AttentionMetadata:

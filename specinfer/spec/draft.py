@@ -13,7 +13,7 @@ import torch
 from ..config import GenerationConfig
 from ..engine.model_runner import Chunk, ModelRunner
 from .sampling import logits_to_probs
-from .tree import Proposal, TokenTree
+from .tree import Proposal, TokenTree, TreeShape
 
 
 @dataclass(slots=True)
@@ -45,9 +45,10 @@ class SSMDraft:
         return keep
 
 
-def expand(runner: ModelRunner, requests: list[DraftRequest], widths: tuple[int, ...]) -> list[SSMDraft]:
-    """Grow one tree per request. Greedy: top-k children by SSM logits. Sampling: `width` independent
-    draws from the SSM's sampling distribution (duplicates merge, each draw kept as a proposal)."""
+def expand(runner: ModelRunner, requests: list[DraftRequest], shape: TreeShape) -> list[SSMDraft]:
+    """Grow one tree per request along `shape`. Greedy: a node's children are the SSM's top-k tokens, its
+    k children in the shape. Sampling: as many independent draws from the SSM's sampling distribution
+    (duplicates merge, each draw kept as a proposal), the i-th new token taking the shape's i-th child."""
     if not requests:
         return []
     drafts, chunks = [], []
@@ -57,31 +58,34 @@ def expand(runner: ModelRunner, requests: list[DraftRequest], widths: tuple[int,
         chunks.append(Chunk.chain(r.slot, catch_up))
         drafts.append(SSMDraft(TokenTree.root_only(r.tokens[-1]), n, [n - 1]))
         drafts[-1].tree.sampled = r.sampling.do_sample
-    frontier = [[0] for _ in requests]  # tree nodes whose logits the last pass produced, per request
+    # Per request: the tree nodes whose logits the last pass produced, and the shape node of each.
+    frontier: list[list[tuple[int, int]]] = [[(0, 0)] for _ in requests]
     logits = runner.forward(chunks)
-    for depth, width in enumerate(widths):
+    for depth in range(shape.depth):
         active = [i for i, r in enumerate(requests) if depth < r.max_depth and frontier[i]]
         if not active:
             break
-        new_nodes = {
-            i: _add_children(drafts[i].tree, frontier[i], logits[i], width, requests[i].sampling, requests[i].generator)
-            for i in active
-        }
+        grown = {i: _add_children(drafts[i].tree, frontier[i], logits[i], shape, requests[i].sampling,
+                                  requests[i].generator) for i in active}
         frontier = [[] for _ in requests]
-        feed = [i for i in active if depth + 1 < min(len(widths), requests[i].max_depth)]
-        if not feed:
-            break
-        chunks = []
-        for i in feed:
-            draft, nodes = drafts[i], new_nodes[i]
+        chunks, feed = [], []
+        for i in active:
+            # Only nodes with children in the shape are fed; the others never get a cache entry.
+            nodes = [(node, at) for node, at in grown[i] if shape.children[at] and depth + 1 < requests[i].max_depth]
+            if not nodes:
+                continue
+            draft = drafts[i]
             first = runner.num_speculative(requests[i].slot)
             draft.cache_index.extend([-1] * (len(draft.tree) - len(draft.cache_index)))
-            for k, node in enumerate(nodes):
+            for k, (node, _) in enumerate(nodes):
                 draft.cache_index[node] = first + k
-            parents = [draft.cache_index[draft.tree.parents[u]] for u in nodes]
-            tokens = [draft.tree.tokens[u] for u in nodes]
+            parents = [draft.cache_index[draft.tree.parents[u]] for u, _ in nodes]
+            tokens = [draft.tree.tokens[u] for u, _ in nodes]
             chunks.append(Chunk(requests[i].slot, tokens, parents, list(range(len(nodes)))))
             frontier[i] = nodes
+            feed.append(i)
+        if not feed:
+            break
         outputs = runner.forward(chunks)
         logits = [None] * len(requests)
         for i, out in zip(feed, outputs):
@@ -93,27 +97,30 @@ def expand(runner: ModelRunner, requests: list[DraftRequest], widths: tuple[int,
 
 def _add_children(
     tree: TokenTree,
-    parents: list[int],
+    parents: list[tuple[int, int]],  # (tree node, its shape node)
     logits: torch.Tensor,  # [len(parents), V]
-    width: int,
+    shape: TreeShape,
     sampling: GenerationConfig,
     generator: torch.Generator | None,
-) -> list[int]:
-    """Add `width` children under each parent; returns the new nodes in order."""
-    new_nodes: list[int] = []
+) -> list[tuple[int, int]]:
+    """Add each parent's children; returns the new (tree node, shape node) pairs in order."""
+    new_nodes: list[tuple[int, int]] = []
+    widths = [len(shape.children[at]) for _, at in parents]
     if not sampling.do_sample:
-        top = logits.topk(width, dim=-1).indices.tolist()
-        for parent, tokens in zip(parents, top):
-            for token in tokens:
-                new_nodes.append(tree.add_child(parent, token))
+        top = logits.topk(max(widths), dim=-1).indices.tolist()
+        for (parent, at), tokens in zip(parents, top):
+            for token, child_at in zip(tokens, shape.children[at]):
+                new_nodes.append((tree.add_child(parent, token), child_at))
         return new_nodes
     probs = logits_to_probs(logits, sampling).cpu()  # q: what the draws really come from
-    draws = torch.multinomial(probs, width, replacement=True, generator=generator).tolist()
-    for parent, q, tokens in zip(parents, probs, draws):
-        for token in tokens:
+    # One batched draw; a parent with fewer children uses its first draws (still independent draws).
+    draws = torch.multinomial(probs, max(widths), replacement=True, generator=generator).tolist()
+    for (parent, at), q, tokens, width in zip(parents, probs, draws, widths):
+        places = iter(shape.children[at])
+        for token in tokens[:width]:
             before = len(tree)
             child = tree.add_child(parent, token)
             tree.proposals[parent].append(Proposal(child, q))
             if len(tree) > before:
-                new_nodes.append(child)
+                new_nodes.append((child, next(places)))
     return new_nodes

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import SpecInferError
+
 
 @dataclass(slots=True)
 class Proposal:
@@ -105,30 +107,79 @@ def merge_trees(trees: list[TokenTree]) -> tuple[TokenTree, list[list[int]]]:
 
 @dataclass(frozen=True)
 class TreeShape:
-    """The topology of a tree whose every node at depth d has `widths[d]` children (top-k expansion).
+    """The topology of a greedy draft tree whose every child is its parent's k-th best token (top-k).
 
-    Greedy drafting picks the top-k tokens under each node, which are always distinct, so the shape
-    depends on the widths alone and can be laid out before any token is known. Nodes are numbered in
-    level order, children of one parent consecutive, node 0 the root: the order `expand` builds."""
+    A node is named by its rank path: (0, 2) is the SSM's third choice after its first choice. Top-k
+    tokens under one parent are always distinct, so the shape depends on the ranks alone and can be laid
+    out before any token is known. An expansion config (`from_widths`) gives every node at depth d the
+    same `widths[d]` children; a fitted shape (`spec/tree_fit.py`) spends its nodes where the SSM is
+    measured to be right, e.g. deep along its first choices. Nodes are numbered in level order, children
+    of one parent consecutive and in rank order, node 0 the root: the order the drafters build."""
 
-    widths: tuple[int, ...]
+    paths: tuple[tuple[int, ...], ...]  # per node, root first (the empty path)
     parents: tuple[int, ...]
     depths: tuple[int, ...]
+    ranks: tuple[int, ...]  # per node, its rank among its parent's children (root: 0)
+    children: tuple[tuple[int, ...], ...]  # per node, its children in rank order
     level_starts: tuple[int, ...]  # level d holds nodes level_starts[d] .. level_starts[d + 1] - 1
 
     @classmethod
     def from_widths(cls, widths: tuple[int, ...]) -> "TreeShape":
-        parents, depths, starts = [-1], [0], [0, 1]
-        for depth, width in enumerate(widths):
-            for parent in range(starts[depth], starts[depth + 1]):
-                parents.extend([parent] * width)
-                depths.extend([depth + 1] * width)
-            starts.append(len(parents))
-        return cls(tuple(widths), tuple(parents), tuple(depths), tuple(starts))
+        paths, level = [], [()]
+        for width in widths:
+            level = [path + (rank,) for path in level for rank in range(width)]
+            paths += level
+        return cls.from_paths(paths)
+
+    @classmethod
+    def from_paths(cls, paths) -> "TreeShape":
+        """A shape from rank paths (every node's parent path present, its siblings ranked 0..k-1)."""
+        try:
+            given = {tuple(int(rank) for rank in path) for path in paths}
+        except (TypeError, ValueError):
+            raise SpecInferError("a tree must be a list of rank paths such as [[0], [1], [0, 0]]") from None
+        given.discard(())
+        for path in sorted(given):
+            if min(path) < 0:
+                raise SpecInferError(f"tree path {list(path)} has a negative rank")
+            if len(path) > 1 and path[:-1] not in given:
+                raise SpecInferError(f"tree path {list(path)} lacks its parent {list(path[:-1])}")
+            if path[-1] > 0 and path[:-1] + (path[-1] - 1,) not in given:
+                raise SpecInferError(f"tree path {list(path)} lacks its better-ranked sibling "
+                                     f"{list(path[:-1] + (path[-1] - 1,))}")
+        if not given:
+            raise SpecInferError("a tree needs at least one node besides the root")
+        children: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+        for path in sorted(given):
+            children.setdefault(path[:-1], []).append(path)
+        ordered, parents, starts, level = [()], [-1], [0, 1], [0]
+        while level:
+            next_level = []
+            for parent in level:
+                for child in children.get(ordered[parent], ()):
+                    next_level.append(len(ordered))
+                    ordered.append(child)
+                    parents.append(parent)
+            if next_level:
+                starts.append(len(ordered))
+            level = next_level
+        kids: list[list[int]] = [[] for _ in ordered]
+        for node, parent in enumerate(parents[1:], start=1):
+            kids[parent].append(node)
+        return cls(tuple(ordered), tuple(parents), tuple(len(p) for p in ordered),
+                   tuple(p[-1] if p else 0 for p in ordered), tuple(map(tuple, kids)), tuple(starts))
 
     def __len__(self) -> int:
         return len(self.parents)
 
+    @property
+    def depth(self) -> int:
+        return len(self.level_starts) - 2
+
+    def level_width(self, depth: int) -> int:
+        """The k of the top-k that yields level `depth` (>= 1): its highest rank plus one."""
+        return max(self.ranks[self.level_starts[depth] : self.level_starts[depth + 1]]) + 1
+
     def num_nodes_within(self, depth: int) -> int:
         """Nodes (root included) at depth <= `depth`: a prefix of the level order."""
-        return self.level_starts[min(depth, len(self.widths)) + 1]
+        return self.level_starts[min(depth, self.depth) + 1]

@@ -36,12 +36,17 @@ def verify_greedy(tree: TokenTree, logits: torch.Tensor) -> VerifyResult:
 
 
 def verify_greedy_targets(tree: TokenTree, targets: list[int]) -> VerifyResult:
-    """`targets`: the LLM's argmax at every tree node."""
-    node, accepted = 0, [0]
-    while (child := tree.child_with_token(node, targets[node])) is not None:
-        node = child
-        accepted.append(node)
-    return VerifyResult(accepted, targets[node])
+    """`targets`: the LLM's argmax at every tree node. Keeps the deepest node whose whole path is the LLM's
+    choice. Several SSMs' trees verified side by side under one root may hold the same token twice; the
+    deeper of the two paths is kept, not the first (the tokens are the same either way)."""
+    depth = [0] * len(tree)  # per node: its depth if its whole path is accepted, else -1
+    deepest = 0
+    for node in range(1, len(tree)):
+        parent = tree.parents[node]
+        depth[node] = depth[parent] + 1 if depth[parent] >= 0 and tree.tokens[node] == targets[parent] else -1
+        if depth[node] > depth[deepest]:
+            deepest = node
+    return VerifyResult(tree.path_to(deepest), targets[deepest])
 
 
 def verify_stochastic(tree: TokenTree, probs: torch.Tensor, generator: torch.Generator | None) -> VerifyResult:

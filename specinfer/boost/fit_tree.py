@@ -1,0 +1,142 @@
+"""`specinfer fit-tree`: a draft tree shaped by where an LLM's SSMs are right (spec/tree_fit.py).
+
+The LLM answers training prompts greedily (our engine; reused from `--out` if already there), each SSM
+ranks every answer token teacher-forced, and a shape of `--nodes` nodes is fitted to those ranks. The
+fitted shape is then judged on held-out answers against the `--expansion` tree, and written as JSON
+that `--tree` loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import EngineConfig, SpeculationConfig, parse_expansion
+from ..errors import SpecInferError
+from ..llm import LLM
+from ..spec.tree import TreeShape
+from ..spec.tree_fit import fit_tree, tokens_per_step
+from .data import Example, generate_examples
+from .oracle import oracle_tokens_per_step
+from .pipeline import read_prompt_file
+from .prompts import build_prompts
+from .train import _batch, causal_logits
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--llm", metavar="PATH", help="the LLM (default: the default model)")
+    p.add_argument("--ssm", dest="ssms", action="append", metavar="PATH",
+                   help="an SSM as --ssm takes it elsewhere; repeat for SSMs drafting side by side "
+                        "(default: the LLM's default draft)")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer (default: the one beside the LLM)")
+    p.add_argument("--prompt-file", metavar="JSON",
+                   help="prompts, a JSON list of strings; every 5th is held out (default: the built-in set)")
+    p.add_argument("--out", required=True, metavar="DIR", help="answers, the fitted tree (tree.json), its report")
+    p.add_argument("--nodes", type=int, action="append", metavar="N",
+                   help="tree nodes per SSM, root excluded; repeat for several trees (default: 20)")
+    p.add_argument("--max-depth", type=int, default=16, help="deepest level the tree may reach")
+    p.add_argument("--max-prompts", type=int, default=256, help="training prompts the LLM answers (0 = all)")
+    p.add_argument("--max-held-out", type=int, default=48, help="held-out prompts to judge the tree on")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="answer tokens per prompt")
+    p.add_argument("--max-sequence-length", type=int, default=1024, help="prompt + answer tokens at most")
+    p.add_argument("--eval-new-tokens", type=int, default=64,
+                   help="answer tokens each held-out request generates when judging (as boost-tune evaluates)")
+    p.add_argument("--expansion", default="1,1,3,1,1,1,1,1", help="the uniform tree to compare with")
+    p.add_argument("--engine-check", action="store_true",
+                   help="also judge each tree by serving the held-out prompts through the engine, the recorded "
+                        "answers standing in for the LLM (boost/oracle.py; slow on a CPU for large trees)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--generation-batch-size", type=int, default=32, help="prompts the LLM answers at once")
+
+
+@torch.no_grad()
+def answer_ranks(ssm: nn.Module, examples: list[Example], max_rank: int = 64) -> list[np.ndarray]:
+    """Per example: the rank of each answer token among the SSM's logits after the true prefix (0: its
+    first choice; ties count in the token's favour), capped at `max_rank`."""
+    ranks = []
+    device = next(ssm.parameters()).device
+    for example in examples:
+        n = len(example.tokens) - example.answer_start
+        if n < 1:
+            ranks.append(np.zeros(0, dtype=np.int64))
+            continue
+        tokens, rows, targets, _ = _batch([example], [torch.ones(n)], len(example.tokens), device)
+        logits = causal_logits(ssm.eval(), tokens, rows).float()
+        target = logits.gather(-1, targets[:, None])
+        ranks.append((logits > target).sum(-1).clamp(max=max_rank).cpu().numpy())
+    return ranks
+
+
+def load_tree_file(path: str | Path) -> tuple[tuple[int, ...], ...]:
+    """Rank paths from a JSON file: a list of paths, or an object with "paths" (what fit-tree writes)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SpecInferError(f"cannot read tree file {str(path)!r}: {err}") from None
+    paths = data.get("paths") if isinstance(data, dict) else data
+    if not isinstance(paths, list):
+        raise SpecInferError(f"tree file {str(path)!r} must hold a list of rank paths or an object with \"paths\"")
+    return TreeShape.from_paths(paths).paths[1:]
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    budgets = args.nodes or [20]
+    if any(n < 1 for n in budgets) or args.max_depth < 1:
+        raise SpecInferError("--nodes and --max-depth must be at least 1")
+    expansion = parse_expansion(args.expansion)
+    train_prompts, held_out_prompts = read_prompt_file(args.prompt_file) if args.prompt_file else build_prompts()
+    if args.max_prompts:
+        train_prompts = train_prompts[: args.max_prompts]
+    stride = max(len(held_out_prompts) // max(args.max_held_out, 1), 1)
+    held_out_prompts = held_out_prompts[::stride][: args.max_held_out]
+    llm = LLM(args.llm, ssms=args.ssms, tokenizer=args.tokenizer,
+              engine=EngineConfig(max_batch_size=args.generation_batch_size, max_sequence_length=args.max_sequence_length,
+                                  device=args.device, dtype=args.dtype),
+              speculation=SpeculationConfig(adaptive=False))
+    train = generate_examples(llm, train_prompts, out / "data" / "train.jsonl", args.max_new_tokens,
+                              args.generation_batch_size)
+    held_out = generate_examples(llm, held_out_prompts, out / "data" / "held_out.jsonl", args.max_new_tokens,
+                                 args.generation_batch_size)
+    train_ranks = [answer_ranks(ssm, train) for ssm in llm.ssms]
+    held_ranks = [answer_ranks(ssm, held_out) for ssm in llm.ssms]
+    uniform = TreeShape.from_widths(expansion)
+    shapes = [(f"expansion {args.expansion}", uniform)]
+    shapes += [(f"fitted, {n} nodes", fit_tree(train_ranks, n, args.max_depth)) for n in budgets]
+    rows = []
+    for label, shape in shapes:
+        served = None
+        if args.engine_check:
+            served = oracle_tokens_per_step(llm.model.config, llm.ssms, held_out, expansion, args.eval_new_tokens,
+                                            tree=shape.paths[1:])
+        rows.append((label, shape, tokens_per_step(shape, held_ranks, args.eval_new_tokens), served))
+    out.mkdir(parents=True, exist_ok=True)
+    ssm_names = args.ssms or ["the default draft"]
+    for (label, shape, held, served), budget in zip(rows[1:], budgets):
+        name = "tree.json" if len(budgets) == 1 else f"tree_{budget}.json"
+        (out / name).write_text(json.dumps({
+            "paths": [list(p) for p in shape.paths[1:]],
+            "nodes": len(shape) - 1, "depth": shape.depth, "ssms": ssm_names,
+            "fitted_on": f"{len(train)} greedy answers to training prompts ({args.max_new_tokens} tokens at most)",
+            "held_out_tokens_per_step": round(held, 3),
+            **({"held_out_tokens_per_step_served": round(served, 3)} if served is not None else {}),
+        }))
+    lines = [f"SSMs: {', '.join(ssm_names)}. Fitted on {len(train)} answers to training prompts; judged on "
+             f"{len(held_out)} held-out answers ({args.eval_new_tokens} tokens each), greedy, replayed from the "
+             "SSMs' ranks" + (" and served through the engine with the answers standing in for the LLM."
+                              if args.engine_check else "."), "",
+             "| tree | nodes per SSM | depth | tokens per LLM step, held out (replayed) |"
+             + (" served |" if args.engine_check else ""),
+             "|---|---:|---:|---:|" + ("---:|" if args.engine_check else "")]
+    lines += [f"| {label} | {len(shape) - 1} | {shape.depth} | {held:.2f} |"
+              + (f" {served:.2f} |" if served is not None else "") for label, shape, held, served in rows]
+    report = "\n".join(lines) + "\n"
+    (out / "fit_tree.md").write_text(report)
+    print(report)
+    return 0

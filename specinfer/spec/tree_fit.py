@@ -1,0 +1,113 @@
+"""Fitting a draft tree's shape to how often the SSMs are right (as Sequoia does), instead of a fixed
+number of children per depth.
+
+Under greedy verification a node of a top-k tree is accepted exactly when every token on its path is
+the LLM's choice. Teacher-forced on the LLM's own answers, an SSM gives each answer token a rank (0:
+its first choice); a tree drafted at answer position t then accepts the longest rank path that it
+holds among `ranks[t + 1], ranks[t + 2], ...`, plus the LLM's own token. So recorded ranks tell what any
+shape would accept, and `tokens_per_step` replays greedy steps over them exactly. With several SSMs
+drafting side by side (the device drafter verifies their trees under a shared root), a step accepts the
+longest path that any one of them holds.
+
+`fit_tree` grows a shape node by node, always adding the rank path that most raises the accepted length
+summed over all positions of the fitting answers. A child never adds more than its parent or its
+better-ranked sibling did, so the grown set is always a valid top-k tree. Fit on answers to training
+prompts and judge on held-out ones: a shape fitted and judged on the same answers flatters itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .tree import TreeShape
+
+Ranks = list[np.ndarray]  # per answer: the rank of each answer token under one SSM (token 0 comes from prefill)
+
+
+def tokens_per_step(shape: TreeShape, ranks: list[Ranks], max_new_tokens: int | None = None) -> float:
+    """Mean tokens per LLM step of greedy speculation with `shape` over the recorded answers, each served
+    alone from its first token (the prefill's) to its last (or `max_new_tokens`): what the engine would
+    count, replayed from the ranks. `ranks[s][a]`: SSM s, answer a."""
+    by_rank = [dict() for _ in shape.paths]  # per node: rank -> child
+    for node, parent in enumerate(shape.parents[1:], start=1):
+        by_rank[parent][shape.ranks[node]] = node
+    steps = committed = 0
+    for answer in zip(*ranks):
+        n = len(answer[0]) if max_new_tokens is None else min(len(answer[0]), max_new_tokens)
+        t = 0
+        while t < n - 1:
+            room = n - 1 - t - 1  # the tree may not reach past the budget, less the LLM's own token
+            accepted = max(_matched_depth(by_rank, r, t, room) for r in answer)
+            steps += 1
+            committed += accepted + 1
+            t += accepted + 1
+    return committed / max(steps, 1)
+
+
+def _matched_depth(by_rank: list[dict], ranks: np.ndarray, t: int, room: int) -> int:
+    node = depth = 0
+    while depth < room:
+        node = by_rank[node].get(int(ranks[t + depth + 1]), -1)
+        if node < 0:
+            break
+        depth += 1
+    return depth
+
+
+def fit_tree(ranks: list[Ranks], num_nodes: int, max_depth: int = 32, max_rank: int = 16) -> TreeShape:
+    """The shape of `num_nodes` nodes (root excluded) that greedily maximises the summed accepted length
+    over every position of the answers, for the SSMs in `ranks` drafting side by side."""
+    # One row per answer position t (a possible step root): the ranks of the next `max_depth` tokens.
+    rows = []
+    for per_ssm in zip(*ranks):
+        n = len(per_ssm[0])
+        for t in range(n - 1):
+            rows.append([_window(r, t, max_depth) for r in per_ssm])
+    if not rows:
+        raise ValueError("no answer has two tokens or more: nothing to fit a tree to")
+    windows = np.array(rows).transpose(1, 0, 2)  # [SSMs, positions, depth]; -1 beyond an answer's end
+    positions = windows.shape[1]
+    best = np.zeros(positions, dtype=np.int64)  # accepted depth so far, the best SSM's
+    matches = {(): np.ones(windows.shape[:2], dtype=bool)}  # per chosen path: where each SSM follows it
+    gains: dict[tuple[int, ...], tuple[int, np.ndarray]] = {}
+    frontier = {(0,)}
+    chosen: list[tuple[int, ...]] = []
+    while len(chosen) < num_nodes and frontier:  # stops early once no node adds anything
+        for path in frontier - gains.keys():
+            gains[path] = _gain(path, matches, windows, best)
+        # Re-score lazily: a gain only falls as the tree grows, so a stale top score that still wins
+        # after re-scoring is the true maximum.
+        while True:
+            path = max(frontier, key=lambda p: (gains[p][0], -len(p), [-r for r in p]))
+            fresh = _gain(path, matches, windows, best)
+            if fresh[0] == gains[path][0]:
+                break
+            gains[path] = fresh
+        if gains[path][0] == 0:
+            break  # no answer position would accept anything more
+        frontier.remove(path)
+        chosen.append(path)
+        followed = gains.pop(path)[1]
+        matches[path] = followed
+        best = np.where(followed.any(0), np.maximum(best, len(path)), best)
+        if len(path) < max_depth:
+            frontier.add(path + (0,))
+        if path[-1] + 1 < max_rank:
+            frontier.add(path[:-1] + (path[-1] + 1,))
+    if not chosen:
+        raise ValueError("no SSM's first choice is ever right on these answers: nothing to fit a tree to")
+    return TreeShape.from_paths(chosen)
+
+
+def _window(ranks: np.ndarray, t: int, depth: int) -> np.ndarray:
+    out = np.full(depth, -1, dtype=np.int64)
+    ahead = np.asarray(ranks[t + 1 : t + 1 + depth], dtype=np.int64)
+    out[: len(ahead)] = ahead
+    return out
+
+
+def _gain(path: tuple[int, ...], matches: dict, windows: np.ndarray, best: np.ndarray) -> tuple[int, np.ndarray]:
+    """How much adding `path` raises the summed accepted depth, and where each SSM follows it."""
+    followed = matches[path[:-1]] & (windows[:, :, len(path) - 1] == path[-1])
+    anywhere = followed.any(0)
+    return int(np.maximum(best[anywhere], len(path)).sum() - best[anywhere].sum()), followed

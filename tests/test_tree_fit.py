@@ -1,0 +1,49 @@
+"""Fitting a tree's shape to recorded ranks (spec/tree_fit.py), on ranks made up to have a known answer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from specinfer.config import SpeculationConfig
+from specinfer.errors import SpecInferError
+from specinfer.spec.tree import TreeShape
+from specinfer.spec.tree_fit import fit_tree, tokens_per_step
+
+
+def test_an_always_right_ssm_gets_a_chain_and_accepts_all_of_it():
+    ranks = [[np.zeros(40, dtype=np.int64)]]
+    shape = fit_tree(ranks, num_nodes=5)
+    assert shape.paths[1:] == ((0,), (0, 0), (0, 0, 0), (0, 0, 0, 0), (0, 0, 0, 0, 0))
+    # 40 tokens: the prefill's first, then steps of 5 accepted + 1: 39 tokens over 7 steps (the last short).
+    assert tokens_per_step(shape, ranks) == pytest.approx(39 / 7)
+
+
+def test_fitted_shape_follows_the_ranks_and_beats_the_uniform_tree_it_replaces():
+    rng = np.random.default_rng(0)
+    # First choice right 60% of the time, the second 25%, the third 10%.
+    ranks = [[rng.choice(4, size=200, p=[0.6, 0.25, 0.1, 0.05]) for _ in range(20)]]
+    uniform = TreeShape.from_widths((2, 2, 1))
+    fitted = fit_tree(ranks, num_nodes=len(uniform) - 1)
+    assert (0,) in fitted.paths and (1,) in fitted.paths and fitted.depth > uniform.depth
+    assert tokens_per_step(fitted, ranks) > tokens_per_step(uniform, ranks) + 0.1
+    # Two SSMs side by side: a step accepts the longer of their paths, so a second SSM that is right where
+    # the first is wrong adds tokens (not all: a path runs within one SSM's tree), and one never removes any.
+    other = [np.where(r == 0, 3, 0) for r in ranks[0]]
+    assert tokens_per_step(fitted, [ranks[0], other]) > tokens_per_step(fitted, ranks) + 0.1
+    assert tokens_per_step(fitted, [ranks[0], ranks[0]]) == tokens_per_step(fitted, ranks)
+
+
+def test_fitting_stops_when_nothing_more_is_accepted():
+    ranks = [[np.array([0, 0, 5, 5, 5, 5])]]  # after the first token only rank 5: out of reach past depth 1
+    assert len(fit_tree(ranks, num_nodes=50, max_rank=4)) - 1 <= 4
+
+
+def test_speculation_config_takes_a_tree():
+    config = SpeculationConfig(tree=[[1], [0], [0, 0]])
+    assert config.tree == ((0,), (1,), (0, 0)) and config.max_tree_nodes == 4
+    assert SpeculationConfig(mode="sequence", tree=((0,), (0, 0))).tree_shape.paths[1:] == ((0,), (0, 0))
+    with pytest.raises(SpecInferError, match="lacks its parent"):
+        SpeculationConfig(tree=[[0, 0]])
+    with pytest.raises(SpecInferError, match="at most 1024 nodes"):
+        SpeculationConfig(tree=[(0,) * d for d in range(1, 33)] + [(r,) for r in range(1, 1000)])
