@@ -42,7 +42,11 @@ def boosted(tmp_path_factory):
 
 def test_training_raises_held_out_acceptance(boosted):
     rows = {r["label"]: r for r in json.loads((boosted / "out" / "evaluation.json").read_text())}
-    assert set(rows) == {"untrained draft", "ssm1", "ssm2", "merged set"}
+    fitted = "merged set, fitted tree of 20 nodes (tree.json)"
+    assert set(rows) == {"untrained draft", "ssm1", "ssm2", "merged set", fitted}
+    # The fitted tree (20 nodes per SSM) beats the 3-node expansion it is compared with.
+    assert rows[fitted]["mean_tokens_per_step"] > rows["merged set"]["mean_tokens_per_step"]
+    assert json.loads((boosted / "out" / "tree.json").read_text())["ssms"] == ["ssm1", "ssm2"]
     assert rows["ssm1"]["mean_tokens_per_step"] > rows["untrained draft"]["mean_tokens_per_step"] + 0.5
     assert rows["ssm1"]["coverage"] > rows["untrained draft"]["coverage"] + 0.3
     for key in ("coverage", "mean_tokens_per_step"):

@@ -19,9 +19,12 @@ from ..config import EngineConfig, SpeculationConfig, parse_expansion
 from ..errors import SpecInferError
 from ..llm import LLM
 from ..models.loader import load_model
+from ..spec.tree_fit import fit_tree
 from .data import generate_examples
-from .evaluate import evaluate
-from .prompts import build_prompts
+from .evaluate import Evaluation, evaluate
+from .fit_tree import answer_ranks, judged_sample, write_tree
+from .oracle import oracle_tokens_per_step
+from .prompts import build_prompts, read_prompt_file
 from .train import TrainConfig, coverage, make_ssm, save_ssm, shares_embeddings, train_ssm
 
 log = logging.getLogger(__name__)
@@ -53,21 +56,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--covered-weight", type=float, default=0.1,
                    help="training weight of tokens the earlier SSMs already cover (1 = no boosting)")
     p.add_argument("--expansion", default="1,1,3,1,1,1,1,1", help="tree used to evaluate acceptance")
+    p.add_argument("--tree-nodes", type=int, default=20,
+                   help="also fit a tree of this many nodes per SSM to the set (tree.json, for --tree) and evaluate "
+                        "it (0: skip)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="the LLM's dtype (SSMs train in fp32 with bf16 autocast on GPU)")
     p.add_argument("--generation-batch-size", type=int, default=32, help="prompts the LLM answers at once")
-
-
-def read_prompt_file(path: str) -> tuple[list[str], list[str]]:
-    try:
-        prompts = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise SpecInferError(f"cannot read prompt file {path!r}: {err}") from None
-    if not isinstance(prompts, list) or len(prompts) < 2 or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise SpecInferError(f"prompt file {path!r} must hold a JSON list of at least two non-empty strings")
-    held_out = prompts[::5]
-    return [p for i, p in enumerate(prompts) if i % 5], held_out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,9 +75,9 @@ def run(args: argparse.Namespace) -> int:
     train_prompts, held_out_prompts = read_prompt_file(args.prompt_file) if args.prompt_file else build_prompts()
     if args.max_prompts:
         train_prompts = train_prompts[: args.max_prompts]
-    # Spread the held-out sample over all held-out topics rather than taking the first few.
-    stride = max(len(held_out_prompts) // max(args.max_held_out, 1), 1)
-    held_out_prompts = held_out_prompts[::stride][: args.max_held_out]
+    # Spread the held-out sample over all held-out topics rather than taking the first few; the tree is
+    # fitted to the held-out prompts outside it (the SSMs have learned the training answers).
+    held_out_prompts, tree_prompts = judged_sample(held_out_prompts, args.max_held_out)
     llm = LLM(args.llm, ssms=[], tokenizer=args.tokenizer,
               engine=EngineConfig(max_batch_size=args.generation_batch_size, max_sequence_length=args.max_sequence_length,
                                   device=args.device, dtype=args.dtype, fuse_projections=False),  # SSMs copy its layers
@@ -123,8 +118,18 @@ def run(args: argparse.Namespace) -> int:
     untrained = make_ssm(llm.model, args.init).to(dtype).eval()
     labels = ["untrained draft"] + [f"ssm{k}" for k in range(1, len(ssms) + 1)]
     rows = evaluate(llm.model, [untrained], labels[:1], held_out, expansion, config.cover_top_k, config.max_length)
-    rows += evaluate(llm.model, [s.to(dtype) for s in ssms], labels[1:], held_out, expansion, config.cover_top_k,
-                     config.max_length)
+    served = [s.to(dtype) for s in ssms]
+    rows += evaluate(llm.model, served, labels[1:], held_out, expansion, config.cover_top_k, config.max_length)
+    if args.tree_nodes:
+        # Greedy answers, as the tree serves greedy verification; to prompts the SSMs never saw, if enough.
+        kind = "held-out" if len(tree_prompts) >= 8 else "training"
+        fit_on = generate_examples(llm, tree_prompts[:256], out / "data" / "tree_fit.jsonl", args.max_new_tokens,
+                                   args.generation_batch_size) if kind == "held-out" else train[: len(train_prompts)]
+        shape = fit_tree([answer_ranks(s, fit_on) for s in served], args.tree_nodes)
+        write_tree(out / "tree.json", shape, labels[1:], f"{len(fit_on)} greedy answers to {kind} prompts")
+        label = f"{'merged set' if len(ssms) > 1 else 'ssm1'}, fitted tree of {len(shape) - 1} nodes (tree.json)"
+        rows.append(Evaluation(label, oracle_tokens_per_step(llm.model.config, served, held_out, expansion, 64,
+                                                             tree=shape.paths[1:]), rows[-1].coverage))
     write_evaluation(out, rows, args, len(train), len(held_out))
     return 0
 

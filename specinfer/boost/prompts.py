@@ -4,6 +4,11 @@ by answers the SSM has seen."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from ..errors import SpecInferError
+
 TEMPLATES = [
     "Explain {topic} to a beginner.",
     "What are the three most important facts about {topic}?",
@@ -47,3 +52,15 @@ def build_prompts(held_out_every: int = 5) -> tuple[list[str], list[str]]:
         target = held_out if i % held_out_every == 0 else train
         target.extend(template.format(topic=topic) for template in TEMPLATES)
     return train, held_out
+
+
+def read_prompt_file(path: str) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts) from a JSON list of strings: every 5th is held out."""
+    try:
+        prompts = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SpecInferError(f"cannot read prompt file {path!r}: {err}") from None
+    if not isinstance(prompts, list) or len(prompts) < 2 or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise SpecInferError(f"prompt file {path!r} must hold a JSON list of at least two non-empty strings")
+    held_out = prompts[::5]
+    return [p for i, p in enumerate(prompts) if i % 5], held_out
