@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from specinfer import LLM, EngineConfig, GenerationConfig, SpeculationConfig
-from specinfer.boost.fit_tree import load_tree_file
+from specinfer.spec.tree_fit import load_tree_file
 from specinfer.config import parse_expansion
 from specinfer.default_model import DEFAULT_SSMS, TUNED_PREFIX, tuned_ssm_path
 from specinfer.exactness import ROUNDING_BOUNDS, divergence_margin

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from specinfer.boost.fit_tree import load_tree_file
+from specinfer.spec.tree_fit import load_tree_file
 from specinfer.config import parse_expansion
 from specinfer.engine.model_runner import Chunk, ModelRunner
 from specinfer.models.compile import compile_blocks

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from .config import DEFAULT_EXPANSION, MODES, EngineConfig, GenerationConfig, SpeculationConfig, parse_expansion
+from .default_model import default_tree
 from .errors import SpecInferError
 
 DEFAULT_PROMPT = "What are three good reasons to learn a second language? Answer briefly."
@@ -42,8 +43,9 @@ def add_engine_arguments(p: argparse.ArgumentParser, max_sequence_length: int) -
     spec = p.add_argument_group("speculation")
     spec.add_argument("--mode", choices=MODES, default="tree",
                       help="tree: token trees from all SSMs; sequence: a chain from the first SSM; incremental: no SSM")
-    spec.add_argument("--expansion", default=",".join(map(str, DEFAULT_EXPANSION)),
-                      help="children per tree depth, e.g. 1,1,3,1,1,1,1,1")
+    spec.add_argument("--expansion",
+                      help="children per tree depth, e.g. 1,1,3,1,1,1,1,1 (default: that one, or with the default "
+                           "model and its tuned SSMs the 20-node tree fitted to them)")
     spec.add_argument("--tree", metavar="JSON",
                       help="a fitted tree shape (`specinfer fit-tree`, or a JSON list of rank paths such as "
                            "[[0],[1],[0,0]]); takes the place of --expansion")
@@ -76,12 +78,11 @@ def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, SpeculationC
     engine = EngineConfig(args.max_batch_size, args.max_sequence_length, args.device, args.dtype,
                           args.tensor_parallel_size, None if args.quantization == "none" else args.quantization,
                           args.quant_group_size, args.gpu_memory_gb, args.pinned_memory_gb, args.compile)
-    tree = None
-    if args.tree:
-        from .boost.fit_tree import load_tree_file
+    from .spec.tree_fit import load_tree_file
 
-        tree = load_tree_file(args.tree)
-    return engine, SpeculationConfig(args.mode, parse_expansion(args.expansion), args.adaptive, tree)
+    tree = args.tree or (default_tree(args.llm, args.ssms) if args.expansion is None else None)
+    expansion = parse_expansion(args.expansion) if args.expansion else DEFAULT_EXPANSION
+    return engine, SpeculationConfig(args.mode, expansion, args.adaptive, load_tree_file(tree) if tree else None)
 
 
 def build_parser() -> argparse.ArgumentParser:

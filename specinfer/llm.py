@@ -22,10 +22,12 @@ from .default_model import (
     EARLY_EXIT_DRAFT,
     TUNED_PREFIX,
     default_model_path,
+    default_tree,
     is_default_model,
     tuned_ssm_path,
 )
 from .distributed.parallel import from_environment
+from .spec.tree_fit import load_tree_file
 from .engine.offload import offload
 from .engine.request_manager import RequestManager
 from .errors import SpecInferError
@@ -64,9 +66,13 @@ class LLM:
     ) -> None:
         """`model`: a Hugging Face folder or a GGUF file (None: the default model). `ssms`: folders, GGUF
         files, `self:N` for the LLM's own first N layers, or `tuned:N` for the boost-tuned SSMs shipped for
-        the default model (None: `tuned:1` with the default model, `self:4` with any other)."""
+        the default model (None: `tuned:1` with the default model, `self:4` with any other). `speculation`
+        None: the default expansion, or with the default model and its tuned SSMs the tree fitted to them."""
         self.engine_config = engine or EngineConfig()
-        self.speculation = speculation or SpeculationConfig()
+        if speculation is None:  # the default model drafts a tree fitted to its tuned SSMs
+            tree = default_tree(model, ssms)
+            speculation = SpeculationConfig(tree=load_tree_file(tree) if tree else None)
+        self.speculation = speculation
         if self.engine_config.device.startswith("cuda") and not torch.cuda.is_available():
             raise SpecInferError("--device cuda was asked for, but no CUDA GPU is visible")
         # Under tensor parallelism every rank runs all of this on its own device, with its slice of the LLM.

@@ -145,7 +145,7 @@ def test_replayed_ranks_give_what_the_engine_accepts(boosted):
 
 
 def test_fit_tree_command_writes_a_tree_that_serves_exactly(boosted, tmp_path):
-    from specinfer.boost.fit_tree import load_tree_file
+    from specinfer.spec.tree_fit import load_tree_file
 
     out = tmp_path / "fit"
     llm_dir, ssm_dir = boosted / "llm", boosted / "out" / "ssm1"

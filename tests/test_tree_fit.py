@@ -47,3 +47,21 @@ def test_speculation_config_takes_a_tree():
         SpeculationConfig(tree=[[0, 0]])
     with pytest.raises(SpecInferError, match="at most 1024 nodes"):
         SpeculationConfig(tree=[(0,) * d for d in range(1, 33)] + [(r,) for r in range(1, 1000)])
+
+
+def test_the_default_model_drafts_the_tree_fitted_to_its_tuned_ssms():
+    from specinfer.cli import build_parser, engine_configs
+    from specinfer.config import DEFAULT_EXPANSION
+    from specinfer.default_model import default_tree
+    from specinfer.spec.tree_fit import load_tree_file
+
+    for ssms, name in [(None, "tuned1_20.json"), (["tuned:1", "tuned:2"], "tuned1-2_20.json")]:
+        path = default_tree(None, ssms)
+        assert path.name == name and len(load_tree_file(path)) == 20
+    assert default_tree("/models/llama-7b", None) is None and default_tree(None, ["self:4"]) is None
+    _, speculation = engine_configs(build_parser().parse_args([]))
+    assert speculation.tree == load_tree_file(default_tree(None, None))
+    _, speculation = engine_configs(build_parser().parse_args(["--expansion", "2,2,1"]))
+    assert speculation.tree is None and speculation.expansion == (2, 2, 1)
+    _, speculation = engine_configs(build_parser().parse_args(["--llm", "/models/llama-7b"]))
+    assert speculation.tree is None and speculation.expansion == DEFAULT_EXPANSION

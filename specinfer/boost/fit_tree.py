@@ -12,7 +12,6 @@ the training answers against 2.9 held out, for the same 256-node tree).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from ..config import EngineConfig, SpeculationConfig, parse_expansion
 from ..errors import SpecInferError
 from ..llm import LLM
 from ..spec.tree import TreeShape
-from ..spec.tree_fit import fit_tree, tokens_per_step
+from ..spec.tree_fit import fit_tree, tokens_per_step, write_tree
 from .data import Example, generate_examples
 from .oracle import oracle_tokens_per_step
 from .prompts import build_prompts, read_prompt_file
@@ -78,37 +77,12 @@ def answer_ranks(ssm: nn.Module, examples: list[Example], max_rank: int = 64) ->
     return ranks
 
 
-def load_tree_file(path: str | Path) -> tuple[tuple[int, ...], ...]:
-    """Rank paths from a JSON file: a list of paths, or an object with "paths" (what fit-tree writes)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SpecInferError(f"cannot read tree file {str(path)!r}: {err}") from None
-    paths = data.get("paths") if isinstance(data, dict) else data
-    if not isinstance(paths, list):
-        raise SpecInferError(f"tree file {str(path)!r} must hold a list of rank paths or an object with \"paths\"")
-    return TreeShape.from_paths(paths).paths[1:]
-
-
 def judged_sample(held_out: list[str], size: int) -> tuple[list[str], list[str]]:
     """`size` held-out prompts spread over the whole list (its topics), and the rest."""
     stride = max(len(held_out) // max(size, 1), 1)
     judged = held_out[::stride][:size]
     chosen = set(judged)
     return judged, [p for p in held_out if p not in chosen]
-
-
-def write_tree(path: Path, shape: TreeShape, ssms: list[str], fitted_on: str, held_out: float | None = None,
-               served: float | None = None) -> None:
-    """The JSON that `--tree` and `load_tree_file` read: the rank paths, and how they were made."""
-    record = {"paths": [list(p) for p in shape.paths[1:]], "nodes": len(shape) - 1, "depth": shape.depth,
-              "ssms": ssms, "fitted_on": fitted_on}
-    if held_out is not None:
-        record["held_out_tokens_per_step"] = round(held_out, 3)
-    if served is not None:
-        record["held_out_tokens_per_step_served"] = round(served, 3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record))
 
 
 def run(args: argparse.Namespace) -> int:

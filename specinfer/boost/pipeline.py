@@ -19,10 +19,10 @@ from ..config import EngineConfig, SpeculationConfig, parse_expansion
 from ..errors import SpecInferError
 from ..llm import LLM
 from ..models.loader import load_model
-from ..spec.tree_fit import fit_tree
+from ..spec.tree_fit import fit_tree, write_tree
 from .data import generate_examples
 from .evaluate import Evaluation, evaluate
-from .fit_tree import answer_ranks, judged_sample, write_tree
+from .fit_tree import answer_ranks, judged_sample
 from .oracle import oracle_tokens_per_step
 from .prompts import build_prompts, read_prompt_file
 from .train import TrainConfig, coverage, make_ssm, save_ssm, shares_embeddings, train_ssm

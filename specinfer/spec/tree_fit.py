@@ -17,8 +17,12 @@ prompts and judge on held-out ones: a shape fitted and judged on the same answer
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
+from ..errors import SpecInferError
 from .tree import TreeShape
 
 Ranks = list[np.ndarray]  # per answer: the rank of each answer token under one SSM (token 0 comes from prefill)
@@ -111,3 +115,28 @@ def _gain(path: tuple[int, ...], matches: dict, windows: np.ndarray, best: np.nd
     followed = matches[path[:-1]] & (windows[:, :, len(path) - 1] == path[-1])
     anywhere = followed.any(0)
     return int(np.maximum(best[anywhere], len(path)).sum() - best[anywhere].sum()), followed
+
+
+def load_tree_file(path: str | Path) -> tuple[tuple[int, ...], ...]:
+    """Rank paths from a JSON file: a list of paths, or an object with "paths" (what fit-tree writes)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SpecInferError(f"cannot read tree file {str(path)!r}: {err}") from None
+    paths = data.get("paths") if isinstance(data, dict) else data
+    if not isinstance(paths, list):
+        raise SpecInferError(f"tree file {str(path)!r} must hold a list of rank paths or an object with \"paths\"")
+    return TreeShape.from_paths(paths).paths[1:]
+
+
+def write_tree(path: Path, shape: TreeShape, ssms: list[str], fitted_on: str, held_out: float | None = None,
+               served: float | None = None) -> None:
+    """The JSON that `--tree` and `load_tree_file` read: the rank paths, and how they were made."""
+    record = {"paths": [list(p) for p in shape.paths[1:]], "nodes": len(shape) - 1, "depth": shape.depth,
+              "ssms": ssms, "fitted_on": fitted_on}
+    if held_out is not None:
+        record["held_out_tokens_per_step"] = round(held_out, 3)
+    if served is not None:
+        record["held_out_tokens_per_step_served"] = round(served, 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
