@@ -25,6 +25,7 @@ import torch
 from specinfer import LLM, EngineConfig, GenerationConfig, SpeculationConfig
 from specinfer.boost.prompts import build_prompts
 from specinfer.config import parse_expansion
+from specinfer.spec.tree_fit import load_tree_file
 
 from engine_speed import device_name  # noqa: E402 (benchmarks/ is the script's folder)
 
@@ -57,6 +58,7 @@ def main() -> None:
     p.add_argument("--ssm", action="append", help="SSM(s) (default: the default draft)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--expansion", default="2,2,1")
+    p.add_argument("--tree", help="a fitted tree file (`specinfer fit-tree`) in place of --expansion")
     p.add_argument("--batches", default="1,4,16,64")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
@@ -65,17 +67,18 @@ def main() -> None:
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     expansion = parse_expansion(args.expansion)
+    tree = load_tree_file(args.tree) if args.tree else None
     _, held_out = build_prompts()
     engine = EngineConfig(max_batch_size=max(batches), max_sequence_length=256, device=args.device, compile=args.compile)
-    llm = LLM(args.llm, args.ssm, engine=engine, speculation=SpeculationConfig(expansion=expansion))
+    llm = LLM(args.llm, args.ssm, engine=engine, speculation=SpeculationConfig(expansion=expansion, tree=tree))
     rows = []
     for batch in batches:
         prompts = [held_out[i % len(held_out)] for i in range(batch)]
         row = {"batch": batch}
         row["incremental"] = timed_generate(llm, prompts, "incremental", args.max_new_tokens, args.repeats)
-        llm.set_speculation(SpeculationConfig(expansion=expansion, adaptive=True))
+        llm.set_speculation(SpeculationConfig(expansion=expansion, adaptive=True, tree=tree))
         row["adaptive"] = timed_generate(llm, prompts, "tree", args.max_new_tokens, args.repeats)
-        llm.set_speculation(SpeculationConfig(expansion=expansion, adaptive=False))
+        llm.set_speculation(SpeculationConfig(expansion=expansion, adaptive=False, tree=tree))
         row["fixed"] = timed_generate(llm, prompts, "tree", args.max_new_tokens, args.repeats)
         base = row["incremental"]["tokens_per_s"]
         print(f"batch {batch}: incremental {base:.1f} tok/s, adaptive {row['adaptive']['tokens_per_s']:.1f} "
@@ -85,7 +88,7 @@ def main() -> None:
 
     meta = {"date": datetime.date.today().isoformat(), "device": device_name(args.device), "torch": torch.__version__,
             "dtype": str(llm.model.embed_tokens.weight.dtype).removeprefix("torch."), "llm": str(llm.model_path),
-            "ssms": args.ssm or ["default (tuned:1)"], "expansion": args.expansion, "max_new_tokens": args.max_new_tokens,
+            "ssms": args.ssm or ["default (tuned:1)"], "expansion": args.tree or args.expansion, "max_new_tokens": args.max_new_tokens,
             "compiled": args.compile, "greedy": True}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,7 +97,7 @@ def main() -> None:
     lines = [
         f"# Throughput against batch size, default model, {tag.upper()}", "",
         f"{meta['date']} · {meta['device']} · torch {meta['torch']} · {meta['dtype']} · greedy · "
-        f"{args.max_new_tokens} new tokens per request · SSMs: {', '.join(meta['ssms'])} · tree {args.expansion}"
+        f"{args.max_new_tokens} new tokens per request · SSMs: {', '.join(meta['ssms'])} · tree {args.tree or args.expansion}"
         f"{' · blocks compiled (--compile)' if args.compile else ''} · each row the median of {args.repeats} runs after one untimed run", "",
         f"Reproduce: `python benchmarks/batch_throughput.py {' '.join(sys.argv[1:])}`", "",
         "| batch | incremental tok/s | adaptive tree tok/s | vs incremental | fixed tree tok/s | vs incremental | "

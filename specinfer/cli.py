@@ -182,15 +182,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _subcommand_parser(name: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"specinfer {name}", description=description,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
 def build_boost_parser() -> argparse.ArgumentParser:
     from .boost.pipeline import add_arguments
 
-    p = argparse.ArgumentParser(
-        prog="specinfer boost-tune",
-        description="Collective boost-tuning: train SSMs on the LLM's own answers, each next one weighted "
-                    "towards the tokens the earlier ones miss; evaluates acceptance on held-out prompts.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = _subcommand_parser("boost-tune", "Collective boost-tuning: train SSMs on the LLM's own answers, each next "
+                           "one weighted towards the tokens the earlier ones miss; evaluates acceptance on held-out "
+                           "prompts and fits a draft tree to the set.")
     add_arguments(p)
     return p
 
@@ -198,23 +200,16 @@ def build_boost_parser() -> argparse.ArgumentParser:
 def build_fit_tree_parser() -> argparse.ArgumentParser:
     from .boost.fit_tree import add_arguments
 
-    p = argparse.ArgumentParser(
-        prog="specinfer fit-tree",
-        description="Fit a draft tree's shape to where the SSMs agree with the LLM on its own answers, and "
-                    "compare it with an expansion config on held-out prompts; writes JSON for --tree.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = _subcommand_parser("fit-tree", "Fit a draft tree's shape to where the SSMs agree with the LLM on its own "
+                           "answers, and compare it with an expansion config on held-out prompts; writes JSON for "
+                           "--tree.")
     add_arguments(p)
     return p
 
 
 def build_serve_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="specinfer serve",
-        description="An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, streaming) with "
-                    "continuous batching and speculative inference.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = _subcommand_parser("serve", "An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, "
+                           "streaming) with continuous batching and speculative inference.")
     add_model_arguments(p)
     add_engine_arguments(p, max_sequence_length=2048)
     http = p.add_argument_group("server")

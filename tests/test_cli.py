@@ -76,6 +76,8 @@ def test_full_run_writes_json_lines(model_dirs, capsys, tmp_path):
     ("bad-expansion", "expansion must be"),
     ("zero-expansion", "expansion must be"),
     ("bad-self-ssm", "self:N"),
+    ("missing-tree", "cannot read tree file"),
+    ("bad-tree", "lacks its parent"),
 ])
 def test_bad_input_gives_one_clear_error(model_dirs, tmp_path, capsys, case, expected):
     llm = str(model_dirs / "llm")
@@ -116,6 +118,11 @@ def test_bad_input_gives_one_clear_error(model_dirs, tmp_path, capsys, case, exp
         args["--expansion"] = "1,0"
     elif case == "bad-self-ssm":
         args["--ssm"] = "self:abc"
+    elif case == "missing-tree":
+        args["--tree"] = str(tmp_path / "tree.json")
+    elif case == "bad-tree":
+        (tmp_path / "tree.json").write_text(json.dumps({"paths": [[0], [1, 0, 0]]}))
+        args["--tree"] = str(tmp_path / "tree.json")
     argv = [item for key, value in args.items() for item in ([key] if value is None else [key, value])]
     code, _, err = run_cli(argv, capsys)
     assert code == 2

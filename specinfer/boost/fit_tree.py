@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import EngineConfig, SpeculationConfig, parse_expansion
+from ..config import MAX_TREE_NODES, EngineConfig, SpeculationConfig, parse_expansion
 from ..errors import SpecInferError
 from ..llm import LLM
 from ..spec.tree import TreeShape
@@ -88,8 +88,8 @@ def judged_sample(held_out: list[str], size: int) -> tuple[list[str], list[str]]
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     budgets = args.nodes or [20]
-    if any(n < 1 for n in budgets) or args.max_depth < 1:
-        raise SpecInferError("--nodes and --max-depth must be at least 1")
+    if any(not 1 <= n <= MAX_TREE_NODES for n in budgets) or not 1 <= args.max_depth <= 32:
+        raise SpecInferError(f"--nodes must lie in [1, {MAX_TREE_NODES}] and --max-depth in [1, 32]")
     expansion = parse_expansion(args.expansion)
     train_prompts, held_out_prompts = read_prompt_file(args.prompt_file) if args.prompt_file else build_prompts()
     judged, rest = judged_sample(held_out_prompts, args.max_held_out)

@@ -10,9 +10,12 @@ drafting side by side (the device drafter verifies their trees under a shared ro
 longest path that any one of them holds.
 
 `fit_tree` grows a shape node by node, always adding the rank path that most raises the accepted length
-summed over all positions of the fitting answers. A child never adds more than its parent or its
-better-ranked sibling did, so the grown set is always a valid top-k tree. Fit on answers to training
-prompts and judge on held-out ones: a shape fitted and judged on the same answers flatters itself.
+summed over all positions of the fitting answers. The candidates are the first child and the next
+sibling of chosen nodes, so the grown set is always a valid top-k tree. Fit and judge on different
+answers, and fit on answers the SSMs were not trained on: they know those too well, and a shape fitted
+to them expects too much of the SSMs on new text.
+
+A fitted tree is stored as JSON (`write_tree`, `load_tree_file`): its rank paths and how it was made.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def fit_tree(ranks: list[Ranks], num_nodes: int, max_depth: int = 32, max_rank: 
         for t in range(n - 1):
             rows.append([_window(r, t, max_depth) for r in per_ssm])
     if not rows:
-        raise ValueError("no answer has two tokens or more: nothing to fit a tree to")
+        raise SpecInferError("no answer has two tokens or more: nothing to fit a tree to")
     windows = np.array(rows).transpose(1, 0, 2)  # [SSMs, positions, depth]; -1 beyond an answer's end
     positions = windows.shape[1]
     best = np.zeros(positions, dtype=np.int64)  # accepted depth so far, the best SSM's
@@ -99,7 +102,7 @@ def fit_tree(ranks: list[Ranks], num_nodes: int, max_depth: int = 32, max_rank: 
         if path[-1] + 1 < max_rank:
             frontier.add(path[:-1] + (path[-1] + 1,))
     if not chosen:
-        raise ValueError("no SSM's first choice is ever right on these answers: nothing to fit a tree to")
+        raise SpecInferError("no SSM's first choice is ever right on these answers: nothing to fit a tree to")
     return TreeShape.from_paths(chosen)
 
 
