@@ -27,7 +27,6 @@ from .default_model import (
     tuned_ssm_path,
 )
 from .distributed.parallel import from_environment
-from .spec.tree_fit import load_tree_file
 from .engine.offload import offload
 from .engine.request_manager import RequestManager
 from .errors import SpecInferError
@@ -37,6 +36,7 @@ from .models.gguf_file import read_q4_1_blocks
 from .models.early_exit import early_exit_draft
 from .models.loader import load_model
 from .quant import quantize_model
+from .spec.tree_fit import load_tree_file
 from .tokenizer import Tokenizer, load_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..config import MAX_TREE_NODES, EngineConfig, SpeculationConfig, parse_expansion
 from ..errors import SpecInferError
@@ -26,7 +27,7 @@ from ..spec.tree_fit import fit_tree, tokens_per_step, write_tree
 from .data import Example, generate_examples
 from .oracle import oracle_tokens_per_step
 from .prompts import build_prompts, read_prompt_file
-from .train import _batch, causal_logits
+from .train import answer_batch, causal_logits
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,12 +66,12 @@ def answer_ranks(ssm: nn.Module, examples: list[Example], max_rank: int = 64) ->
     first choice; ties count in the token's favour), capped at `max_rank`."""
     ranks = []
     device = next(ssm.parameters()).device
-    for example in examples:
+    for example in tqdm(examples, desc="SSM ranks", unit="answer"):
         n = len(example.tokens) - example.answer_start
         if n < 1:
             ranks.append(np.zeros(0, dtype=np.int64))
             continue
-        tokens, rows, targets, _ = _batch([example], [torch.ones(n)], len(example.tokens), device)
+        tokens, rows, targets, _ = answer_batch([example], [torch.ones(n)], len(example.tokens), device)
         logits = causal_logits(ssm.eval(), tokens, rows).float()
         target = logits.gather(-1, targets[:, None])
         ranks.append((logits > target).sum(-1).clamp(max=max_rank).cpu().numpy())
@@ -103,15 +104,15 @@ def run(args: argparse.Namespace) -> int:
               engine=EngineConfig(max_batch_size=args.generation_batch_size, max_sequence_length=args.max_sequence_length,
                                   device=args.device, dtype=args.dtype),
               speculation=SpeculationConfig(adaptive=False))
-    train = generate_examples(llm, fit_prompts, out / "data" / f"fit_{args.fit_on}.jsonl", args.max_new_tokens,
+    fitting = generate_examples(llm, fit_prompts, out / "data" / f"fit_{args.fit_on}.jsonl", args.max_new_tokens,
                               args.generation_batch_size)
     held_out = generate_examples(llm, judged, out / "data" / "held_out.jsonl", args.max_new_tokens,
                                  args.generation_batch_size)
-    train_ranks = [answer_ranks(ssm, train) for ssm in llm.ssms]
+    fitting_ranks = [answer_ranks(ssm, fitting) for ssm in llm.ssms]
     held_ranks = [answer_ranks(ssm, held_out) for ssm in llm.ssms]
     uniform = TreeShape.from_widths(expansion)
     shapes = [(f"expansion {args.expansion}", uniform)]
-    shapes += [(f"fitted, {n} nodes", fit_tree(train_ranks, n, args.max_depth)) for n in budgets]
+    shapes += [(f"fitted, {n} nodes", fit_tree(fitting_ranks, n, args.max_depth)) for n in budgets]
     rows = []
     for label, shape in shapes:
         served = None
@@ -121,11 +122,11 @@ def run(args: argparse.Namespace) -> int:
         rows.append((label, shape, tokens_per_step(shape, held_ranks, args.eval_new_tokens), served))
     out.mkdir(parents=True, exist_ok=True)
     ssm_names = args.ssms or ["the default draft"]
-    fitted_on = f"{len(train)} greedy answers to {args.fit_on} prompts ({args.max_new_tokens} tokens at most)"
+    fitted_on = f"{len(fitting)} greedy answers to {args.fit_on} prompts ({args.max_new_tokens} tokens at most)"
     for (_, shape, held, served), budget in zip(rows[1:], budgets):
         write_tree(out / ("tree.json" if len(budgets) == 1 else f"tree_{budget}.json"), shape, ssm_names, fitted_on,
                    held, served)
-    lines = [f"SSMs: {', '.join(ssm_names)}. Fitted on {len(train)} answers to {args.fit_on} prompts; judged on "
+    lines = [f"SSMs: {', '.join(ssm_names)}. Fitted on {len(fitting)} answers to {args.fit_on} prompts; judged on "
              f"{len(held_out)} held-out answers ({args.eval_new_tokens} tokens each), greedy, replayed from the "
              "SSMs' ranks" + (" and served through the engine with the answers standing in for the LLM."
                               if args.engine_check else "."), "",

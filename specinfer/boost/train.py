@@ -101,7 +101,7 @@ class _TrainingCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
 
 
-def _batch(examples: list[Example], weights: list[torch.Tensor], max_length: int, device):
+def answer_batch(examples: list[Example], weights: list[torch.Tensor], max_length: int, device):
     """Padded inputs, the (row, position) pairs that predict answer tokens, their targets and weights."""
     seqs = [e.tokens[:max_length] for e in examples]
     T = max(len(s) for s in seqs) - 1
@@ -127,7 +127,7 @@ def coverage(ssms: list[nn.Module], examples: list[Example], top_k: int, max_len
     for i, example in enumerate(examples):
         if not len(covered[i]):
             continue
-        tokens, rows, targets, _ = _batch([example], [covered[i].float()], max_length, device)
+        tokens, rows, targets, _ = answer_batch([example], [covered[i].float()], max_length, device)
         for ssm in ssms:
             top = causal_logits(ssm.eval(), tokens, rows).topk(top_k, dim=-1).indices
             covered[i] |= (top == targets[:, None]).any(-1).cpu()
@@ -164,7 +164,7 @@ def train_ssm(
         for group in optimizer.param_groups:
             group["lr"] = lr
         picked = [rng.choice(usable) for _ in range(config.batch_size)]
-        tokens, rows, targets, row_weights = _batch(
+        tokens, rows, targets, row_weights = answer_batch(
             [examples[i] for i in picked], [weights[i] for i in picked], config.max_length, device)
         with autocast:
             logits = causal_logits(ssm, tokens, rows)

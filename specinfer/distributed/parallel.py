@@ -4,7 +4,9 @@ Megatron-style: attention heads and the MLP's hidden units are split across rank
 layer and row-wise out of it, with one all-reduce after each attention and each MLP; the embedding and
 LM head are split by vocabulary. Every rank ends a forward pass with the same full logits, so every rank
 runs the same scheduler, SSMs, trees and verification and reaches the same decisions with no further
-communication (sampling draws from generators seeded alike on every rank).
+communication (sampling draws from generators seeded alike on every rank), except for the one decision
+made from wall-clock time: the adaptive controller times each step as its slowest rank
+(`max_over_ranks`), so that every rank speculates for the same requests.
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ class TensorParallel:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x)
         return x
+
+    def max_over_ranks(self, value: float) -> float:
+        """The largest of every rank's `value` (a host number; NCCL needs it on this rank's GPU)."""
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        x = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        return float(x.item())
 
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's `x` along the last dimension, in rank order."""

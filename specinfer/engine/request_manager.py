@@ -65,6 +65,7 @@ class RequestManager:
         self.tree_shape = speculation.tree_shape if self.ssms else None
         self.drafters = [DeviceTreeDrafter(runner, self.tree_shape) for runner in self.ssms]
         self.controller = SpeculationController() if speculation.adaptive and self.ssms else None
+        self.tp = getattr(llm, "tp", None)  # tensor parallelism: the LLM's process group, or None
         self.scheduler = Scheduler(engine.max_batch_size)
         self.requests: dict[int, Request] = {}
         self._next_id = 0
@@ -149,8 +150,11 @@ class RequestManager:
                 trees, drafts, results = self._speculate_greedy(decoding)
             drafted = self._commit(decoding, trees, drafts, results)
             if self.controller is not None:
+                seconds = time.perf_counter() - start
+                if self.tp is not None:  # ranks must speculate alike, so they all take the slowest rank's time
+                    seconds = self.tp.max_over_ranks(seconds)
                 # The step's time first: a request's verdict then weighs its tokens against this step too.
-                self.controller.record_step(time.perf_counter() - start, len(decoding), speculative=any(drafts))
+                self.controller.record_step(seconds, len(decoding), speculative=any(drafts))
                 for request_id, tokens in drafted:
                     self.controller.record_request(request_id, tokens, len(decoding))
         finished = self.scheduler.retire_finished()
