@@ -100,3 +100,41 @@ def test_tensor_parallel_size_must_match_the_heads(tmp_path, capsys):
     code = main(["--llm", str(tmp_path / "llm"), "--mode", "incremental", "--tensor-parallel-size", "2",
                  "--prompt", "hi", "--max-new-tokens", "2", "--no-compare", "--quiet"])
     assert code == 2
+
+
+def _max_on_rank(argv: list[str]) -> int:
+    from specinfer.distributed.parallel import from_environment
+
+    tp, _ = from_environment(2, "cpu")
+    with open(f"{argv[0]}.rank{tp.rank}", "w") as f:
+        f.write(str(tp.max_over_ranks(1.5 + tp.rank)))
+    return 0
+
+
+def test_ranks_time_each_step_as_the_slowest_one(tmp_path):
+    """The adaptive controller decides from step times; under tensor parallelism every rank must decide
+    alike, so the engine records the slowest rank's time (max_over_ranks) on every rank."""
+    from specinfer.config import EngineConfig, GenerationConfig, SpeculationConfig
+    from specinfer.engine.request_manager import RequestManager
+
+    assert spawn(_max_on_rank, [str(tmp_path / "max")], 2) == 0
+    assert [(tmp_path / f"max.rank{r}").read_text() for r in (0, 1)] == ["2.5", "2.5"]
+
+    reference = save_random_llama(tmp_path / "llm")
+    save_random_llama(tmp_path / "ssm", noise_from=reference)
+    llm, ssm = load_model(tmp_path / "llm"), load_model(tmp_path / "ssm")
+    reported = []
+
+    class SlowestRank:  # stands in for the process group: every step "took" 7 s on some rank
+        def max_over_ranks(self, seconds):
+            reported.append(seconds)
+            return 7.0
+
+    manager = RequestManager(llm, [ssm], EngineConfig(max_batch_size=2, max_sequence_length=64),
+                             SpeculationConfig(expansion=(1, 2)), eos_token_ids=[])
+    assert manager.tp is None  # the LLM's process group: none in one process
+    manager.tp = SlowestRank()
+    manager.register_new_request(PROMPTS[0], sampling=GenerationConfig(max_new_tokens=8))
+    manager.run()
+    times = manager.controller.times
+    assert reported and all(s == 7.0 for t in times.values() for s in [*t.plain, *t.speculative])
