@@ -136,7 +136,10 @@ def test_device_drafter_and_host_drafting_grow_the_same_fitted_tree(tmp_path):
                   shape)[0]
     runner = ModelRunner(ssm, num_slots=1, capacity=64)
     root_logits = torch.cat(runner.forward([Chunk.chain(0, prompt)]))
-    device_tokens = DeviceTreeDrafter(runner, shape).expand(root_logits, [0], [len(prompt)])[0].tolist()
+    drafter = DeviceTreeDrafter(runner, shape)
+    # Only nodes with children are fed (leaves' logits would go unused): nodes 1 and 2 of level 1, not 3.
+    assert drafter.level_nodes[0].tolist() == [0, 1] and drafter.level_feeds[0].tolist() == [0, 1]
+    device_tokens = drafter.expand(root_logits, [0], [len(prompt)])[0].tolist()
     assert host.tree.parents == list(shape.parents)
     assert host.tree.tokens == [prompt[-1]] + device_tokens
     # Check a few nodes against the SSM run alone on their paths.

@@ -241,7 +241,7 @@ class RequestManager:
         targets = torch.cat(logits).argmax(-1)
         readback = torch.cat([targets, *sources[1:]]).tolist()  # the step's one host sync
         targets, tokens = readback[: len(targets)], readback[len(targets) :]
-        fed = shape.level_starts[-2] if num_ssms else 0  # nodes above the deepest level have cache entries
+
         trees, drafts, results, offset = [], [], [], 0
         for i, (r, chunk, keep) in enumerate(zip(requests, chunks, keeps)):
             ssm_drafts = []
@@ -250,7 +250,8 @@ class RequestManager:
                 first = (s * len(drafting) + draft_row[i]) * per_tree
                 own = TokenTree([r.tokens[-1]] + tokens[first : first + keep], list(shape.parents[: keep + 1]))
                 n = catch_up[s][draft_row[i]]
-                cache_index = [n - 1] + [n + j - 1 if j < fed else -1 for j in range(1, keep + 1)]
+                # The drafter fed the nodes with children: their entries follow the catch-up chain.
+                cache_index = [n - 1] + [n + j - 1 if shape.children[j] else -1 for j in range(1, keep + 1)]
                 merged_index = [0] + list(range(len(tree_tokens), len(tree_tokens) + keep))
                 ssm_drafts.append(SSMDraft(own, n, cache_index, merged_index))
                 tree_tokens += own.tokens[1:]

@@ -31,19 +31,26 @@ class DeviceTreeDrafter:
                 ancestors[node - 1] = ancestors[parent - 1]
             ancestors[node - 1, node - 1] = True
         ancestors = ancestors.to(self.device)
-        self.level_nodes = [  # per depth >= 1: its node ids minus one (= entry offsets after `start`)
-            torch.arange(shape.level_starts[d] - 1, shape.level_starts[d + 1] - 1, device=self.device)
-            for d in range(1, shape.depth + 1)
-        ]
-        self.level_masks = [ancestors[nodes] for nodes in self.level_nodes]  # what each level's nodes see
-        # Level d's tokens are picked from the top-k of every node of level d - 1: node j takes entry
-        # (its parent's place in that level) * k + (its rank). None where that is every entry in order.
+        # Per depth >= 1, the nodes that are fed to the SSM: those with children (a leaf's logits would go
+        # unused). Their ids minus one are their cache entries after `start`; leaves' entries stay unwritten.
+        fed = [[j for j in range(shape.level_starts[d], shape.level_starts[d + 1]) if shape.children[j]]
+               for d in range(1, shape.depth + 1)]
+        self.level_nodes = [torch.tensor([j - 1 for j in nodes], dtype=torch.long, device=self.device) for nodes in fed]
+        self.level_masks = [ancestors[nodes] for nodes in self.level_nodes]  # what each fed node sees
+        # Which of a level's nodes are fed: None where all of them are.
+        self.level_feeds = [None if len(nodes) == shape.level_starts[d + 1] - shape.level_starts[d] else
+                            torch.tensor([j - shape.level_starts[d] for j in nodes], device=self.device)
+                            for d, nodes in enumerate(fed, start=1)]
+        # Level d's tokens are picked from the top-k of every fed node of level d - 1: node j takes entry
+        # (its parent's place among them) * k + (its rank). None where that is every entry in order.
         self.level_picks: list[torch.Tensor | None] = []
         for d in range(1, shape.depth + 1):
-            k, first = shape.level_width(d), shape.level_starts[d - 1]
+            k = shape.level_width(d)
+            parents = [0] if d == 1 else fed[d - 2]
+            place = {parent: i for i, parent in enumerate(parents)}
             nodes = range(shape.level_starts[d], shape.level_starts[d + 1])
-            picks = [(shape.parents[j] - first) * k + shape.ranks[j] for j in nodes]
-            everything = picks == list(range((shape.level_starts[d] - first) * k))
+            picks = [place[shape.parents[j]] * k + shape.ranks[j] for j in nodes]
+            everything = picks == list(range(len(parents) * k))
             self.level_picks.append(None if everything else torch.tensor(picks, device=self.device))
         self.graphs: dict[int, _ExpansionGraph] = {}
         self.pool = None
@@ -55,7 +62,9 @@ class DeviceTreeDrafter:
         `root_logits` [B, V]: the SSM's logits at each root; `starts[b]`: the cache entry right after the
         root in slot `slots[b]`, where node 1 goes. Records the new entries with the runner."""
         batch = len(slots)
-        fed = self.shape.depths[1 : self.shape.level_starts[-2]]  # the deepest level is never fed
+        # Entries are laid out for every node above the deepest level; those of leaves stay unwritten
+        # and are never kept (the request manager marks them not cached).
+        fed = self.shape.depths[1 : self.shape.level_starts[-2]]
         for slot in slots:
             root_depth = self.runner.num_speculative(slot) - 1  # the root ends the catch-up chain
             self.runner.extend_speculative(slot, [root_depth + d for d in fed])
@@ -80,7 +89,9 @@ class DeviceTreeDrafter:
         levels = []
         for depth in range(1, self.shape.depth + 1):
             if depth > 1:
-                hidden = self.model(levels[-1], self.cache, self._metadata(depth - 1, slots, starts, kv_len))
+                feeds = self.level_feeds[depth - 2]
+                tokens = levels[-1] if feeds is None else levels[-1][:, feeds]
+                hidden = self.model(tokens, self.cache, self._metadata(depth - 1, slots, starts, kv_len))
                 logits = self.model.compute_logits(hidden)
             top = logits.topk(self.shape.level_width(depth), dim=-1).indices.reshape(batch, -1)
             picks = self.level_picks[depth - 1]
