@@ -49,6 +49,9 @@ def add_engine_arguments(p: argparse.ArgumentParser, max_sequence_length: int) -
     spec.add_argument("--tree", metavar="JSON",
                       help="a fitted tree shape (`specinfer fit-tree`, or a JSON list of rank paths such as "
                            "[[0],[1],[0,0]]); takes the place of --expansion")
+    spec.add_argument("--tree-nodes", type=int, metavar="N",
+                      help="use the first N nodes of the tree (a fitted tree lists its nodes in growth order, so "
+                           "every prefix is the fitted tree of that size)")
     spec.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
                       help="let a request sit out speculation while its draft is measured not to pay")
     run = p.add_argument_group("engine")
@@ -81,8 +84,11 @@ def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, SpeculationC
     from .spec.tree_fit import load_tree_file
 
     tree = args.tree or (default_tree(args.llm, args.ssms) if args.expansion is None else None)
+    if args.tree_nodes is not None and not tree:
+        raise SpecInferError("--tree-nodes cuts a tree: pass --tree (or no --expansion with the default model)")
     expansion = parse_expansion(args.expansion) if args.expansion else DEFAULT_EXPANSION
-    return engine, SpeculationConfig(args.mode, expansion, args.adaptive, load_tree_file(tree) if tree else None)
+    paths = load_tree_file(tree, args.tree_nodes) if tree else None
+    return engine, SpeculationConfig(args.mode, expansion, args.adaptive, paths)
 
 
 def build_parser() -> argparse.ArgumentParser:

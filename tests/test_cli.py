@@ -78,6 +78,7 @@ def test_full_run_writes_json_lines(model_dirs, capsys, tmp_path):
     ("bad-self-ssm", "self:N"),
     ("missing-tree", "cannot read tree file"),
     ("bad-tree", "lacks its parent"),
+    ("tree-nodes-without-tree", "--tree-nodes cuts a tree"),
 ])
 def test_bad_input_gives_one_clear_error(model_dirs, tmp_path, capsys, case, expected):
     llm = str(model_dirs / "llm")
@@ -120,6 +121,8 @@ def test_bad_input_gives_one_clear_error(model_dirs, tmp_path, capsys, case, exp
         args["--ssm"] = "self:abc"
     elif case == "missing-tree":
         args["--tree"] = str(tmp_path / "tree.json")
+    elif case == "tree-nodes-without-tree":
+        args["--tree-nodes"] = "4"
     elif case == "bad-tree":
         (tmp_path / "tree.json").write_text(json.dumps({"paths": [[0], [1, 0, 0]]}))
         args["--tree"] = str(tmp_path / "tree.json")

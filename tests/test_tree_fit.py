@@ -59,9 +59,29 @@ def test_the_default_model_drafts_the_tree_fitted_to_its_tuned_ssms():
         path = default_tree(None, ssms)
         assert path.name == name and len(load_tree_file(path)) == 20
     assert default_tree("/models/llama-7b", None) is None and default_tree(None, ["self:4"]) is None
+    # The shipped files are prefixes of one growth: the 512-node tree cut to 256 and 20 nodes.
+    trees = default_tree(None, None).parent
+    assert load_tree_file(trees / "tuned1-2_512.json", nodes=256) == load_tree_file(trees / "tuned1-2_256.json")
+    assert load_tree_file(trees / "tuned1-2_512.json", nodes=20) == load_tree_file(trees / "tuned1-2_20.json")
     _, speculation = engine_configs(build_parser().parse_args([]))
     assert speculation.tree == load_tree_file(default_tree(None, None))
     _, speculation = engine_configs(build_parser().parse_args(["--expansion", "2,2,1"]))
     assert speculation.tree is None and speculation.expansion == (2, 2, 1)
     _, speculation = engine_configs(build_parser().parse_args(["--llm", "/models/llama-7b"]))
     assert speculation.tree is None and speculation.expansion == DEFAULT_EXPANSION
+
+
+def test_a_grown_tree_file_cuts_to_every_smaller_fitted_tree(tmp_path):
+    from specinfer.spec.tree_fit import grow_tree, load_tree_file, write_tree
+
+    rng = np.random.default_rng(1)
+    ranks = [[rng.choice(4, size=120, p=[0.6, 0.25, 0.1, 0.05]) for _ in range(10)]]
+    grown = grow_tree(ranks, num_nodes=30)
+    write_tree(tmp_path / "tree.json", grown, ["ssm"], "made-up ranks")
+    for n in (1, 7, 30):
+        assert load_tree_file(tmp_path / "tree.json", nodes=n) == fit_tree(ranks, num_nodes=n).paths[1:]
+    (tmp_path / "plain.json").write_text("[[0], [1], [0, 0]]")
+    with pytest.raises(SpecInferError, match="growth order"):
+        load_tree_file(tmp_path / "plain.json", nodes=2)
+    with pytest.raises(SpecInferError, match="holds 30 nodes"):
+        load_tree_file(tmp_path / "tree.json", nodes=31)

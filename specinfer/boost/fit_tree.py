@@ -23,7 +23,7 @@ from ..config import MAX_TREE_NODES, EngineConfig, SpeculationConfig, parse_expa
 from ..errors import SpecInferError
 from ..llm import LLM
 from ..spec.tree import TreeShape
-from ..spec.tree_fit import fit_tree, tokens_per_step, write_tree
+from ..spec.tree_fit import grow_tree, tokens_per_step, write_tree
 from .data import Example, generate_examples
 from .oracle import oracle_tokens_per_step
 from .prompts import build_prompts, read_prompt_file
@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompts, a JSON list of strings; every 5th is held out (default: the built-in set)")
     p.add_argument("--out", required=True, metavar="DIR", help="answers, the fitted tree (tree.json), its report")
     p.add_argument("--nodes", type=int, action="append", metavar="N",
-                   help="tree nodes per SSM, root excluded; repeat for several trees (default: 20)")
+                   help="tree nodes per SSM, root excluded; repeat for several trees (default: 20). Each file lists "
+                        "its paths in growth order, so `--tree FILE --tree-nodes M` cuts it to any smaller tree")
     p.add_argument("--max-depth", type=int, default=16, help="deepest level the tree may reach")
     p.add_argument("--fit-on", choices=["held-out", "train"], default="held-out",
                    help="the prompts to fit to: held-out ones outside the judged sample (for SSMs trained on the "
@@ -112,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
     held_ranks = [answer_ranks(ssm, held_out) for ssm in llm.ssms]
     uniform = TreeShape.from_widths(expansion)
     shapes = [(f"expansion {args.expansion}", uniform)]
-    shapes += [(f"fitted, {n} nodes", fit_tree(fitting_ranks, n, args.max_depth)) for n in budgets]
+    # One growth serves every size: the first n paths are the n-node tree.
+    grown = grow_tree(fitting_ranks, max(budgets), args.max_depth)
+    shapes += [(f"fitted, {n} nodes", TreeShape.from_paths(grown[:n])) for n in budgets]
     rows = []
     for label, shape in shapes:
         served = None
@@ -124,8 +127,8 @@ def run(args: argparse.Namespace) -> int:
     ssm_names = args.ssms or ["the default draft"]
     fitted_on = f"{len(fitting)} greedy answers to {args.fit_on} prompts ({args.max_new_tokens} tokens at most)"
     for (_, shape, held, served), budget in zip(rows[1:], budgets):
-        write_tree(out / ("tree.json" if len(budgets) == 1 else f"tree_{budget}.json"), shape, ssm_names, fitted_on,
-                   held, served)
+        write_tree(out / ("tree.json" if len(budgets) == 1 else f"tree_{budget}.json"), grown[:budget], ssm_names,
+                   fitted_on, held, served)
     lines = [f"SSMs: {', '.join(ssm_names)}. Fitted on {len(fitting)} answers to {args.fit_on} prompts; judged on "
              f"{len(held_out)} held-out answers ({args.eval_new_tokens} tokens each), greedy, replayed from the "
              "SSMs' ranks" + (" and served through the engine with the answers standing in for the LLM."

@@ -19,7 +19,8 @@ from ..config import EngineConfig, SpeculationConfig, parse_expansion
 from ..errors import SpecInferError
 from ..llm import LLM
 from ..models.loader import load_model
-from ..spec.tree_fit import fit_tree, write_tree
+from ..spec.tree import TreeShape
+from ..spec.tree_fit import grow_tree, write_tree
 from .data import generate_examples
 from .evaluate import Evaluation, evaluate
 from .fit_tree import answer_ranks, judged_sample
@@ -125,8 +126,9 @@ def run(args: argparse.Namespace) -> int:
         kind = "held-out" if len(tree_prompts) >= 8 else "training"
         fit_on = generate_examples(llm, tree_prompts[:256], out / "data" / "tree_fit.jsonl", args.max_new_tokens,
                                    args.generation_batch_size) if kind == "held-out" else train[: len(train_prompts)]
-        shape = fit_tree([answer_ranks(s, fit_on) for s in served], args.tree_nodes)
-        write_tree(out / "tree.json", shape, labels[1:], f"{len(fit_on)} greedy answers to {kind} prompts")
+        grown = grow_tree([answer_ranks(s, fit_on) for s in served], args.tree_nodes)
+        write_tree(out / "tree.json", grown, labels[1:], f"{len(fit_on)} greedy answers to {kind} prompts")
+        shape = TreeShape.from_paths(grown)
         label = f"{'merged set' if len(ssms) > 1 else 'ssm1'}, fitted tree of {len(shape) - 1} nodes (tree.json)"
         rows.append(Evaluation(label, oracle_tokens_per_step(llm.model.config, served, held_out, expansion, 64,
                                                              tree=shape.paths[1:]), rows[-1].coverage))

@@ -64,6 +64,13 @@ def _matched_depth(by_rank: list[dict], ranks: np.ndarray, t: int, room: int) ->
 def fit_tree(ranks: list[Ranks], num_nodes: int, max_depth: int = 32, max_rank: int = 16) -> TreeShape:
     """The shape of `num_nodes` nodes (root excluded) that greedily maximises the summed accepted length
     over every position of the answers, for the SSMs in `ranks` drafting side by side."""
+    return TreeShape.from_paths(grow_tree(ranks, num_nodes, max_depth, max_rank))
+
+
+def grow_tree(ranks: list[Ranks], num_nodes: int, max_depth: int = 32,
+              max_rank: int = 16) -> list[tuple[int, ...]]:
+    """`fit_tree`'s rank paths in the order they were chosen: every prefix of the list is the tree that
+    fitting would give for that many nodes."""
     # One row per answer position t (a possible step root): the ranks of the next `max_depth` tokens.
     rows = []
     for per_ssm in zip(*ranks):
@@ -103,7 +110,7 @@ def fit_tree(ranks: list[Ranks], num_nodes: int, max_depth: int = 32, max_rank: 
             frontier.add(path[:-1] + (path[-1] + 1,))
     if not chosen:
         raise SpecInferError("no SSM's first choice is ever right on these answers: nothing to fit a tree to")
-    return TreeShape.from_paths(chosen)
+    return chosen
 
 
 def _window(ranks: np.ndarray, t: int, depth: int) -> np.ndarray:
@@ -120,8 +127,10 @@ def _gain(path: tuple[int, ...], matches: dict, windows: np.ndarray, best: np.nd
     return int(np.maximum(best[anywhere], len(path)).sum() - best[anywhere].sum()), followed
 
 
-def load_tree_file(path: str | Path) -> tuple[tuple[int, ...], ...]:
-    """Rank paths from a JSON file: a list of paths, or an object with "paths" (what fit-tree writes)."""
+def load_tree_file(path: str | Path, nodes: int | None = None) -> tuple[tuple[int, ...], ...]:
+    """Rank paths from a JSON file: a list of paths, or an object with "paths" (what fit-tree writes).
+    `nodes`: only the first that many, for a file whose paths are in growth order ("grown": true, as
+    fit-tree writes them), so that one fitted tree gives every smaller one."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -129,13 +138,22 @@ def load_tree_file(path: str | Path) -> tuple[tuple[int, ...], ...]:
     paths = data.get("paths") if isinstance(data, dict) else data
     if not isinstance(paths, list):
         raise SpecInferError(f"tree file {str(path)!r} must hold a list of rank paths or an object with \"paths\"")
+    if nodes is not None:
+        if not (isinstance(data, dict) and data.get("grown")):
+            raise SpecInferError(f"tree file {str(path)!r} does not list its paths in growth order: it cannot be cut "
+                                 "to fewer nodes (fit-tree writes files that can)")
+        if not 1 <= nodes <= len(paths):
+            raise SpecInferError(f"tree file {str(path)!r} holds {len(paths)} nodes; asked for {nodes}")
+        paths = paths[:nodes]
     return TreeShape.from_paths(paths).paths[1:]
 
 
-def write_tree(path: Path, shape: TreeShape, ssms: list[str], fitted_on: str, held_out: float | None = None,
-               served: float | None = None) -> None:
-    """The JSON that `--tree` and `load_tree_file` read: the rank paths, and how they were made."""
-    record = {"paths": [list(p) for p in shape.paths[1:]], "nodes": len(shape) - 1, "depth": shape.depth,
+def write_tree(path: Path, grown: list[tuple[int, ...]], ssms: list[str], fitted_on: str,
+               held_out: float | None = None, served: float | None = None) -> None:
+    """The JSON that `--tree` and `load_tree_file` read: the rank paths in growth order (`grow_tree`),
+    and how they were made."""
+    shape = TreeShape.from_paths(grown)
+    record = {"paths": [list(p) for p in grown], "grown": True, "nodes": len(shape) - 1, "depth": shape.depth,
               "ssms": ssms, "fitted_on": fitted_on}
     if held_out is not None:
         record["held_out_tokens_per_step"] = round(held_out, 3)
