@@ -88,7 +88,8 @@ def main() -> None:
 
     meta = {"date": datetime.date.today().isoformat(), "device": device_name(args.device), "torch": torch.__version__,
             "dtype": str(llm.model.embed_tokens.weight.dtype).removeprefix("torch."), "llm": str(llm.model_path),
-            "ssms": args.ssm or ["default (tuned:1)"], "expansion": args.tree or args.expansion, "max_new_tokens": args.max_new_tokens,
+            "ssms": args.ssm or ["default (tuned:1)"], "expansion": args.tree or args.expansion,
+            "max_new_tokens": args.max_new_tokens,
             "compiled": args.compile, "greedy": True}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,7 +98,8 @@ def main() -> None:
     lines = [
         f"# Throughput against batch size, default model, {tag.upper()}", "",
         f"{meta['date']} · {meta['device']} · torch {meta['torch']} · {meta['dtype']} · greedy · "
-        f"{args.max_new_tokens} new tokens per request · SSMs: {', '.join(meta['ssms'])} · tree {args.tree or args.expansion}"
+        f"{args.max_new_tokens} new tokens per request · SSMs: {', '.join(meta['ssms'])} · "
+        f"tree {args.tree or args.expansion}"
         f"{' · blocks compiled (--compile)' if args.compile else ''} · each row the median of {args.repeats} runs after one untimed run", "",
         f"Reproduce: `python benchmarks/batch_throughput.py {' '.join(sys.argv[1:])}`", "",
         "| batch | incremental tok/s | adaptive tree tok/s | vs incremental | fixed tree tok/s | vs incremental | "

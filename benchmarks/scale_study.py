@@ -184,7 +184,8 @@ def main() -> None:
     results: dict = {"meta": {
         "date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "dtype": args.dtype, "llm_shape": args.llm_shape, "prefix": PREFIX,
-        "expansion": args.tree or args.expansion, "tree_nodes": len(shape), "num_ssms": args.num_ssms, "accepted_tokens_per_step": args.accepted,
+        "expansion": args.tree or args.expansion, "tree_nodes": len(shape), "num_ssms": args.num_ssms,
+        "accepted_tokens_per_step": args.accepted,
         "weights": "random (a projection, not a real model)", "compiled": args.compile,
     }}
 

@@ -102,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
         raise SpecInferError("no held-out prompt is left outside the judged sample to fit the tree to: lower "
                              "--max-held-out, give more prompts, or pass --fit-on train")
     llm = LLM(args.llm, ssms=args.ssms, tokenizer=args.tokenizer,
-              engine=EngineConfig(max_batch_size=args.generation_batch_size, max_sequence_length=args.max_sequence_length,
-                                  device=args.device, dtype=args.dtype),
+              engine=EngineConfig(max_batch_size=args.generation_batch_size,
+                                  max_sequence_length=args.max_sequence_length, device=args.device, dtype=args.dtype),
               speculation=SpeculationConfig(adaptive=False))
     fitting = generate_examples(llm, fit_prompts, out / "data" / f"fit_{args.fit_on}.jsonl", args.max_new_tokens,
                               args.generation_batch_size)
