@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from .errors import SpecInferError
 from .spec.tree import TreeShape
+from .spec.tree_ladder import TreeLadder, growth_order
 
 MODES = ("tree", "sequence", "incremental")
 DEFAULT_EXPANSION = (1, 1, 3, 1, 1, 1, 1, 1)
@@ -38,12 +39,13 @@ class GenerationConfig:
 class SpeculationConfig:
     """`tree`: every SSM drafts a tree, by `expansion` (children per depth) or by `tree`, a fitted shape
     given as rank paths (`spec/tree_fit.py`; it takes precedence); the trees merge. `sequence`: the first
-    SSM speculates a chain as deep as the tree. `incremental`: no speculation. `adaptive` lets a request
-    sit out speculation while its draft does not pay; outputs are the same either way."""
+    SSM speculates a chain as deep as the tree. `incremental`: no speculation. `adaptive` drafts, step by
+    step, the part of the tree that is measured to pay at the running batch size (nested trees of 1, 2, 4,
+    ... nodes), or nothing; outputs are the same either way."""
 
     mode: str = "tree"
     expansion: tuple[int, ...] = DEFAULT_EXPANSION
-    # Speculate for a request only while its draft is measured to pay (engine/speculation_controller.py).
+    # Draft only as much as is measured to pay (engine/speculation_controller.py).
     adaptive: bool = True
     tree: tuple[tuple[int, ...], ...] | None = None  # rank paths, e.g. ((0,), (1,), (0, 0))
 
@@ -57,7 +59,7 @@ class SpeculationConfig:
             raise SpecInferError(f"expansion {self.expansion} is too large (at most 32 levels of at most 16 children)")
         if self.tree is not None:
             shape = TreeShape.from_paths(self.tree)  # validates
-            self.tree = shape.paths[1:]
+            self.tree = growth_order(self.tree)  # kept in the given order where it nests (tree_ladder)
             if len(shape) > MAX_TREE_NODES + 1 or shape.depth > 32:
                 raise SpecInferError(f"the tree has {len(shape) - 1} nodes and depth {shape.depth}: at most "
                                      f"{MAX_TREE_NODES} nodes and depth 32")
@@ -71,6 +73,17 @@ class SpeculationConfig:
             shape = TreeShape.from_paths(self.tree)
             return shape if self.mode == "tree" else TreeShape.from_widths((1,) * shape.depth)
         return TreeShape.from_widths(self.expansion if self.mode == "tree" else (1,) * len(self.expansion))
+
+    @property
+    def tree_ladder(self) -> TreeLadder | None:
+        """The trees the engine may draft: with `adaptive`, the nested trees of 1, 2, 4, ... nodes up to the
+        whole one (`spec/tree_ladder.py`), else the whole tree alone. None when nothing is drafted."""
+        shape = self.tree_shape
+        if shape is None:
+            return None
+        if not self.adaptive:
+            return TreeLadder.single(shape)
+        return TreeLadder.from_paths(self.tree if self.tree is not None and self.mode == "tree" else shape.paths[1:])
 
     @property
     def max_tree_nodes(self) -> int:

@@ -1,6 +1,9 @@
-"""The adaptive controller speculates where the draft pays and backs off where it does not."""
+"""The adaptive controller drafts the tree size that pays most, backs off where none pays, and measures
+smaller trees from larger ones exactly."""
 
 from __future__ import annotations
+
+import pytest
 
 from specinfer.config import EngineConfig, GenerationConfig, SpeculationConfig
 from specinfer.engine.request_manager import RequestManager
@@ -14,9 +17,10 @@ from .test_speculative import PROMPTS, assert_greedy_equivalent, generate
 def drive(controller: SpeculationController, tokens_per_speculative_step: int, steps: int) -> int:
     speculated = 0
     for _ in range(steps):
-        if controller.choose([0]):
+        size, chosen = controller.choose([0])
+        if chosen:
             speculated += 1
-            controller.record_request(0, tokens_per_speculative_step)
+            controller.record_request(0, {size: tokens_per_speculative_step})
     return speculated
 
 
@@ -35,36 +39,36 @@ def test_a_large_batch_with_a_useless_draft_runs_almost_only_plain_steps():
     ids = list(range(16))
     speculative_steps = 0
     for _ in range(400):
-        chosen = controller.choose(ids)
+        size, chosen = controller.choose(ids)
         speculative_steps += bool(chosen)
         for rid in chosen:
-            controller.record_request(rid, 1, len(ids))
+            controller.record_request(rid, {size: 1}, len(ids))
     # Probes of the 16 requests fall on the same few steps instead of making every step speculative.
     assert speculative_steps <= 5 + 400 // MAX_BACKOFF
     # A request arriving now starts from the pooled gain: it does not force a speculative step.
-    assert not controller.choose(ids[1:] + [99]) or controller.step % FIRST_BACKOFF == 0
+    assert not controller.choose(ids[1:] + [99])[1] or controller.step % FIRST_BACKOFF == 0
 
 
 def test_speculates_at_small_batches_and_stops_where_compute_is_no_longer_free():
     controller = SpeculationController()
     for batch, ratio in ((1, 1.5), (64, 4.0)):  # a tree step costs 1.5 plain steps at batch 1, 4 at batch 64
         for _ in range(3):
-            controller.record_step(0.01, batch, speculative=False)
-            controller.record_step(0.01 * ratio, batch, speculative=True)
+            controller.record_step(0.01, batch, 0)
+            controller.record_step(0.01 * ratio, batch, 1)
     for rid in range(64):
-        controller.record_request(rid, 3, 1)  # drafts giving 3 tokens per step
-    assert controller.choose([0]) == {0}  # 3 - 1 > 1.5 - 1
-    assert controller.choose(list(range(64))) == set() or controller.step % FIRST_BACKOFF == 0  # 64*2 < 64*3
+        controller.record_request(rid, {1: 3}, 1)  # drafts giving 3 tokens per step
+    assert controller.choose([0]) == (1, {0})  # 3 - 1 > 1.5 - 1
+    assert controller.choose(list(range(64)))[1] == set() or controller.step % FIRST_BACKOFF == 0  # 64*2 < 64*3
 
 
 def test_measures_cost_ratio_from_step_times():
     controller = SpeculationController()
     assert controller.cost_ratio(1) == 1.0
-    controller.record_step(0.010, 1, speculative=False)
-    controller.record_step(0.030, 1, speculative=True)
+    controller.record_step(0.010, 1, 0)
+    controller.record_step(0.030, 1, 1)
     assert abs(controller.cost_ratio(1) - 3.0) < 1e-9
-    controller.record_step(0.010, 32, speculative=False)
-    controller.record_step(0.050, 32, speculative=True)
+    controller.record_step(0.010, 32, 0)
+    controller.record_step(0.050, 32, 1)
     assert abs(controller.cost_ratio(32) - 5.0) < 1e-9 and abs(controller.cost_ratio(2) - 3.0) < 1e-9
 
 
@@ -90,11 +94,11 @@ def test_a_draft_far_from_paying_waits_the_longest_back_off_at_once():
     controller = SpeculationController()
     speculative_steps = []
     for step in range(1, 101):
-        chosen = controller.choose([0])
-        controller.record_step(0.65 if chosen else 0.1, 1, speculative=bool(chosen))
+        size, chosen = controller.choose([0])
+        controller.record_step(0.65 if chosen else 0.1, 1, size)
         if chosen:
             speculative_steps.append(step)
-            controller.record_request(0, 2, 1)
+            controller.record_request(0, {size: 2}, 1)
     assert speculative_steps[0] == 2  # the first step is plain: the speculative one is weighed against it
     assert len(speculative_steps) == 2, speculative_steps
 
@@ -104,10 +108,95 @@ def test_a_draft_that_pays_is_not_written_off_by_one_slow_first_step():
     controller = SpeculationController()
     speculated = 0
     for _ in range(60):
-        chosen = controller.choose([0])
+        size, chosen = controller.choose([0])
         seconds = (1.0 if speculated == 0 else 0.015) if chosen else 0.01  # then 1.5 plain steps, for 3 tokens
-        controller.record_step(seconds, 1, speculative=bool(chosen))
+        controller.record_step(seconds, 1, size)
         if chosen:
             speculated += 1
-            controller.record_request(0, 3, 1)
+            controller.record_request(0, {size: 3}, 1)
     assert speculated > 40
+
+
+SIZES = (1, 2, 4, 8, 20)
+GAINS = {1: 1.6, 2: 1.95, 4: 2.2, 8: 2.35, 20: 2.6}  # tokens per step with each nested tree
+
+
+def simulated_rate(ratios: dict[int, float], batch: int, steps: int = 600) -> float:
+    """Tokens per second of a batch served under the controller, each step costing `ratios[size]` plain
+    steps of 10 ms; every speculative step reports what it and each smaller tree commit, as the engine
+    does."""
+    controller = SpeculationController(SIZES)
+    ids = list(range(batch))
+    tokens = seconds = 0.0
+    for _ in range(steps):
+        size, chosen = controller.choose(ids)
+        step = 0.01 * (ratios[size] if size else 1.0)
+        controller.record_step(step, batch, size)
+        seconds += step
+        tokens += batch - len(chosen) + sum(GAINS[size] for _ in chosen)
+        for rid in chosen:
+            controller.record_request(rid, {s: GAINS[s] for s in SIZES if s <= size}, batch)
+    return tokens / seconds
+
+
+@pytest.mark.parametrize("name, ratios, batch", [
+    ("GPU batch 1: big trees nearly free", {1: 1.05, 2: 1.08, 4: 1.1, 8: 1.15, 20: 1.3}, 1),
+    ("CPU: each node costs", {1: 1.3, 2: 1.6, 4: 2.0, 8: 2.8, 20: 4.5}, 1),
+    ("batch 16: only small trees pay", {1: 1.2, 2: 1.5, 4: 2.1, 8: 3.5, 20: 7.0}, 16),
+    ("batch 64: nothing pays", {1: 1.7, 2: 2.2, 4: 3.0, 8: 5.0, 20: 10.0}, 64),
+])
+def test_serves_near_the_best_tree_size_and_never_below_plain_decoding(name, ratios, batch):
+    best = max([1.0] + [GAINS[s] / ratios[s] for s in SIZES]) * batch / 0.01
+    rate = simulated_rate(ratios, batch)
+    assert rate >= 0.9 * best, (name, rate / best)
+    assert rate >= 0.97 * batch / 0.01, name  # probes cost at most a few percent where nothing pays
+
+
+def test_picks_the_size_with_most_tokens_per_time():
+    controller = SpeculationController(SIZES)
+    for _ in range(3):
+        controller.record_step(0.010, 1, 0)
+        for size, seconds in {1: 0.012, 2: 0.014, 4: 0.018, 8: 0.030, 20: 0.060}.items():
+            controller.record_step(seconds, 1, size)
+    controller.record_request(0, {1: 2, 2: 3, 4: 3, 8: 4, 20: 4})  # per time: 1.67, 2.14, 1.67, 1.33, 0.67
+    controller.record_request(0, {1: 2, 2: 3, 4: 3, 8: 4, 20: 4})
+    assert controller.choose([0]) == (2, {0})
+    assert controller.requests[0].best == 2
+
+
+@pytest.mark.parametrize("host_drafting", [False, True])
+def test_adaptive_engine_drafts_the_size_that_pays_and_stays_exact(tmp_path, host_drafting):
+    """With the whole tree costly and two nodes cheap, the engine settles on the small tree; each step
+    reports what it committed and what every smaller tree of the ladder would have, and outputs stay those
+    of incremental decoding."""
+    reference = save_random_llama(tmp_path / "llm")
+    save_random_llama(tmp_path / "ssm", noise_from=reference)
+    llm, ssm = load_model(tmp_path / "llm"), load_model(tmp_path / "ssm")
+    manager = RequestManager(llm, [ssm], EngineConfig(max_batch_size=5, max_sequence_length=128),
+                             SpeculationConfig(expansion=(1, 1, 3, 1, 1)), eos_token_ids=[])
+    sizes = manager.ladder.sizes
+    assert sizes == (1, 2, 4, 11)
+    manager.controller = SpeculationController(sizes, fixed_cost_ratio={1: 1.05, 2: 1.1, 4: 2.5, 11: 6.0})
+    reports = []
+    record = manager.controller.record_request
+
+    def spy(request_id, tokens, batch_size=1):
+        reports.append((request_id, tokens, manager.requests[request_id].stats.num_accepted))
+        record(request_id, tokens, batch_size)
+
+    manager.controller.record_request = spy
+    ids = [manager.register_new_request(p, sampling=GenerationConfig(max_new_tokens=40)) for p in PROMPTS]
+    if host_drafting:  # a sampled request sends the batch through host drafting
+        manager.register_new_request(PROMPTS[0], sampling=GenerationConfig(do_sample=True, max_new_tokens=40))
+    before = {}
+    manager.run()
+    expected = generate(llm, [], PROMPTS, mode="incremental", max_new=40)
+    for i, prompt, e in zip(ids, PROMPTS, expected):
+        assert_greedy_equivalent(llm, prompt, manager.requests[i].output_tokens, e.output_tokens)
+    ran = [max(tokens) for _, tokens, _ in reports]
+    assert ran.count(2) > len(ran) / 2, ran  # mostly the 2-node tree
+    for request_id, tokens, accepted in reports:  # plain steps accept nothing: the reports add up
+        assert list(tokens) == [s for s in sizes if s <= max(tokens)]
+        counts = [tokens[s] for s in tokens]
+        assert counts == sorted(counts) and counts[-1] == 1 + accepted - before.get(request_id, 0)
+        before[request_id] = accepted

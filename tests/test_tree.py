@@ -160,3 +160,45 @@ def test_greedy_verification_keeps_the_deeper_of_two_side_by_side_paths():
     assert result.new_tokens(tree) == [7, 9, 10, 11]
     first_only = verify_greedy_targets(tree, [7, 8, 3, 5, 0, 0])  # now only the first tree's path matches
     assert first_only.accepted == [0, 1, 2] and first_only.next_token == 3
+
+
+@pytest.mark.parametrize("num_ssms", [1, 2])
+def test_a_step_with_a_large_tree_tells_what_every_nested_smaller_tree_commits(num_ssms):
+    """Greedy verification of the whole tree, side by side for several SSMs, gives for every smaller tree
+    of the ladder exactly what verifying that tree alone would commit."""
+    import random
+
+    from specinfer.spec.tree_ladder import TreeLadder
+    from specinfer.spec.verify import verify_greedy_targets
+
+    rng = random.Random(num_ssms)
+    grown = [(0,), (0, 0), (1,), (0, 0, 0), (0, 1), (1, 0), (2,), (0, 0, 0, 0), (0, 0, 1), (1, 0, 0), (0, 2), (3,)]
+    ladder = TreeLadder.from_paths(grown)
+    assert ladder.sizes == (1, 2, 4, 8, 12)
+    full = ladder.full
+    for _ in range(300):
+        # Tokens from a small vocabulary so that paths match often, two SSMs' first tokens collide.
+        tokens, parents, places = [0], [-1], [-1]
+        for _ in range(num_ssms):
+            offset = len(tokens) - 1
+            own = [0] * len(full)
+            for node in range(1, len(full)):
+                siblings = [own[c] for c in full.children[full.parents[node]] if c < node]
+                own[node] = rng.choice([t for t in range(4) if t not in siblings])
+            tokens += own[1:]
+            parents += [0 if p == 0 else offset + p for p in full.parents[1:]]
+            places += list(ladder.places[-1][1:])
+        tree = TokenTree(tokens, parents)
+        # The LLM's choice after each node depends on the node's whole path, as a real model's does.
+        choice = {}
+        targets = [choice.setdefault(tuple(tree.tokens[u] for u in tree.path_to(v)), rng.randrange(4))
+                   for v in range(len(tree))]
+        result = verify_greedy_targets(tree, targets)
+        counts = ladder.tokens_by_size(len(ladder.sizes) - 1, [(places[v], d) for v, d in result.matched])
+        assert counts[ladder.sizes[-1]] == len(result.new_tokens(tree))
+        for size in ladder.sizes:
+            kept = [v for v in range(len(tree)) if places[v] < size]  # the smaller tree: a prefix-closed part
+            index = {v: i for i, v in enumerate(kept)}
+            small = TokenTree([tree.tokens[v] for v in kept], [index.get(tree.parents[v], -1) for v in kept])
+            alone = verify_greedy_targets(small, [targets[v] for v in kept])
+            assert counts[size] == len(alone.new_tokens(small)), (size, counts)

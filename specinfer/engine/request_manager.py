@@ -62,9 +62,11 @@ class RequestManager:
             ModelRunner(ssm, engine.max_batch_size, engine.max_sequence_length + speculation.max_tree_nodes)
             for ssm in active_ssms
         ]
-        self.tree_shape = speculation.tree_shape if self.ssms else None
-        self.drafters = [DeviceTreeDrafter(runner, self.tree_shape) for runner in self.ssms]
-        self.controller = SpeculationController() if speculation.adaptive and self.ssms else None
+        # The trees it may draft: nested ones of growing size under the adaptive controller, else one.
+        self.ladder = speculation.tree_ladder if self.ssms else None
+        self._drafters: dict[tuple[int, int], DeviceTreeDrafter] = {}  # (SSM, ladder size index), made on first use
+        self._size_index = 0  # this step's tree in the ladder
+        self.controller = SpeculationController(self.ladder.sizes) if speculation.adaptive and self.ssms else None
         self.tp = getattr(llm, "tp", None)  # tensor parallelism: the LLM's process group, or None
         self.scheduler = Scheduler(engine.max_batch_size)
         self.requests: dict[int, Request] = {}
@@ -154,7 +156,7 @@ class RequestManager:
                 if self.tp is not None:  # ranks must speculate alike, so they all take the slowest rank's time
                     seconds = self.tp.max_over_ranks(seconds)
                 # The step's time first: a request's verdict then weighs its tokens against this step too.
-                self.controller.record_step(seconds, len(decoding), speculative=any(drafts))
+                self.controller.record_step(seconds, len(decoding), self.ladder.sizes[self._size_index] if drafted else 0)
                 for request_id, tokens in drafted:
                     self.controller.record_request(request_id, tokens, len(decoding))
         finished = self.scheduler.retire_finished()
@@ -185,13 +187,22 @@ class RequestManager:
             r.append([token], self.eos_token_ids)
 
     def _choose_drafting(self, requests: list[Request]) -> list[int]:
-        """Indexes of the requests that speculate this step."""
+        """Indexes of the requests that speculate this step; sets the tree they draft (`_size_index`)."""
         # The tree may be as deep as the tokens still allowed, minus the LLM's own token.
         drafting = [i for i, r in enumerate(requests) if self.ssms and r.num_remaining > 1]
+        self._size_index = len(self.ladder.sizes) - 1 if self.ladder else 0
         if self.controller is not None and drafting:
-            chosen = self.controller.choose([requests[i].id for i in drafting])
-            drafting = [i for i in drafting if requests[i].id in chosen]
+            size, chosen = self.controller.choose([requests[i].id for i in drafting])
+            drafting = [i for i in drafting if requests[i].id in chosen] if size else []
+            self._size_index = self.ladder.sizes.index(size) if size else self._size_index
         return drafting
+
+    def _drafter(self, ssm_index: int) -> DeviceTreeDrafter:
+        """SSM `ssm_index`'s drafter of this step's tree (each size keeps its own CUDA graphs)."""
+        key = (ssm_index, self._size_index)
+        if key not in self._drafters:
+            self._drafters[key] = DeviceTreeDrafter(self.ssms[ssm_index], self.ladder.shapes[self._size_index])
+        return self._drafters[key]
 
     def _speculate_greedy(
         self, requests: list[Request]
@@ -201,14 +212,13 @@ class RequestManager:
         The SSMs' trees are verified side by side under the shared root, not merged: merging needs the
         tokens on the host. A token both SSMs proposed is verified twice, which changes nothing but cost."""
         drafting = self._choose_drafting(requests)
-        shape = self.tree_shape
+        shape = self.ladder.shapes[self._size_index] if self.ladder else None
         device = self.llm.device
         # Every token id the LLM will read, in one flat device tensor: the roots, then each SSM's trees.
         sources = [upload(torch.tensor([r.tokens[-1] for r in requests]), device)] if drafting else []
         catch_up = []  # per SSM: catch-up chain length per drafting request
-        for runner, drafter in zip(self.ssms, self.drafters):
-            if not drafting:
-                break
+        for s, runner in enumerate(self.ssms if drafting else []):
+            drafter = self._drafter(s)
             slots = [requests[i].slot for i in drafting]
             chunks = [Chunk.chain(s, requests[i].tokens[runner.num_cached(s) :]) for i, s in zip(drafting, slots)]
             root_logits = torch.cat(runner.forward(chunks))
@@ -272,7 +282,7 @@ class RequestManager:
                              requests[i].sampling, requests[i].generator)
                 for i in drafting
             ]
-            per_ssm.append(expand(runner, draft_requests, self.tree_shape))
+            per_ssm.append(expand(runner, draft_requests, self.ladder.shapes[self._size_index]))
         trees = [TokenTree.root_only(r.tokens[-1]) for r in requests]
         drafts: list[list[SSMDraft]] = [[] for _ in requests]
         for k, i in enumerate(drafting):
@@ -309,21 +319,35 @@ class RequestManager:
 
     def _commit(
         self, requests: list[Request], trees: list[TokenTree], drafts: list[list[SSMDraft]], results: list[VerifyResult]
-    ) -> list[tuple[int, int]]:
-        """Keep every request's accepted tokens; returns (request id, tokens committed) of those that drafted."""
+    ) -> list[tuple[int, dict[int, int]]]:
+        """Keep every request's accepted tokens; returns, for those that drafted, (request id, tokens committed
+        by tree size: the size drafted and the smaller ones of the ladder)."""
         # Tree nodes were fed to the LLM in node order, so node index == speculative cache entry. Each
         # model compacts the kept entries of every request in one move.
         self.llm.commit_all([(r.slot, result.accepted) for r, result in zip(requests, results)])
+        owns = [[d.own_nodes() for d in ssm_drafts] for ssm_drafts in drafts]  # merged node -> SSM's node
         for s, runner in enumerate(self.ssms):
-            runner.commit_all([(r.slot, ssm_drafts[s].entries_to_keep(result.accepted))
-                               for r, ssm_drafts, result in zip(requests, drafts, results) if ssm_drafts])
+            runner.commit_all([(r.slot, ssm_drafts[s].entries_to_keep(result.accepted, own[s]))
+                               for r, ssm_drafts, result, own in zip(requests, drafts, results, owns) if ssm_drafts])
         drafted = []
-        for r, tree, ssm_drafts, result in zip(requests, trees, drafts, results):
+        for r, tree, ssm_drafts, result, own in zip(requests, trees, drafts, results, owns):
             r.stats.num_llm_steps += 1
             r.stats.num_speculated += len(tree) - 1
             r.stats.num_accepted += len(result.accepted) - 1
             new_tokens = result.new_tokens(tree)
             if ssm_drafts:
-                drafted.append((r.id, len(new_tokens)))
+                drafted.append((r.id, self._tokens_by_size(ssm_drafts, own, result)))
             r.append(new_tokens, self.eos_token_ids)
         return drafted
+
+    def _tokens_by_size(self, ssm_drafts: list[SSMDraft], owns: list[dict[int, int]],
+                        result: VerifyResult) -> dict[int, int]:
+        """Tokens this step committed and, by the nesting of the ladder's trees, what each smaller tree would
+        have committed: exact under greedy verification, an estimate under sampling."""
+        places = self.ladder.places[self._size_index]
+        matched = []
+        for node, depth in result.matched:
+            place = min(places[d.shape_nodes[own[node]] if d.shape_nodes else own[node]]
+                        for d, own in zip(ssm_drafts, owns) if node in own)
+            matched.append((place, depth))
+        return self.ladder.tokens_by_size(self._size_index, matched)

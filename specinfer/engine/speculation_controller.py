@@ -1,23 +1,27 @@
-"""When to speculate, and for whom: only where it is expected to pay, at the batch size running now.
+"""How much to draft, and for whom: the tree size that is expected to pay most at the batch size running now.
 
-A speculative step costs `ratio` plain steps (SSM passes plus a wider verification), and the ratio
-grows with the batch as compute stops being free, so it is measured per batch-size bucket (medians of
-recent steps of both kinds). A request's `gain` is its tokens per speculative step (an exponential
-moving average); a plain step yields one token per request. Speculating for the set S in a batch of B
-requests pays when
+The engine may draft any tree of a nested ladder (`spec/tree_ladder.py`: 1, 2, 4, ... nodes up to the
+whole tree) or nothing. A speculative step with the tree of n nodes costs `ratio(n)` plain steps (SSM
+passes plus a wider verification); the ratio grows with n and with the batch as compute stops being free,
+so it is measured per tree size and batch-size bucket (medians of recent steps). A request's `gain(n)` is
+its tokens per step with that tree (an exponential moving average); a plain step yields one token per
+request. One step drafts one tree size, for the requests whose gain there exceeds one; of all sizes
+it takes the one with the most tokens per unit of time,
 
-    sum over S of (gain - 1)  >  (ratio - 1) * B,
+    (B + sum over S of (gain(n) - 1)) / ratio(n)   for a batch of B requests, S those drafting,
 
-which for one request is gain > ratio. Where it does not pay the whole batch runs plain steps, down to
-plain incremental decoding. Drafts that do not pay are probed again after a back-off that grows while
-probes keep failing; probes fall on steps that are multiples of the back-off, so at a large batch they
-share a few speculative steps instead of each one making the whole batch pay. A draft that yields less
-than half of what even the cheapest speculative step seen costs (a CPU verifying a tree of 20 tokens pays
-about six plain steps for two tokens) goes straight to the longest back-off: a probe re-measures the
-draft's acceptance, which does not triple. Each batch size starts with a plain step, so the first
-speculative step is already weighed against a measured plain one. A new request starts from
-the gain and back-off measured on earlier ones. The choice never changes the output: every tree, down
-to the bare root, is verified exactly.
+and a plain step (B tokens at ratio 1) where no size beats it, down to plain incremental decoding. Every
+step with the tree of n nodes measures the gains of all smaller trees too, exactly under greedy
+verification, since the smaller trees are parts of it. Larger trees are re-measured by probes: a request
+whose best measured size is below the whole tree (or nothing) probes the next size up after a back-off
+that grows while probes keep failing. Probes fall on steps that are multiples of the back-off, so at a
+large batch they share a few steps instead of each one making the whole batch pay. A draft that yields
+less than half of what even the cheapest speculative step costs (a CPU verifying a tree of 20 tokens pays
+about six plain steps for two tokens) goes straight to the longest back-off. Each batch size starts with
+a plain step, so that the first speculative step is weighed against a measured plain one, and a size not
+yet timed at a batch size is assumed to cost what the next smaller timed size costs, so it is tried once.
+A new request starts from the gains and back-off measured on earlier ones. The choice never changes the
+output: every tree, down to the bare root, is verified exactly.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ SMOOTHING = 0.3  # weight of the newest observation in the moving averages
 FIRST_BACKOFF = 4  # steps before re-probing a draft that just failed to pay
 BACKOFF_GROWTH = 4  # each further failed probe waits this many times longer ...
 MAX_BACKOFF = 128  # ... up to this many steps (a useless draft then costs ~ ratio / 128)
-REMEASURE_EVERY = 64  # a plain step this often while only speculative steps run, to keep the ratio honest
+REMEASURE_EVERY = 64  # a plain step this often while only speculative steps run, to keep the ratios honest
 FIRST_MEASURE_AFTER = 2  # speculative steps between the first timed plain steps at a batch size
 STEP_WINDOW = 9  # recent step times kept per kind and batch-size bucket
 MIN_PLAIN_SAMPLES = 3  # plain steps timed early at each batch size, so that one outlier cannot set the median
@@ -40,102 +44,124 @@ MIN_HOPELESS_SAMPLES = 2  # speculative steps timed before that verdict (the fir
 
 @dataclass(slots=True)
 class _RequestState:
-    gain: float | None = None  # tokens per speculative step (None: not yet measured)
+    gains: dict[int, float] = field(default_factory=dict)  # by tree size: tokens per step (EMA)
+    best: int | None = None  # the size it would draft alone, as last measured (0: none; None: not yet)
     backoff: int = FIRST_BACKOFF
     next_probe: int = 0  # the step from which a probe may run
 
 
+def _median_window() -> deque:
+    return deque(maxlen=STEP_WINDOW)
+
+
 @dataclass(slots=True)
 class _StepTimes:
-    """Recent step times of each kind at one batch-size bucket. Medians, not averages: a step that
-    captured a CUDA graph or grew an allocation can take a hundred times longer, once."""
+    """Recent step times at one batch-size bucket: plain ones and, per tree size, speculative ones.
+    Medians, not averages: a step that captured a CUDA graph or grew an allocation can take a hundred
+    times longer, once."""
 
-    plain: deque = field(default_factory=lambda: deque(maxlen=STEP_WINDOW))
-    speculative: deque = field(default_factory=lambda: deque(maxlen=STEP_WINDOW))
+    plain: deque = field(default_factory=_median_window)
+    speculative: dict[int, deque] = field(default_factory=dict)
     steps_since_plain: int = 0
 
     @property
     def plain_s(self) -> float | None:
         return statistics.median(self.plain) if self.plain else None
 
-    @property
-    def speculative_s(self) -> float | None:
-        # Below three samples a median is a mean, and one first-use stall would make speculation look
+    def speculative_s(self, size: int) -> float | None:
+        times = self.speculative.get(size)
+        if not times:
+            return None
+        # Below three samples a median is a mean, and one first-use stall would make the size look
         # hopeless for the long back-off that follows: take the fastest until there are three.
-        if len(self.speculative) < 3:
-            return min(self.speculative, default=None)
-        return statistics.median(self.speculative)
+        return min(times) if len(times) < 3 else statistics.median(times)
 
 
 @dataclass
 class SpeculationController:
-    fixed_cost_ratio: float | None = None  # fixes the ratio (tests); None measures it
+    sizes: tuple[int, ...] = (1,)  # the tree sizes it may draft (nested, ascending)
+    fixed_cost_ratio: float | dict[int, float] | None = None  # fixes the ratios, or each size's (tests)
     requests: dict[int, _RequestState] = field(default_factory=dict)
     times: dict[int, _StepTimes] = field(default_factory=dict)  # by batch-size bucket
-    prior_gain: float | None = None  # pooled over every request's speculative steps
+    prior_gains: dict[int, float] = field(default_factory=dict)  # by size, pooled over every request
     prior_backoff: int = FIRST_BACKOFF  # the back-off a new request starts with while drafts fail to pay
     step: int = 0
 
-    def cost_ratio(self, batch_size: int) -> float:
-        """Cost of a speculative step in plain steps at this batch size (1.0, optimistic, until measured)."""
+    def cost_ratio(self, batch_size: int, size: int | None = None) -> float:
+        """Cost of a speculative step with the tree of `size` nodes (default: the whole tree) in plain
+        steps at this batch size: measured here, else at the nearest measured batch size, else the next
+        smaller size's (1.0 when nothing is measured): an optimistic guess, so the size gets tried."""
+        size = self.sizes[-1] if size is None else size
         if self.fixed_cost_ratio is not None:
-            return self.fixed_cost_ratio
+            fixed = self.fixed_cost_ratio
+            return fixed[size] if isinstance(fixed, dict) else fixed
         bucket = _bucket(batch_size)
-        measured = [b for b, t in self.times.items() if t.plain_s is not None and t.speculative_s is not None]
-        if not measured:
-            return 1.0
-        nearest = min(measured, key=lambda b: (abs(b - bucket), -b))  # ties: the larger batch, the costlier
-        t = self.times[nearest]
-        return t.speculative_s / t.plain_s
+        measured = [b for b, t in self.times.items() if t.plain_s is not None and t.speculative_s(size) is not None]
+        if measured:
+            nearest = min(measured, key=lambda b: (abs(b - bucket), -b))  # ties: the larger batch, the costlier
+            t = self.times[nearest]
+            return t.speculative_s(size) / t.plain_s
+        smaller = [s for s in self.sizes if s < size]
+        return self.cost_ratio(batch_size, smaller[-1]) if smaller else 1.0
 
-    def choose(self, request_ids: list[int]) -> set[int]:
-        """The requests that speculate in this step (empty: a plain step for the whole batch)."""
+    def choose(self, request_ids: list[int]) -> tuple[int, set[int]]:
+        """The tree size this step drafts and the requests that draft it ((0, empty): a plain step)."""
         self.step += 1
         batch = len(request_ids)
         times = self.times.setdefault(_bucket(batch), _StepTimes())
         if self.fixed_cost_ratio is None and (not times.plain or times.steps_since_plain >= (
             FIRST_MEASURE_AFTER if len(times.plain) < MIN_PLAIN_SAMPLES else REMEASURE_EVERY
         )):
-            return set()
-        ratio = self.cost_ratio(batch)
+            return 0, set()
         states = {rid: self._state(rid) for rid in request_ids}
-        unmeasured = {rid for rid, s in states.items() if s.gain is None}
-        useful = {rid for rid, s in states.items() if s.gain is not None and s.gain > 1.0}
-        chosen = set(unmeasured)
-        if useful and sum(states[rid].gain - 1.0 for rid in useful) > (ratio - 1.0) * batch:
-            chosen |= useful
-        chosen |= {rid for rid, s in states.items() if self.step >= s.next_probe and self.step % s.backoff == 0}
-        return chosen
+        full = self.sizes[-1]
+        # A request measured at no size yet drafts the whole tree, which measures every size at once.
+        unmeasured = {rid for rid, s in states.items() if not s.gains}
+        best_size, best_rate, best_set = 0, float(batch), set()
+        for size in self.sizes:
+            useful = {rid for rid, s in states.items() if self._gain(s, size) > 1.0}
+            rate = (batch + sum(self._gain(states[rid], size) - 1.0 for rid in useful)) / self.cost_ratio(batch, size)
+            if rate > best_rate:
+                best_size, best_rate, best_set = size, rate, useful
+        probes = {rid: self._probe_size(s, batch) for rid, s in states.items()
+                  if rid not in unmeasured and self.step >= s.next_probe and self.step % s.backoff == 0}
+        probes = {rid: size for rid, size in probes.items() if size and (size > best_size or rid not in best_set)}
+        size = max([best_size, *probes.values()] + ([full] if unmeasured else []))
+        if size == 0:
+            return 0, set()
+        chosen = best_set | set(probes) | unmeasured
+        if size != best_size:  # a probe or a newcomer makes the step larger: those it pays for join in
+            chosen |= {rid for rid, s in states.items() if self._gain(s, size) > 1.0}
+        return size, chosen
 
-    def record_request(self, request_id: int, tokens: int, batch_size: int = 1) -> None:
-        """After a speculative step of this request that committed `tokens` tokens."""
+    def record_request(self, request_id: int, tokens: dict[int, int], batch_size: int = 1) -> None:
+        """After a speculative step of this request: the tokens it committed, and those each smaller tree
+        would have committed, by tree size."""
         state = self._state(request_id)
-        state.gain = _ema(state.gain, tokens)
-        self.prior_gain = _ema(self.prior_gain, tokens)
-        if state.gain > self.cost_ratio(batch_size):  # pays even alone: keep it going
+        for size, count in tokens.items():
+            state.gains[size] = _ema(state.gains.get(size), count)
+            self.prior_gains[size] = _ema(self.prior_gains.get(size), count)
+        ran = max(tokens)
+        explored = state.best is None or ran > state.best  # a probe, or a step larger than it needed
+        state.best = self._best_size(state, batch_size)
+        if not explored:
+            return
+        if state.best == ran:  # the larger tree paid: try the next one up soon
             state.backoff = self.prior_backoff = FIRST_BACKOFF
-            state.next_probe = self.step
-        else:
-            cheapest = self._cheapest_ratio(batch_size)
-            if cheapest is not None and state.gain < HOPELESS * cheapest:
-                state.backoff = MAX_BACKOFF
             state.next_probe = self.step + state.backoff
-            state.backoff = min(BACKOFF_GROWTH * state.backoff, MAX_BACKOFF)
-            self.prior_backoff = max(self.prior_backoff, state.backoff)
+            return
+        cheapest = self._cheapest_ratio(batch_size)
+        if state.best == 0 and cheapest is not None and max(state.gains.values()) < HOPELESS * cheapest:
+            state.backoff = MAX_BACKOFF
+        state.next_probe = self.step + state.backoff
+        state.backoff = min(BACKOFF_GROWTH * state.backoff, MAX_BACKOFF)
+        self.prior_backoff = max(self.prior_backoff, state.backoff)
 
-    def _cheapest_ratio(self, batch_size: int) -> float | None:
-        """The cost ratio of the cheapest speculative step timed at this batch size (None: too few timed)."""
-        if self.fixed_cost_ratio is not None:
-            return self.fixed_cost_ratio
-        t = self.times.get(_bucket(batch_size))
-        if t is None or t.plain_s is None or len(t.speculative) < MIN_HOPELESS_SAMPLES:
-            return None
-        return min(t.speculative) / t.plain_s
-
-    def record_step(self, seconds: float, batch_size: int, speculative: bool) -> None:
+    def record_step(self, seconds: float, batch_size: int, size: int) -> None:
+        """A step's time: `size` is the tree it drafted (0: a plain step)."""
         t = self.times.setdefault(_bucket(batch_size), _StepTimes())
-        if speculative:
-            t.speculative.append(seconds)
+        if size:
+            t.speculative.setdefault(size, _median_window()).append(seconds)
             t.steps_since_plain += 1
         else:
             t.plain.append(seconds)
@@ -144,12 +170,44 @@ class SpeculationController:
     def forget(self, request_id: int) -> None:
         self.requests.pop(request_id, None)
 
+    # --- helpers -----------------------------------------------------------------------------------
+
+    def _gain(self, state: _RequestState, size: int) -> float:
+        """Tokens per step with this tree: measured, else the largest smaller tree's (a nested tree
+        commits no less), else one."""
+        if size in state.gains:
+            return state.gains[size]
+        smaller = [s for s in state.gains if s < size]
+        return state.gains[max(smaller)] if smaller else 1.0
+
+    def _best_size(self, state: _RequestState, batch_size: int) -> int:
+        """The size this request alone would draft (0: none), among those measured for it."""
+        rates = {size: state.gains[size] / self.cost_ratio(batch_size, size) for size in state.gains}
+        best = max(rates, key=lambda size: (rates[size], -size), default=0)
+        return best if best and rates[best] > 1.0 else 0
+
+    def _probe_size(self, state: _RequestState, batch_size: int) -> int:
+        """The size a probe of this request tries: one above its best (0 where it drafts the whole tree)."""
+        best = self._best_size(state, batch_size)
+        larger = [s for s in self.sizes if s > best]
+        return larger[0] if larger else 0
+
+    def _cheapest_ratio(self, batch_size: int) -> float | None:
+        """The cost ratio of the cheapest speculative step timed at this batch size (None: too few timed)."""
+        if self.fixed_cost_ratio is not None:
+            return min(self.cost_ratio(batch_size, size) for size in self.sizes)
+        t = self.times.get(_bucket(batch_size))
+        timed = [min(times) for times in t.speculative.values() if len(times) >= MIN_HOPELESS_SAMPLES] if t else []
+        if t is None or t.plain_s is None or not timed:
+            return None
+        return min(timed) / t.plain_s
+
     def _state(self, request_id: int) -> _RequestState:
         state = self.requests.get(request_id)
         if state is None:
-            # Start from what earlier requests measured; if that does not pay, wait for an aligned probe.
-            state = self.requests[request_id] = _RequestState(gain=self.prior_gain)
-            if self.prior_gain is not None and self.prior_gain <= self.cost_ratio(1):
+            # Start from what earlier requests measured; if no size paid them, wait for an aligned probe.
+            state = self.requests[request_id] = _RequestState(gains=dict(self.prior_gains))
+            if self.prior_gains and self._best_size(state, 1) == 0:
                 state.backoff = self.prior_backoff
                 state.next_probe = self.step + state.backoff
         return state

@@ -31,11 +31,16 @@ class SSMDraft:
     num_catch_up: int  # speculative cache entries 0..num_catch_up-1 are the catch-up chain (root last)
     cache_index: list[int]  # per tree node: its speculative cache entry, or -1 if never fed (leaves)
     merged_index: list[int] | None = None  # per tree node: its index in the merged tree
+    shape_nodes: list[int] | None = None  # per tree node: the node of the shape it fills (None: the same)
 
-    def entries_to_keep(self, accepted: list[int]) -> list[int]:
+    def own_nodes(self) -> dict[int, int]:
+        """Merged tree node -> this SSM's node."""
+        return {m: o for o, m in enumerate(self.merged_index or range(len(self.tree)))}
+
+    def entries_to_keep(self, accepted: list[int], own: dict[int, int] | None = None) -> list[int]:
         """Cache entries that stay valid once the merged tree's nodes `accepted` (root first) are committed:
         the catch-up chain, then the accepted path for as long as it runs through nodes this SSM fed."""
-        own = {m: o for o, m in enumerate(self.merged_index or range(len(self.tree)))}
+        own = own if own is not None else self.own_nodes()
         keep = list(range(self.num_catch_up))
         for node in accepted[1:]:
             index = self.cache_index[own[node]] if node in own else -1
@@ -56,7 +61,7 @@ def expand(runner: ModelRunner, requests: list[DraftRequest], shape: TreeShape) 
         catch_up = r.tokens[runner.num_cached(r.slot) :]
         n = len(catch_up)
         chunks.append(Chunk.chain(r.slot, catch_up))
-        drafts.append(SSMDraft(TokenTree.root_only(r.tokens[-1]), n, [n - 1]))
+        drafts.append(SSMDraft(TokenTree.root_only(r.tokens[-1]), n, [n - 1], shape_nodes=[0]))
         drafts[-1].tree.sampled = r.sampling.do_sample
     # Per request: the tree nodes whose logits the last pass produced, and the shape node of each.
     frontier: list[list[tuple[int, int]]] = [[(0, 0)] for _ in requests]
@@ -67,6 +72,8 @@ def expand(runner: ModelRunner, requests: list[DraftRequest], shape: TreeShape) 
             break
         grown = {i: _add_children(drafts[i].tree, frontier[i], logits[i], shape, requests[i].sampling,
                                   requests[i].generator) for i in active}
+        for i, nodes in grown.items():
+            drafts[i].shape_nodes += [at for _, at in nodes]  # new nodes only, in tree order
         frontier = [[] for _ in requests]
         chunks, feed = [], []
         for i in active:

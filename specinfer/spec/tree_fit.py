@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import SpecInferError
 from .tree import TreeShape
+from .tree_ladder import growth_order
 
 Ranks = list[np.ndarray]  # per answer: the rank of each answer token under one SSM (token 0 comes from prefill)
 
@@ -145,7 +146,8 @@ def load_tree_file(path: str | Path, nodes: int | None = None) -> tuple[tuple[in
         if not 1 <= nodes <= len(paths):
             raise SpecInferError(f"tree file {str(path)!r} holds {len(paths)} nodes; asked for {nodes}")
         paths = paths[:nodes]
-    return TreeShape.from_paths(paths).paths[1:]
+    TreeShape.from_paths(paths)  # validates
+    return growth_order(paths)  # the file's own order where it nests, for adaptive tree sizes
 
 
 def write_tree(path: Path, grown: list[tuple[int, ...]], ssms: list[str], fitted_on: str,

@@ -24,6 +24,13 @@ from .tree import TokenTree
 class VerifyResult:
     accepted: list[int]  # tree nodes kept, root first (the root is always kept)
     next_token: int  # the LLM's own token after the last accepted node
+    # (node, depth) of every node besides the root whose whole path the LLM accepted: the kept path, and
+    # under greedy verification the other matching branches too (a smaller tree may keep one of them).
+    matched: list[tuple[int, int]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.matched is None:
+            self.matched = [(node, depth) for depth, node in enumerate(self.accepted[1:], start=1)]
 
     def new_tokens(self, tree: TokenTree) -> list[int]:
         """Tokens committed by this step: the accepted speculated tokens, then the LLM's token."""
@@ -40,13 +47,15 @@ def verify_greedy_targets(tree: TokenTree, targets: list[int]) -> VerifyResult:
     choice. Several SSMs' trees verified side by side under one root may hold the same token twice; the
     deeper of the two paths is kept, not the first (the tokens are the same either way)."""
     depth = [0] * len(tree)  # per node: its depth if its whole path is accepted, else -1
-    deepest = 0
+    deepest, matched = 0, []
     for node in range(1, len(tree)):
         parent = tree.parents[node]
         depth[node] = depth[parent] + 1 if depth[parent] >= 0 and tree.tokens[node] == targets[parent] else -1
-        if depth[node] > depth[deepest]:
-            deepest = node
-    return VerifyResult(tree.path_to(deepest), targets[deepest])
+        if depth[node] > 0:
+            matched.append((node, depth[node]))
+            if depth[node] > depth[deepest]:
+                deepest = node
+    return VerifyResult(tree.path_to(deepest), targets[deepest], matched)
 
 
 def verify_stochastic(tree: TokenTree, probs: torch.Tensor, generator: torch.Generator | None) -> VerifyResult:
