@@ -7,7 +7,7 @@ import pytest
 
 from specinfer.config import EngineConfig, GenerationConfig, SpeculationConfig
 from specinfer.engine.request_manager import RequestManager
-from specinfer.engine.speculation_controller import FIRST_BACKOFF, MAX_BACKOFF, SpeculationController
+from specinfer.engine.speculation_controller import FIRST_BACKOFF, MAX_BACKOFF, MIN_SAMPLES, SpeculationController
 from specinfer.models.loader import load_model
 
 from .conftest import save_random_llama
@@ -90,7 +90,8 @@ def test_adaptive_engine_skips_a_useless_draft_and_stays_exact(tmp_path):
 
 def test_a_draft_far_from_paying_waits_the_longest_back_off_at_once():
     """A CPU-like cost: a speculative step costs 6.5 plain steps and yields 2 tokens. After the first
-    plain step and two timed speculative ones the controller stops probing for MAX_BACKOFF steps."""
+    plain step and MIN_SAMPLES speculative ones (one step's tokens vary too much to judge from fewer) the
+    controller stops probing for MAX_BACKOFF steps."""
     controller = SpeculationController()
     speculative_steps = []
     for step in range(1, 101):
@@ -100,7 +101,7 @@ def test_a_draft_far_from_paying_waits_the_longest_back_off_at_once():
             speculative_steps.append(step)
             controller.record_request(0, {size: 2}, 1)
     assert speculative_steps[0] == 2  # the first step is plain: the speculative one is weighed against it
-    assert len(speculative_steps) == 2, speculative_steps
+    assert len(speculative_steps) == MIN_SAMPLES, speculative_steps
 
 
 def test_a_draft_that_pays_is_not_written_off_by_one_slow_first_step():
@@ -158,19 +159,20 @@ def test_picks_the_size_with_most_tokens_per_time():
         controller.record_step(0.010, 1, 0)
         for size, seconds in {1: 0.012, 2: 0.014, 4: 0.018, 8: 0.030, 20: 0.060}.items():
             controller.record_step(seconds, 1, size)
-    controller.record_request(0, {1: 2, 2: 3, 4: 3, 8: 4, 20: 4})  # per time: 1.67, 2.14, 1.67, 1.33, 0.67
-    controller.record_request(0, {1: 2, 2: 3, 4: 3, 8: 4, 20: 4})
+    for _ in range(MIN_SAMPLES):  # per time: 1.67, 2.14, 1.67, 1.33, 0.67
+        controller.record_request(0, {1: 2, 2: 3, 4: 3, 8: 4, 20: 4})
     assert controller.choose([0]) == (2, {0})
     assert controller.requests[0].best == 2
 
 
 @pytest.mark.parametrize("host_drafting", [False, True])
 def test_adaptive_engine_drafts_the_size_that_pays_and_stays_exact(tmp_path, host_drafting):
-    """With the whole tree costly and two nodes cheap, the engine settles on the small tree; each step
-    reports what it committed and what every smaller tree of the ladder would have, and outputs stay those
+    """An SSM that always agrees (the LLM's own weights) commits 2, 3, 4 and 6 tokens with the trees of
+    1, 2, 4 and 11 nodes; with the costs below the 2-node tree pays most (3 / 1.1) and the engine settles on
+    it. Each step reports what it committed and what every smaller tree would have, and outputs stay those
     of incremental decoding."""
-    reference = save_random_llama(tmp_path / "llm")
-    save_random_llama(tmp_path / "ssm", noise_from=reference)
+    save_random_llama(tmp_path / "llm")
+    save_random_llama(tmp_path / "ssm")
     llm, ssm = load_model(tmp_path / "llm"), load_model(tmp_path / "ssm")
     manager = RequestManager(llm, [ssm], EngineConfig(max_batch_size=5, max_sequence_length=128),
                              SpeculationConfig(expansion=(1, 1, 3, 1, 1)), eos_token_ids=[])
@@ -194,7 +196,7 @@ def test_adaptive_engine_drafts_the_size_that_pays_and_stays_exact(tmp_path, hos
     for i, prompt, e in zip(ids, PROMPTS, expected):
         assert_greedy_equivalent(llm, prompt, manager.requests[i].output_tokens, e.output_tokens)
     ran = [max(tokens) for _, tokens, _ in reports]
-    assert ran.count(2) > len(ran) / 2, ran  # mostly the 2-node tree
+    assert ran.count(2) > 0.8 * len(ran), ran  # the 2-node tree, after a few steps of measuring
     for request_id, tokens, accepted in reports:  # plain steps accept nothing: the reports add up
         assert list(tokens) == [s for s in sizes if s <= max(tokens)]
         counts = [tokens[s] for s in tokens]

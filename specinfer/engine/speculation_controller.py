@@ -30,7 +30,10 @@ import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
-SMOOTHING = 0.3  # weight of the newest observation in the moving averages
+SMOOTHING = 0.3  # weight of the newest observation in a request's moving averages (a plain mean before)
+POOLED_SMOOTHING = 0.05  # the same for the averages pooled over all requests
+MIN_SAMPLES = 4  # steps a new request drafts the whole tree before any verdict, while nothing is pooled yet
+PRIOR_WEIGHT = 4  # a request's own average counts as much as the pooled one after this many steps
 FIRST_BACKOFF = 4  # steps before re-probing a draft that just failed to pay
 BACKOFF_GROWTH = 4  # each further failed probe waits this many times longer ...
 MAX_BACKOFF = 128  # ... up to this many steps (a useless draft then costs ~ ratio / 128)
@@ -43,8 +46,22 @@ MIN_HOPELESS_SAMPLES = 2  # speculative steps timed before that verdict (the fir
 
 
 @dataclass(slots=True)
+class _Average:
+    """A plain mean of the first 1 / floor values, then an exponential moving average: one step's
+    tokens vary from 1 to the tree's depth, so the first values must not each set the estimate."""
+
+    floor: float = SMOOTHING
+    value: float = 0.0
+    count: int = 0
+
+    def add(self, x: float) -> None:
+        self.count += 1
+        self.value += max(1.0 / self.count, self.floor) * (x - self.value)
+
+
+@dataclass(slots=True)
 class _RequestState:
-    gains: dict[int, float] = field(default_factory=dict)  # by tree size: tokens per step (EMA)
+    gains: dict[int, _Average] = field(default_factory=dict)  # by tree size: tokens per step
     best: int | None = None  # the size it would draft alone, as last measured (0: none; None: not yet)
     backoff: int = FIRST_BACKOFF
     next_probe: int = 0  # the step from which a probe may run
@@ -83,7 +100,7 @@ class SpeculationController:
     fixed_cost_ratio: float | dict[int, float] | None = None  # fixes the ratios, or each size's (tests)
     requests: dict[int, _RequestState] = field(default_factory=dict)
     times: dict[int, _StepTimes] = field(default_factory=dict)  # by batch-size bucket
-    prior_gains: dict[int, float] = field(default_factory=dict)  # by size, pooled over every request
+    prior_gains: dict[int, _Average] = field(default_factory=dict)  # by size, pooled over every request
     prior_backoff: int = FIRST_BACKOFF  # the back-off a new request starts with while drafts fail to pay
     step: int = 0
 
@@ -115,8 +132,9 @@ class SpeculationController:
             return 0, set()
         states = {rid: self._state(rid) for rid in request_ids}
         full = self.sizes[-1]
-        # A request measured at no size yet drafts the whole tree, which measures every size at once.
-        unmeasured = {rid for rid, s in states.items() if not s.gains}
+        # While neither it nor earlier requests have measured enough, a request drafts the whole tree,
+        # which measures every size at once.
+        unmeasured = {rid for rid, s in states.items() if self._exploring(s)}
         best_size, best_rate, best_set = 0, float(batch), set()
         for size in self.sizes:
             useful = {rid for rid, s in states.items() if self._gain(s, size) > 1.0}
@@ -139,8 +157,10 @@ class SpeculationController:
         would have committed, by tree size."""
         state = self._state(request_id)
         for size, count in tokens.items():
-            state.gains[size] = _ema(state.gains.get(size), count)
-            self.prior_gains[size] = _ema(self.prior_gains.get(size), count)
+            state.gains.setdefault(size, _Average()).add(count)
+            self.prior_gains.setdefault(size, _Average(POOLED_SMOOTHING)).add(count)
+        if self._exploring(state):
+            return
         ran = max(tokens)
         explored = state.best is None or ran > state.best  # a probe, or a step larger than it needed
         state.best = self._best_size(state, batch_size)
@@ -151,7 +171,7 @@ class SpeculationController:
             state.next_probe = self.step + state.backoff
             return
         cheapest = self._cheapest_ratio(batch_size)
-        if state.best == 0 and cheapest is not None and max(state.gains.values()) < HOPELESS * cheapest:
+        if state.best == 0 and cheapest is not None and self._gain(state, self.sizes[-1]) < HOPELESS * cheapest:
             state.backoff = MAX_BACKOFF
         state.next_probe = self.step + state.backoff
         state.backoff = min(BACKOFF_GROWTH * state.backoff, MAX_BACKOFF)
@@ -173,16 +193,30 @@ class SpeculationController:
     # --- helpers -----------------------------------------------------------------------------------
 
     def _gain(self, state: _RequestState, size: int) -> float:
-        """Tokens per step with this tree: measured, else the largest smaller tree's (a nested tree
+        """Tokens per step with this tree: the request's own average, drawn towards the pooled one while it
+        has few steps; where neither has measured the size, the largest smaller tree's (a nested tree
         commits no less), else one."""
-        if size in state.gains:
-            return state.gains[size]
-        smaller = [s for s in state.gains if s < size]
-        return state.gains[max(smaller)] if smaller else 1.0
+        own, pooled = state.gains.get(size), self.prior_gains.get(size)
+        if own is None and pooled is None:
+            smaller = [s for s in self.sizes if s < size]
+            return self._gain(state, smaller[-1]) if smaller else 1.0
+        if pooled is None:
+            return own.value
+        if own is None:
+            return pooled.value
+        weight = own.count / (own.count + PRIOR_WEIGHT)
+        return weight * own.value + (1 - weight) * pooled.value
+
+    def _exploring(self, state: _RequestState) -> bool:
+        full = self.sizes[-1]
+        return all(a is None or a.count < MIN_SAMPLES for a in (state.gains.get(full), self.prior_gains.get(full)))
+
+    def _measured_sizes(self, state: _RequestState) -> list[int]:
+        return [size for size in self.sizes if size in state.gains or size in self.prior_gains]
 
     def _best_size(self, state: _RequestState, batch_size: int) -> int:
-        """The size this request alone would draft (0: none), among those measured for it."""
-        rates = {size: state.gains[size] / self.cost_ratio(batch_size, size) for size in state.gains}
+        """The size this request alone would draft (0: none), among those measured for it or pooled."""
+        rates = {size: self._gain(state, size) / self.cost_ratio(batch_size, size) for size in self._measured_sizes(state)}
         best = max(rates, key=lambda size: (rates[size], -size), default=0)
         return best if best and rates[best] > 1.0 else 0
 
@@ -206,8 +240,8 @@ class SpeculationController:
         state = self.requests.get(request_id)
         if state is None:
             # Start from what earlier requests measured; if no size paid them, wait for an aligned probe.
-            state = self.requests[request_id] = _RequestState(gains=dict(self.prior_gains))
-            if self.prior_gains and self._best_size(state, 1) == 0:
+            state = self.requests[request_id] = _RequestState()
+            if not self._exploring(state) and self._best_size(state, 1) == 0:
                 state.backoff = self.prior_backoff
                 state.next_probe = self.step + state.backoff
         return state
@@ -216,7 +250,3 @@ class SpeculationController:
 def _bucket(batch_size: int) -> int:
     """1, 2, 3-4, 5-8, ... map to 0, 1, 2, 3, ...: step costs change little within a power of two."""
     return max(batch_size - 1, 0).bit_length()
-
-
-def _ema(average: float | None, value: float) -> float:
-    return value if average is None else (1 - SMOOTHING) * average + SMOOTHING * value
