@@ -53,7 +53,8 @@ def add_engine_arguments(p: argparse.ArgumentParser, max_sequence_length: int) -
                       help="use the first N nodes of the tree (a fitted tree lists its nodes in growth order, so "
                            "every prefix is the fitted tree of that size)")
     spec.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
-                      help="let a request sit out speculation while its draft is measured not to pay")
+                      help="draft, step by step, the part of the tree (1, 2, 4, ... nodes) that is measured to pay "
+                           "most at the running batch size, or nothing")
     run = p.add_argument_group("engine")
     run.add_argument("--max-sequence-length", type=int, default=max_sequence_length,
                      help="prompt + output tokens per request at most (the served context length)")
@@ -75,12 +76,17 @@ def add_engine_arguments(p: argparse.ArgumentParser, max_sequence_length: int) -
     run.add_argument("--compile", action="store_true",
                      help="fuse each layer's small kernels with torch.compile (GPU: faster small-batch steps, "
                           "a slower start)")
+    spec.add_argument("--draft-vocab", type=int, metavar="N",
+                      help="SSMs score only the N most used tokens, a fraction of their LM head's work; the LLM "
+                           "still verifies with the whole vocabulary (default: 16384 for the default model's "
+                           "tuned SSMs, else 0, the whole vocabulary)")
 
 
 def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, SpeculationConfig]:
     engine = EngineConfig(args.max_batch_size, args.max_sequence_length, args.device, args.dtype,
                           args.tensor_parallel_size, None if args.quantization == "none" else args.quantization,
-                          args.quant_group_size, args.gpu_memory_gb, args.pinned_memory_gb, args.compile)
+                          args.quant_group_size, args.gpu_memory_gb, args.pinned_memory_gb, args.compile,
+                          draft_vocab_size=args.draft_vocab)
     from .spec.tree_fit import load_tree_file
 
     tree = args.tree or (default_tree(args.llm, args.ssms) if args.expansion is None else None)

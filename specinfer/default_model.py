@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 from .errors import SpecInferError
@@ -22,6 +23,10 @@ EARLY_EXIT_DRAFT = "self:4"
 # default expansion 1,1,3,1,1,1,1,1, and more tokens per step (2.22 against 1.84 for tuned:1 held out).
 TUNED_TREES = TUNED_SSMS / "trees"
 DEFAULT_TREES = {(f"{TUNED_PREFIX}1",): "tuned1_20.json", (f"{TUNED_PREFIX}1", f"{TUNED_PREFIX}2"): "tuned1-2_20.json"}
+# The tuned SSMs score only the 16,384 tokens the default model's answers use most (models/draft_vocab.py):
+# as many tokens per step as the whole vocabulary, a third of the SSM's LM head to read.
+DRAFT_VOCAB_RANKING = TUNED_SSMS / "draft_vocab.json"
+DEFAULT_DRAFT_VOCAB_SIZE = 16384
 
 
 def default_model_path() -> Path:
@@ -58,3 +63,19 @@ def default_tree(model: str | Path | None, ssms: list[str] | None) -> Path | Non
         return None
     name = DEFAULT_TREES.get(tuple(ssms) if ssms is not None else DEFAULT_SSMS)
     return TUNED_TREES / name if name else None
+
+
+def default_draft_vocab_size(model: str | Path | None, ssms: list[str] | None) -> int:
+    """The draft vocabulary the default model's tuned SSMs use (0, the whole one, for anything else)."""
+    if model is not None and not is_default_model(Path(model)):
+        return 0
+    tuned = ssms is None or all(spec.startswith(TUNED_PREFIX) for spec in ssms)
+    return DEFAULT_DRAFT_VOCAB_SIZE if tuned else 0
+
+
+def draft_vocabulary(model: Path, size: int, vocab_size: int) -> list[int]:
+    """The `size` token ids an SSM scores: for the default model those its answers use most, then by id;
+    for any other model by id (BPE and SentencePiece vocabularies number their tokens roughly by how
+    often their training text holds them)."""
+    ranked = json.loads(DRAFT_VOCAB_RANKING.read_text())["ranked"] if is_default_model(model) else []
+    return list(dict.fromkeys(ranked + list(range(vocab_size))))[:size]

@@ -21,8 +21,10 @@ from .default_model import (
     DEFAULT_SSMS,
     EARLY_EXIT_DRAFT,
     TUNED_PREFIX,
+    default_draft_vocab_size,
     default_model_path,
     default_tree,
+    draft_vocabulary,
     is_default_model,
     tuned_ssm_path,
 )
@@ -33,6 +35,7 @@ from .errors import SpecInferError
 from .models.compile import compile_blocks
 from .models.fuse import fuse_projections
 from .models.gguf_file import read_q4_1_blocks
+from .models.draft_vocab import use_draft_vocabulary
 from .models.early_exit import early_exit_draft
 from .models.loader import load_model
 from .quant import quantize_model
@@ -104,6 +107,7 @@ class LLM:
             ssms = list(DEFAULT_SSMS) if is_default_model(model_path) else [EARLY_EXIT_DRAFT]
         ssm_specs = [] if self.speculation.mode == "incremental" else list(ssms)
         self.ssms = [self._load_ssm(spec, device, dtype) for spec in ssm_specs]
+        self._use_draft_vocabulary(model, ssms)
         if self.engine_config.compile:
             for model in [self.model, *self.ssms]:
                 compile_blocks(model)
@@ -152,6 +156,19 @@ class LLM:
             if load_tokenizer(ssm_path).vocab() != self.tokenizer.vocab():
                 raise SpecInferError(f"SSM {spec!r} has a different tokenizer vocabulary from the LLM's")
         return ssm
+
+    def _use_draft_vocabulary(self, model, ssms: list[str]) -> None:
+        size = self.engine_config.draft_vocab_size
+        if size is None:
+            size = default_draft_vocab_size(model, ssms) if self.tp is None else 0
+        vocab = self.model.config.vocab_size
+        if not size or size >= vocab or not self.ssms:
+            return
+        if self.tp is not None:
+            raise SpecInferError("a draft vocabulary cannot be combined with tensor parallelism yet")
+        ids = draft_vocabulary(self.model_path, size, vocab)
+        for ssm in self.ssms:  # an SSM sharing the LLM's head gets its own cut of it; the LLM keeps the whole
+            use_draft_vocabulary(ssm, ids)
 
     def encode_prompt(self, prompt: str, use_chat_template: bool) -> list[int]:
         if use_chat_template and self.tokenizer.has_chat_template:

@@ -155,6 +155,12 @@ def test_smollm2_greedy_equals_incremental(default_gguf, expansion, ssms, batch)
     got = llm.generate(prompts, config)
     for prompt, g, e in zip(prompts, got, expected):
         assert_greedy_equivalent(llm.model, llm.encode_prompt(prompt, True), g.output_tokens, e.output_tokens)
+    # The tuned SSMs score the default draft vocabulary; early-exit drafts, the LLM's whole one.
+    tuned = ssms is None or ssms[0].startswith("tuned")
+    assert all(hasattr(ssm.lm_head, "token_ids") == tuned for ssm in llm.ssms)
+    assert not hasattr(llm.model.lm_head, "token_ids")
+    if tuned:
+        assert llm.ssms[0].lm_head.token_ids.numel() == 16384
 
 
 @pytest.mark.slow
@@ -193,3 +199,26 @@ def test_tuned_ssms_belong_to_the_default_model(tmp_path):
     write_byte_level_tokenizer(tmp_path / "llm")
     with pytest.raises(SpecInferError, match="tuned for the default model"):
         LLM(str(tmp_path / "llm"), ssms=["tuned:1"])
+
+
+def test_a_draft_vocabulary_scores_only_its_tokens_and_keeps_outputs_exact(random_models):
+    import copy
+
+    from specinfer.models.draft_vocab import use_draft_vocabulary
+
+    llm, ssms = random_models
+    ssm = copy.deepcopy(ssms[0])
+    keep = list(range(0, 96, 3)) + [95]
+    full_head = ssm.lm_head
+    use_draft_vocabulary(ssm, keep)
+    hidden = torch.randn(5, llm.config.hidden_size)
+    logits = ssm.lm_head(hidden)
+    assert logits.shape == (5, 96)
+    assert torch.equal(logits[:, keep], full_head(hidden)[:, keep])
+    outside = [t for t in range(96) if t not in keep]
+    assert torch.isneginf(logits[:, outside]).all()
+    expected = generate(llm, [], PROMPTS, mode="incremental")
+    got = generate(llm, [ssm], PROMPTS, tree=FITTED_TREE)
+    for prompt, g, e in zip(PROMPTS, got, expected):
+        assert_greedy_equivalent(llm, prompt, g.output_tokens, e.output_tokens)
+    assert sum(r.stats.num_accepted for r in got) > 0

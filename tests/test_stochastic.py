@@ -159,3 +159,21 @@ def test_top_k_children_rule():
             for y in range(5):
                 exact[(x, y)] = float(p[0, x] * p[child, y])
     assert chi_square_p_value(counts, exact, num) > ALPHA
+
+
+def test_sampling_with_a_draft_vocabulary_matches_llm_distribution(tiny_models):
+    """A close SSM scoring only half the vocabulary: its draws never leave that half (q is exactly 0
+    outside it), and the LLM's distribution still comes out, tokens outside the half included."""
+    import copy
+
+    from specinfer.models.draft_vocab import use_draft_vocabulary
+
+    llm, ssms = tiny_models
+    ssm = use_draft_vocabulary(copy.deepcopy(ssms[1]), list(range(0, VOCAB, 2)))
+    config = CONFIGS["temperature-1"]
+    num = 6000
+    counts, accepted = sample_sequences(llm, [ssm], config, num)
+    assert accepted > num // 8
+    assert any(t % 2 for seq in counts for t in seq)  # the LLM's own tokens cover the other half
+    p_value = chi_square_p_value(counts, exact_sequence_probs(llm, config), num)
+    assert p_value > ALPHA, f"speculative samples differ from the LLM's distribution (p = {p_value:.2e})"
