@@ -27,7 +27,7 @@ from specinfer.boost.prompts import build_prompts
 from specinfer.config import parse_expansion
 from specinfer.spec.tree_fit import load_tree_file
 
-from engine_speed import device_name  # noqa: E402 (benchmarks/ is the script's folder)
+from engine_speed import device_name, draft_vocab_size, result_tag  # noqa: E402 (benchmarks/ is the script's folder)
 
 
 def timed_generate(llm: LLM, prompts: list[str], mode: str, max_new_tokens: int, repeats: int) -> dict:
@@ -63,13 +63,16 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--draft-vocab", type=int, help="tokens the SSMs score (default: the engine's; 0: all)")
     p.add_argument("--out", default="docs/benchmarks")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     expansion = parse_expansion(args.expansion)
     tree = load_tree_file(args.tree) if args.tree else None
     _, held_out = build_prompts()
-    engine = EngineConfig(max_batch_size=max(batches), max_sequence_length=256, device=args.device, compile=args.compile)
+    engine = EngineConfig(max_batch_size=max(batches), max_sequence_length=256, device=args.device, dtype=args.dtype,
+                          compile=args.compile, draft_vocab_size=args.draft_vocab)
     llm = LLM(args.llm, args.ssm, engine=engine, speculation=SpeculationConfig(expansion=expansion, tree=tree))
     rows = []
     for batch in batches:
@@ -90,16 +93,16 @@ def main() -> None:
             "dtype": str(llm.model.embed_tokens.weight.dtype).removeprefix("torch."), "llm": str(llm.model_path),
             "ssms": args.ssm or ["default (tuned:1)"], "expansion": args.tree or args.expansion,
             "max_new_tokens": args.max_new_tokens,
-            "compiled": args.compile, "greedy": True}
+            "compiled": args.compile, "greedy": True, "draft_vocab": draft_vocab_size(llm)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = "gpu" if args.device.startswith("cuda") else "cpu"
+    tag = result_tag(args)
     (out / f"batch_throughput_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
-        f"# Throughput against batch size, default model, {tag.upper()}", "",
+        f"# Throughput against batch size, default model, {tag.split('_')[0].upper()}", "",
         f"{meta['date']} · {meta['device']} · torch {meta['torch']} · {meta['dtype']} · greedy · "
         f"{args.max_new_tokens} new tokens per request · SSMs: {', '.join(meta['ssms'])} · "
-        f"tree {args.tree or args.expansion}"
+        f"tree {args.tree or args.expansion} · draft vocabulary: {meta['draft_vocab'] or 'the whole one'}"
         f"{' · blocks compiled (--compile)' if args.compile else ''} · each row the median of {args.repeats} runs after one untimed run", "",
         f"Reproduce: `python benchmarks/batch_throughput.py {' '.join(sys.argv[1:])}`", "",
         "| batch | incremental tok/s | adaptive tree tok/s | vs incremental | fixed tree tok/s | vs incremental | "

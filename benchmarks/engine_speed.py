@@ -118,6 +118,17 @@ def hf_case(llm: LLM, label: str, prompts: list[str], max_new_tokens: int, model
             "tokens_per_s": tokens / elapsed, "tokens_per_step": None, "outputs": outputs}
 
 
+def result_tag(args: argparse.Namespace) -> str:
+    """Result files are named by device, and by dtype where one was asked for: engine_speed_cpu_bfloat16.md."""
+    return ("gpu" if args.device.startswith("cuda") else "cpu") + ("" if args.dtype == "auto" else f"_{args.dtype}")
+
+
+def draft_vocab_size(llm: LLM) -> int:
+    """Tokens the SSMs score (0: the whole vocabulary)."""
+    heads = [ssm.lm_head for ssm in llm.ssms]
+    return heads[0].token_ids.numel() if heads and hasattr(heads[0], "token_ids") else 0
+
+
 def write_report(llm: LLM, args: argparse.Namespace, prompts: list[str], rows: list[dict], final: bool = False) -> None:
     base = rows[0]
     bound = ROUNDING_BOUNDS[llm.model.embed_tokens.weight.dtype]
@@ -137,16 +148,18 @@ def write_report(llm: LLM, args: argparse.Namespace, prompts: list[str], rows: l
         "torch": torch.__version__, "dtype": str(llm.model.embed_tokens.weight.dtype).removeprefix("torch."),
         "llm": str(llm.model_path), "ssms": args.ssm or ["default (tuned:1)"], "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens, "batch_size": 1, "greedy": True, "compiled": args.compile,
+        "draft_vocab": draft_vocab_size(llm),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = "gpu" if args.device.startswith("cuda") else "cpu"
+    tag = result_tag(args)
     (out / f"engine_speed_{tag}.json").write_text(json.dumps(
         {"meta": meta, "rows": [{k: v for k, v in r.items() if k != "outputs"} for r in rows]}, indent=2))
     lines = [
-        f"# Engine speed, default model, {tag.upper()}", "",
+        f"# Engine speed, default model, {tag.split('_')[0].upper()}", "",
         f"{meta['date']} · {meta['device']} · torch {meta['torch']} · {meta['dtype']} · batch 1, greedy · "
         f"{len(prompts)} prompts × up to {args.max_new_tokens} new tokens · SSMs: {', '.join(meta['ssms'])}"
+        f" · draft vocabulary: {meta['draft_vocab'] or 'the whole one'}"
         f"{' · blocks compiled (--compile)' if args.compile else ''} · each row after one untimed warm-up generation", "",
         f"Reproduce: `python benchmarks/engine_speed.py {' '.join(sys.argv[1:])}`", "",
         f"Outputs vs incremental: identical prompts, and where one differs the LLM's top-two logit margin at the "
@@ -184,11 +197,12 @@ def main() -> None:
     p.add_argument("--out", default="docs/benchmarks", help="folder for the JSON and Markdown results")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers reference rows")
     p.add_argument("--compile", action="store_true", help="fuse each block's kernels with torch.compile")
+    p.add_argument("--draft-vocab", type=int, help="tokens the SSMs score (default: the engine's; 0: all)")
     args = p.parse_args()
 
     prompts = PROMPTS[: args.num_prompts]
     engine = EngineConfig(max_batch_size=1, max_sequence_length=512, device=args.device, dtype=args.dtype,
-                          compile=args.compile)
+                          compile=args.compile, draft_vocab_size=args.draft_vocab)
     expansions = [parse_expansion(e) for e in args.expansions.split(";")]
     # Fixed trees (adaptive off) measure each configuration's acceptance; one adaptive row follows.
     llm = LLM(args.llm, args.ssm, engine=engine, speculation=SpeculationConfig(expansion=expansions[0], adaptive=False))
@@ -231,7 +245,7 @@ def main() -> None:
             rows.append(hf_case(llm, f"transformers assisted ({ssm})", prompts, args.max_new_tokens, model=model,
                                 assistant_model=hf_assistant(model, folder)))
     write_report(llm, args, prompts, rows, final=True)
-    print(f"wrote {args.out}/engine_speed_{'gpu' if args.device.startswith('cuda') else 'cpu'}.{{md,json}}")
+    print(f"wrote {args.out}/engine_speed_{result_tag(args)}.{{md,json}}")
 
 
 if __name__ == "__main__":
