@@ -119,8 +119,10 @@ def hf_case(llm: LLM, label: str, prompts: list[str], max_new_tokens: int, model
 
 
 def result_tag(args: argparse.Namespace) -> str:
-    """Result files are named by device, and by dtype where one was asked for: engine_speed_cpu_bfloat16.md."""
-    return ("gpu" if args.device.startswith("cuda") else "cpu") + ("" if args.dtype == "auto" else f"_{args.dtype}")
+    """Result files are named by device, and by dtype and draft vocabulary where asked for:
+    engine_speed_cpu_bfloat16.md, engine_speed_cpu_bfloat16_vocab0.md."""
+    tag = ("gpu" if args.device.startswith("cuda") else "cpu") + ("" if args.dtype == "auto" else f"_{args.dtype}")
+    return tag + ("" if args.draft_vocab is None else f"_vocab{args.draft_vocab}")
 
 
 def draft_vocab_size(llm: LLM) -> int:

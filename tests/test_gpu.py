@@ -84,3 +84,22 @@ def test_gpu_quantized_kernels_match_dequantized_weights(mode, rows):
         assert out.shape == (rows, out_features) and torch.isfinite(out).all()
         error = (out.double() - reference).norm() / reference.norm()
         assert error < 1e-2, f"{mode} {in_features}x{out_features}, {rows} rows: relative error {error:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 8])
+def test_gpu_switching_tree_sizes_keeps_outputs_exact(tmp_path, batch):
+    """The adaptive engine keeps one drafter (with its CUDA graphs) per tree size of the ladder; sizes
+    switch every step here, for all requests or every other one."""
+    from .test_speculative import generate_switching_sizes
+
+    reference = save_random_llama(tmp_path / "llm")
+    save_random_llama(tmp_path / "ssm", noise_from=reference)
+    llm = load_model(tmp_path / "llm", "cuda", torch.bfloat16)
+    ssms = [load_model(tmp_path / "ssm", "cuda", torch.bfloat16), early_exit_draft(llm, 1)]
+    prompts = PROMPTS + [p[::-1] for p in PROMPTS]
+    expected = generate(llm, [], prompts, mode="incremental", batch=batch, device="cuda", max_new=30)
+    got = generate_switching_sizes(llm, ssms, prompts, tree=FITTED_TREE, batch=batch, device="cuda", max_new=30)
+    for prompt, g, e in zip(prompts, got, expected):
+        assert_greedy_equivalent(llm, prompt, g.output_tokens, e.output_tokens, ROUNDING_BOUNDS[torch.bfloat16])
+    assert sum(r.stats.num_accepted for r in got) > 0

@@ -222,3 +222,52 @@ def test_a_draft_vocabulary_scores_only_its_tokens_and_keeps_outputs_exact(rando
     for prompt, g, e in zip(PROMPTS, got, expected):
         assert_greedy_equivalent(llm, prompt, g.output_tokens, e.output_tokens)
     assert sum(r.stats.num_accepted for r in got) > 0
+
+
+class CyclingSizes:
+    """Stands in for the adaptive controller: each step another tree of the ladder (or none), for every
+    request or every other one, so that the drafters of all sizes and their caches interleave."""
+
+    def __init__(self, sizes):
+        self.sizes, self.step, self.ran = (0, *sizes), 0, []
+
+    def choose(self, request_ids):
+        self.step += 1
+        size = self.sizes[self.step % len(self.sizes)]
+        self.ran.append(size)
+        chosen = request_ids if self.step % 3 else request_ids[::2]
+        return size, set(chosen) if size else set()
+
+    def record_step(self, *args):
+        pass
+
+    def record_request(self, *args):
+        pass
+
+    def forget(self, request_id):
+        pass
+
+
+def generate_switching_sizes(llm, ssms, prompts, tree=None, batch=4, max_new=20, device="cpu", sampled_neighbour=False):
+    manager = RequestManager(llm, ssms, EngineConfig(max_batch_size=batch, max_sequence_length=128, device=device),
+                             SpeculationConfig(expansion=(1, 1, 3, 1, 1), tree=tree), eos_token_ids=[])
+    manager.controller = CyclingSizes(manager.ladder.sizes)
+    ids = [manager.register_new_request(p, sampling=GenerationConfig(max_new_tokens=max_new)) for p in prompts]
+    if sampled_neighbour:
+        manager.register_new_request(prompts[0], sampling=GenerationConfig(do_sample=True, max_new_tokens=max_new))
+    manager.run()
+    assert set(manager.controller.ran) == {0, *manager.ladder.sizes}
+    return [manager.requests[i] for i in ids]
+
+
+@pytest.mark.parametrize("num_ssms", [1, 2])
+@pytest.mark.parametrize("host_drafting", [False, True])
+def test_switching_tree_sizes_every_step_keeps_outputs_exact(random_models, num_ssms, host_drafting):
+    llm, ssms = random_models
+    expected = generate(llm, [], PROMPTS, mode="incremental", max_new=30)
+    got = generate_switching_sizes(llm, ssms[:num_ssms], PROMPTS, tree=FITTED_TREE, batch=5, max_new=30,
+                                   sampled_neighbour=host_drafting)
+    for prompt, g, e in zip(PROMPTS, got, expected):
+        assert len(g.output_tokens) == 30
+        assert_greedy_equivalent(llm, prompt, g.output_tokens, e.output_tokens)
+    assert sum(r.stats.num_accepted for r in got) > 0
