@@ -37,7 +37,8 @@ PRIOR_WEIGHT = 4  # a request's own average counts as much as the pooled one aft
 FIRST_BACKOFF = 4  # steps before re-probing a draft that just failed to pay
 BACKOFF_GROWTH = 4  # each further failed probe waits this many times longer ...
 MAX_BACKOFF = 128  # ... up to this many steps (a useless draft then costs ~ ratio / 128)
-REMEASURE_EVERY = 64  # a plain step this often while only speculative steps run, to keep the ratios honest
+REMEASURE_EVERY = 16  # a plain step this often while only speculative steps run: plain times taken only
+# early in a batch's life made a CPU step of 1.39 plain steps look like 1.19 (batch 16), and a losing size win
 FIRST_MEASURE_AFTER = 2  # speculative steps between the first timed plain steps at a batch size
 STEP_WINDOW = 9  # recent step times kept per kind and batch-size bucket
 MIN_PLAIN_SAMPLES = 3  # plain steps timed early at each batch size, so that one outlier cannot set the median
