@@ -79,14 +79,17 @@ def add_engine_arguments(p: argparse.ArgumentParser, max_sequence_length: int) -
     spec.add_argument("--draft-vocab", type=int, metavar="N",
                       help="SSMs score only the N most used tokens, a fraction of their LM head's work; the LLM "
                            "still verifies with the whole vocabulary (default: 16384 for the default model's "
-                           "tuned SSMs, else 0, the whole vocabulary)")
+                           "tuned SSMs or with --draft-vocab-file, else 0, the whole vocabulary)")
+    spec.add_argument("--draft-vocab-file", metavar="JSON",
+                      help="which tokens --draft-vocab keeps: a ranking from `specinfer fit-tree` (its "
+                           "draft_vocab.json), most used first (default: the default model's own, else token ids)")
 
 
 def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, SpeculationConfig]:
     engine = EngineConfig(args.max_batch_size, args.max_sequence_length, args.device, args.dtype,
                           args.tensor_parallel_size, None if args.quantization == "none" else args.quantization,
                           args.quant_group_size, args.gpu_memory_gb, args.pinned_memory_gb, args.compile,
-                          draft_vocab_size=args.draft_vocab)
+                          draft_vocab_size=args.draft_vocab, draft_vocab_file=args.draft_vocab_file)
     from .spec.tree_fit import load_tree_file
 
     tree = args.tree or (default_tree(args.llm, args.ssms) if args.expansion is None else None)

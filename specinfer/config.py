@@ -119,8 +119,11 @@ class EngineConfig:
     # One matrix product for q/k/v and one for gate/up (models/fuse.py). Off where weights get saved.
     fuse_projections: bool = True
     # SSMs score only this many of the most used tokens (models/draft_vocab.py); 0: the whole vocabulary;
-    # None: 16,384 for the default model's tuned SSMs, else the whole vocabulary.
+    # None: 16,384 for the default model's tuned SSMs or with `draft_vocab_file`, else the whole vocabulary.
     draft_vocab_size: int | None = None
+    # Which tokens: a ranking from `specinfer fit-tree` (draft_vocab.json); None: the one shipped for the
+    # default model, or token ids in order for any other.
+    draft_vocab_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.compile and (self.tensor_parallel_size > 1 or self.gpu_memory_gb):
@@ -130,7 +133,8 @@ class EngineConfig:
         if self.quant_group_size < 2 or self.quant_group_size % 2:
             raise SpecInferError(f"quant_group_size must be an even number >= 2, got {self.quant_group_size}")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 0:
-            raise SpecInferError(f"draft_vocab_size must be >= 0 (0: the whole vocabulary), got {self.draft_vocab_size}")
+            raise SpecInferError(
+                f"draft_vocab_size must be >= 0 (0: the whole vocabulary), got {self.draft_vocab_size}")
         if self.tensor_parallel_size < 1:
             raise SpecInferError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.max_batch_size < 1:

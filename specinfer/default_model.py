@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 from .errors import SpecInferError
@@ -73,9 +72,8 @@ def default_draft_vocab_size(model: str | Path | None, ssms: list[str] | None) -
     return DEFAULT_DRAFT_VOCAB_SIZE if tuned else 0
 
 
-def draft_vocabulary(model: Path, size: int, vocab_size: int) -> list[int]:
-    """The `size` token ids an SSM scores: for the default model those its answers use most, then by id;
-    for any other model by id (BPE and SentencePiece vocabularies number their tokens roughly by how
-    often their training text holds them)."""
-    ranked = json.loads(DRAFT_VOCAB_RANKING.read_text())["ranked"] if is_default_model(model) else []
-    return list(dict.fromkeys(ranked + list(range(vocab_size))))[:size]
+def draft_vocab_ranking(model: Path) -> list[int]:
+    """The tokens the default model's answers use most (empty for any other model: ids alone rank them)."""
+    from .models.draft_vocab import read_ranking
+
+    return read_ranking(DRAFT_VOCAB_RANKING) if is_default_model(model) else []

@@ -21,10 +21,11 @@ from .default_model import (
     DEFAULT_SSMS,
     EARLY_EXIT_DRAFT,
     TUNED_PREFIX,
+    DEFAULT_DRAFT_VOCAB_SIZE,
     default_draft_vocab_size,
     default_model_path,
     default_tree,
-    draft_vocabulary,
+    draft_vocab_ranking,
     is_default_model,
     tuned_ssm_path,
 )
@@ -35,7 +36,7 @@ from .errors import SpecInferError
 from .models.compile import compile_blocks
 from .models.fuse import fuse_projections
 from .models.gguf_file import read_q4_1_blocks
-from .models.draft_vocab import use_draft_vocabulary
+from .models.draft_vocab import draft_vocabulary, read_ranking, use_draft_vocabulary
 from .models.early_exit import early_exit_draft
 from .models.loader import load_model
 from .quant import quantize_model
@@ -158,15 +159,17 @@ class LLM:
         return ssm
 
     def _use_draft_vocabulary(self, model, ssms: list[str]) -> None:
-        size = self.engine_config.draft_vocab_size
+        size, ranking = self.engine_config.draft_vocab_size, self.engine_config.draft_vocab_file
+        ranked = read_ranking(ranking) if ranking else None  # read (and checked) even where unused
         if size is None:
-            size = default_draft_vocab_size(model, ssms) if self.tp is None else 0
+            size = DEFAULT_DRAFT_VOCAB_SIZE if ranking else default_draft_vocab_size(model, ssms)
+            size = size if self.tp is None else 0
         vocab = self.model.config.vocab_size
         if not size or size >= vocab or not self.ssms:
             return
         if self.tp is not None:
             raise SpecInferError("a draft vocabulary cannot be combined with tensor parallelism yet")
-        ids = draft_vocabulary(self.model_path, size, vocab)
+        ids = draft_vocabulary(ranked if ranked is not None else draft_vocab_ranking(self.model_path), size, vocab)
         for ssm in self.ssms:  # an SSM sharing the LLM's head gets its own cut of it; the LLM keeps the whole
             use_draft_vocabulary(ssm, ids)
 

@@ -47,6 +47,7 @@ def test_training_raises_held_out_acceptance(boosted):
     # The fitted tree (20 nodes per SSM) beats the 3-node expansion it is compared with.
     assert rows[fitted]["mean_tokens_per_step"] > rows["merged set"]["mean_tokens_per_step"]
     assert json.loads((boosted / "out" / "tree.json").read_text())["ssms"] == ["ssm1", "ssm2"]
+    assert json.loads((boosted / "out" / "draft_vocab.json").read_text())["ranked"]  # for --draft-vocab-file
     assert rows["ssm1"]["mean_tokens_per_step"] > rows["untrained draft"]["mean_tokens_per_step"] + 0.5
     assert rows["ssm1"]["coverage"] > rows["untrained draft"]["coverage"] + 0.3
     for key in ("coverage", "mean_tokens_per_step"):
@@ -158,6 +159,14 @@ def test_fit_tree_command_writes_a_tree_that_serves_exactly(boosted, tmp_path):
     assert record["nodes"] == len(record["paths"]) <= 4 and record["ssms"] == [str(ssm_dir)]
     report = (out / "fit_tree.md").read_text()
     assert "fitted, 4 nodes" in report and "expansion 2,1,1" in report
+    # The answers' tokens, most used first, for --draft-vocab-file.
+    from collections import Counter
+
+    from specinfer.models.draft_vocab import read_ranking
+
+    ranked = read_ranking(out / "draft_vocab.json")
+    counts = Counter(t for e in read_examples(out / "data" / "fit_held-out.jsonl") for t in e.tokens[e.answer_start:])
+    assert set(ranked) == set(counts) and [counts[t] for t in ranked] == sorted(counts.values(), reverse=True)
     tree = load_tree_file(out / "tree.json")
     llm = load_model(llm_dir)
     prompts = [e.tokens[: e.answer_start] for e in read_examples(out / "data" / "held_out.jsonl")[:4]]

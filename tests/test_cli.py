@@ -145,3 +145,25 @@ def test_help_describes_every_flag():
 
     for action in build_parser()._actions:
         assert action.help, f"{action.option_strings} has no help text"
+
+
+def test_draft_vocabulary_from_a_ranking_file(model_dirs, tmp_path, capsys):
+    """--draft-vocab-file: the SSM scores the file's first tokens, completed by id; output stays exact."""
+    from specinfer import LLM, EngineConfig
+    from specinfer.models.draft_vocab import write_ranking
+
+    ranking = tmp_path / "draft_vocab.json"
+    write_ranking(ranking, [200, 7, 99], "a test")
+    llm = LLM(str(model_dirs / "llm"), ssms=[str(model_dirs / "ssm")],
+              engine=EngineConfig(max_sequence_length=128, draft_vocab_size=5, draft_vocab_file=str(ranking)))
+    assert llm.ssms[0].lm_head.token_ids.tolist() == [0, 1, 7, 99, 200]
+    assert not hasattr(llm.model.lm_head, "token_ids")
+    code, out, _ = run_cli(["--llm", str(model_dirs / "llm"), "--ssm", str(model_dirs / "ssm"), "--draft-vocab", "64",
+                            "--draft-vocab-file", str(ranking), "--prompt", "hello", "--max-new-tokens", "8",
+                            "--max-sequence-length", "128"], capsys)
+    assert code == 0 and "outputs identical" in out
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    code, _, err = run_cli(["--llm", str(model_dirs / "llm"), "--ssm", str(model_dirs / "ssm"),
+                            "--draft-vocab-file", str(tmp_path / "bad.json"), "--prompt", "hi",
+                            "--max-sequence-length", "128"], capsys)
+    assert code != 0 and "draft vocabulary file" in err and "Traceback" not in err

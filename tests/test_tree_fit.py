@@ -93,13 +93,16 @@ def test_a_grown_tree_file_cuts_to_every_smaller_fitted_tree(tmp_path):
 
 def test_the_default_model_drafts_with_its_draft_vocabulary():
     from specinfer.cli import build_parser, engine_configs
-    from specinfer.default_model import DEFAULT_GGUF_NAME, default_draft_vocab_size, draft_vocabulary
+    from specinfer.default_model import DEFAULT_GGUF_NAME, default_draft_vocab_size, draft_vocab_ranking
+    from specinfer.models.draft_vocab import draft_vocabulary
 
     assert default_draft_vocab_size(None, None) == 16384 == default_draft_vocab_size(None, ["tuned:1", "tuned:2"])
     assert default_draft_vocab_size(None, ["self:4"]) == 0 == default_draft_vocab_size("/models/llama-7b", None)
-    ids = draft_vocabulary(Path(DEFAULT_GGUF_NAME), 16384, 49152)
+    ids = draft_vocabulary(draft_vocab_ranking(Path(DEFAULT_GGUF_NAME)), 16384, 49152)
     assert len(set(ids)) == 16384 and ids[:3] != [0, 1, 2]  # the answers' most used tokens come first
-    assert draft_vocabulary(Path("/models/llama-7b"), 5, 100) == [0, 1, 2, 3, 4]
+    assert draft_vocabulary(draft_vocab_ranking(Path("/models/llama-7b")), 5, 100) == [0, 1, 2, 3, 4]
     engine, _ = engine_configs(build_parser().parse_args(["--draft-vocab", "0"]))
     assert engine.draft_vocab_size == 0
     assert engine_configs(build_parser().parse_args([]))[0].draft_vocab_size is None
+    with pytest.raises(SpecInferError, match="draft_vocab_size must be >= 0"):
+        engine_configs(build_parser().parse_args(["--draft-vocab", "-1"]))

@@ -156,7 +156,8 @@ class RequestManager:
                 if self.tp is not None:  # ranks must speculate alike, so they all take the slowest rank's time
                     seconds = self.tp.max_over_ranks(seconds)
                 # The step's time first: a request's verdict then weighs its tokens against this step too.
-                self.controller.record_step(seconds, len(decoding), self.ladder.sizes[self._size_index] if drafted else 0)
+                size = self.ladder.sizes[self._size_index] if drafted else 0
+                self.controller.record_step(seconds, len(decoding), size)
                 for request_id, tokens in drafted:
                     self.controller.record_request(request_id, tokens, len(decoding))
         finished = self.scheduler.retire_finished()

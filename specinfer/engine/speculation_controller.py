@@ -217,7 +217,8 @@ class SpeculationController:
 
     def _best_size(self, state: _RequestState, batch_size: int) -> int:
         """The size this request alone would draft (0: none), among those measured for it or pooled."""
-        rates = {size: self._gain(state, size) / self.cost_ratio(batch_size, size) for size in self._measured_sizes(state)}
+        rates = {size: self._gain(state, size) / self.cost_ratio(batch_size, size)
+                 for size in self._measured_sizes(state)}
         best = max(rates, key=lambda size: (rates[size], -size), default=0)
         return best if best and rates[best] > 1.0 else 0
 

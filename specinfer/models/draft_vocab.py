@@ -6,11 +6,19 @@ the K most frequent tokens instead (as FR-Spec does) reads K rows. The LLM still
 full vocabulary, so outputs are unchanged; the SSM just never proposes a token outside the K, which
 costs acceptance only where such a token would have been right.
 
+Which tokens: a ranking file (`write_ranking`; `specinfer fit-tree` writes one from the LLM's answers, and
+one ships for the default model) lists token ids from the most used; `draft_vocabulary` takes its first
+K, completed by token id (BPE and SentencePiece vocabularies number tokens roughly by frequency).
+
 The head returns full-vocabulary logits with -inf outside the K tokens, so that top-k drafting and the
 draft distributions of speculative sampling (exactly 0 outside) need no change.
 """
 
 from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -41,3 +49,32 @@ def use_draft_vocabulary(ssm: nn.Module, token_ids) -> nn.Module:
     """Make `ssm` score only `token_ids` (its own head is left to the LLM it may share it with)."""
     ssm.lm_head = DraftVocabularyHead(ssm.lm_head, token_ids, ssm.config.vocab_size)
     return ssm
+
+
+def rank_tokens(answers: list[list[int]]) -> list[int]:
+    """Token ids by how often they occur in `answers`, the most used first (ties: first seen first)."""
+    return [token for token, _ in Counter(t for answer in answers for t in answer).most_common()]
+
+
+def write_ranking(path: Path, ranked: list[int], source: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"ranked": ranked, "from": source}))
+
+
+def read_ranking(path: str | Path) -> list[int]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SpecInferError(f"cannot read draft vocabulary file {str(path)!r}: {err}") from None
+    ranked = data.get("ranked") if isinstance(data, dict) else None
+    if not isinstance(ranked, list) or not all(isinstance(t, int) for t in ranked):
+        raise SpecInferError(f"draft vocabulary file {str(path)!r} must hold {{\"ranked\": [token ids]}} "
+                             "(specinfer fit-tree writes one)")
+    return ranked
+
+
+def draft_vocabulary(ranked: list[int], size: int, vocab_size: int) -> list[int]:
+    """The `size` token ids an SSM scores: `ranked` first, then the others by id."""
+    if any(not 0 <= t < vocab_size for t in ranked):
+        raise SpecInferError(f"draft vocabulary token ids must lie in [0, {vocab_size})")
+    return list(dict.fromkeys(list(ranked) + list(range(vocab_size))))[:size]
