@@ -63,7 +63,7 @@ class _Average:
 @dataclass(slots=True)
 class _RequestState:
     gains: dict[int, _Average] = field(default_factory=dict)  # by tree size: tokens per step
-    best: int | None = None  # the size it would draft alone, as last measured (0: none; None: not yet)
+    best: int | None = None  # the size it would draft alone, as of its last verdict (0: none; None: not yet)
     backoff: int = FIRST_BACKOFF
     next_probe: int = 0  # the step from which a probe may run
 
@@ -104,12 +104,21 @@ class SpeculationController:
     prior_gains: dict[int, _Average] = field(default_factory=dict)  # by size, pooled over every request
     prior_backoff: int = FIRST_BACKOFF  # the back-off a new request starts with while drafts fail to pay
     step: int = 0
+    # Ratios computed since the last recorded step time, by (bucket, size): medians are not cheap, and
+    # each request's verdict asks for every size's ratio (at batch 64, most of the controller's time).
+    _ratios: dict[tuple[int, int], float] = field(default_factory=dict)
 
     def cost_ratio(self, batch_size: int, size: int | None = None) -> float:
         """Cost of a speculative step with the tree of `size` nodes (default: the whole tree) in plain
         steps at this batch size: measured here, else at the nearest measured batch size, else the next
         smaller size's (1.0 when nothing is measured): an optimistic guess, so the size gets tried."""
         size = self.sizes[-1] if size is None else size
+        key = (_bucket(batch_size), size)
+        if key not in self._ratios:
+            self._ratios[key] = self._cost_ratio(batch_size, size)
+        return self._ratios[key]
+
+    def _cost_ratio(self, batch_size: int, size: int) -> float:
         if self.fixed_cost_ratio is not None:
             fixed = self.fixed_cost_ratio
             return fixed[size] if isinstance(fixed, dict) else fixed
@@ -137,9 +146,10 @@ class SpeculationController:
         # which measures every size at once.
         unmeasured = {rid for rid, s in states.items() if self._exploring(s)}
         best_size, best_rate, best_set = 0, float(batch), set()
+        gains = {size: {rid: self._gain(s, size) for rid, s in states.items()} for size in self.sizes}
         for size in self.sizes:
-            useful = {rid for rid, s in states.items() if self._gain(s, size) > 1.0}
-            rate = (batch + sum(self._gain(states[rid], size) - 1.0 for rid in useful)) / self.cost_ratio(batch, size)
+            useful = {rid for rid, gain in gains[size].items() if gain > 1.0}
+            rate = (batch + sum(gains[size][rid] - 1.0 for rid in useful)) / self.cost_ratio(batch, size)
             if rate > best_rate:
                 best_size, best_rate, best_set = size, rate, useful
         probes = {rid: self._probe_size(s, batch) for rid, s in states.items()
@@ -150,7 +160,7 @@ class SpeculationController:
             return 0, set()
         chosen = best_set | set(probes) | unmeasured
         if size != best_size:  # a probe or a newcomer makes the step larger: those it pays for join in
-            chosen |= {rid for rid, s in states.items() if self._gain(s, size) > 1.0}
+            chosen |= {rid for rid, gain in gains[size].items() if gain > 1.0}
         return size, chosen
 
     def record_request(self, request_id: int, tokens: dict[int, int], batch_size: int = 1) -> None:
@@ -163,10 +173,9 @@ class SpeculationController:
         if self._exploring(state):
             return
         ran = max(tokens)
-        explored = state.best is None or ran > state.best  # a probe, or a step larger than it needed
-        state.best = self._best_size(state, batch_size)
-        if not explored:
+        if state.best is not None and ran <= state.best:  # no larger than it needed: nothing to judge
             return
+        state.best = self._best_size(state, batch_size)  # after a probe, or a step larger than it needed
         if state.best == ran:  # the larger tree paid: try the next one up soon
             state.backoff = self.prior_backoff = FIRST_BACKOFF
             state.next_probe = self.step + state.backoff
@@ -180,6 +189,7 @@ class SpeculationController:
 
     def record_step(self, seconds: float, batch_size: int, size: int) -> None:
         """A step's time: `size` is the tree it drafted (0: a plain step)."""
+        self._ratios.clear()
         t = self.times.setdefault(_bucket(batch_size), _StepTimes())
         if size:
             t.speculative.setdefault(size, _median_window()).append(seconds)
