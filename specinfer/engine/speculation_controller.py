@@ -4,8 +4,9 @@ The engine may draft any tree of a nested ladder (`spec/tree_ladder.py`: 1, 2, 4
 whole tree) or nothing. A speculative step with the tree of n nodes costs `ratio(n)` plain steps (SSM
 passes plus a wider verification); the ratio grows with n and with the batch as compute stops being free,
 so it is measured per tree size and batch-size bucket (medians of recent steps). A request's `gain(n)` is
-its tokens per step with that tree (an exponential moving average); a plain step yields one token per
-request. One step drafts one tree size, for the requests whose gain there exceeds one; of all sizes
+its tokens per step with that tree (a mean, then a moving average, drawn towards the average pooled
+over all requests while it has few steps: one step commits anywhere from 1 token to the tree's depth,
+so no verdict comes from fewer than MIN_SAMPLES steps); a plain step yields one token per request. One step drafts one tree size, for the requests whose gain there exceeds one; of all sizes
 it takes the one with the most tokens per unit of time,
 
     (B + sum over S of (gain(n) - 1)) / ratio(n)   for a batch of B requests, S those drafting,
@@ -19,7 +20,8 @@ large batch they share a few steps instead of each one making the whole batch pa
 less than half of what even the cheapest speculative step costs (a CPU verifying a tree of 20 tokens pays
 about six plain steps for two tokens) goes straight to the longest back-off. Each batch size starts with
 a plain step, so that the first speculative step is weighed against a measured plain one, and a size not
-yet timed at a batch size is assumed to cost what the next smaller timed size costs, so it is tried once.
+yet timed at a batch size is assumed to cost what the next smaller timed size costs, so it is tried once;
+a plain step every REMEASURE_EVERY speculative ones keeps the plain time recent.
 A new request starts from the gains and back-off measured on earlier ones. The choice never changes the
 output: every tree, down to the bare root, is verified exactly.
 """
