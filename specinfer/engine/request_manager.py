@@ -321,8 +321,8 @@ class RequestManager:
     def _commit(
         self, requests: list[Request], trees: list[TokenTree], drafts: list[list[SSMDraft]], results: list[VerifyResult]
     ) -> list[tuple[int, dict[int, int]]]:
-        """Keep every request's accepted tokens; returns, for those that drafted, (request id, tokens committed
-        by tree size: the size drafted and the smaller ones of the ladder)."""
+        """Keep every request's accepted tokens; returns, for those that drafted (under the adaptive controller),
+        (request id, tokens committed by tree size: the size drafted and the smaller ones of the ladder)."""
         # Tree nodes were fed to the LLM in node order, so node index == speculative cache entry. Each
         # model compacts the kept entries of every request in one move.
         self.llm.commit_all([(r.slot, result.accepted) for r, result in zip(requests, results)])
@@ -336,7 +336,7 @@ class RequestManager:
             r.stats.num_speculated += len(tree) - 1
             r.stats.num_accepted += len(result.accepted) - 1
             new_tokens = result.new_tokens(tree)
-            if ssm_drafts:
+            if ssm_drafts and self.controller is not None:
                 drafted.append((r.id, self._tokens_by_size(ssm_drafts, own, result)))
             r.append(new_tokens, self.eos_token_ids)
         return drafted
