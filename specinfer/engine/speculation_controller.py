@@ -44,6 +44,7 @@ REMEASURE_EVERY = 16  # a plain step this often while only speculative steps run
 FIRST_MEASURE_AFTER = 2  # speculative steps between the first timed plain steps at a batch size
 STEP_WINDOW = 9  # recent step times kept per kind and batch-size bucket
 MIN_PLAIN_SAMPLES = 3  # plain steps timed early at each batch size, so that one outlier cannot set the median
+PROBE_MARGIN = 0.05  # a probe pays only this much above the size it would replace (noise: no flapping)
 HOPELESS = 0.5  # gain below this share of the cheapest speculative step's cost ratio: longest back-off at once
 MIN_HOPELESS_SAMPLES = 2  # speculative steps timed before that verdict (the first may capture CUDA graphs)
 
@@ -177,8 +178,11 @@ class SpeculationController:
         ran = max(tokens)
         if state.best is not None and ran <= state.best:  # no larger than it needed: nothing to judge
             return
+        before = state.best
         state.best = self._best_size(state, batch_size)  # after a probe, or a step larger than it needed
-        if state.best == ran:  # the larger tree paid: try the next one up soon
+        paid = before is None or self._rate(state, ran, batch_size) >= (1 + PROBE_MARGIN) * self._rate(
+            state, before, batch_size)
+        if state.best == ran and paid:  # the larger tree paid, clearly: try the next one up soon
             state.backoff = self.prior_backoff = FIRST_BACKOFF
             state.next_probe = self.step + state.backoff
             return
@@ -227,6 +231,10 @@ class SpeculationController:
     def _measured_sizes(self, state: _RequestState) -> list[int]:
         return [size for size in self.sizes if size in state.gains or size in self.prior_gains]
 
+    def _rate(self, state: _RequestState, size: int, batch_size: int) -> float:
+        """Tokens per plain step's time with this tree (size 0: plain steps, 1)."""
+        return self._gain(state, size) / self.cost_ratio(batch_size, size) if size else 1.0
+
     def _best_size(self, state: _RequestState, batch_size: int) -> int:
         """The size this request alone would draft (0: none), among those measured for it or pooled."""
         rates = {size: self._gain(state, size) / self.cost_ratio(batch_size, size)
@@ -253,9 +261,11 @@ class SpeculationController:
     def _state(self, request_id: int) -> _RequestState:
         state = self.requests.get(request_id)
         if state is None:
-            # Start from what earlier requests measured; if no size paid them, wait for an aligned probe.
+            # Start from what earlier requests measured, their verdict and their back-off: probes of a new
+            # batch then fall on the same few steps as the old ones' instead of all coming early.
             state = self.requests[request_id] = _RequestState()
-            if not self._exploring(state) and self._best_size(state, 1) == 0:
+            if not self._exploring(state):
+                state.best = self._best_size(state, 1)
                 state.backoff = self.prior_backoff
                 state.next_probe = self.step + state.backoff
         return state
