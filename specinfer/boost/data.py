@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from ..config import GenerationConfig
 from ..llm import LLM
+from ..models.draft_vocab import rank_tokens, write_ranking
 
 
 @dataclass(slots=True)
@@ -21,6 +22,12 @@ class Example:
     prompt: str
     tokens: list[int]  # chat-formatted prompt followed by the LLM's answer
     answer_start: int  # index of the first answer token
+
+
+def write_answer_ranking(path: Path, examples: list[Example], source: str) -> None:
+    """The answers' tokens, most used first: a draft vocabulary for --draft-vocab-file (the SSMs then
+    score only those, models/draft_vocab.py)."""
+    write_ranking(path, rank_tokens([e.tokens[e.answer_start:] for e in examples]), source)
 
 
 def read_examples(path: Path) -> list[Example]:

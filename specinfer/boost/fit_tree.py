@@ -22,10 +22,9 @@ from tqdm import tqdm
 from ..config import MAX_TREE_NODES, EngineConfig, SpeculationConfig, parse_expansion
 from ..errors import SpecInferError
 from ..llm import LLM
-from ..models.draft_vocab import rank_tokens, write_ranking
 from ..spec.tree import TreeShape
 from ..spec.tree_fit import grow_tree, tokens_per_step, write_tree
-from .data import Example, generate_examples
+from .data import Example, generate_examples, write_answer_ranking
 from .oracle import oracle_tokens_per_step
 from .prompts import build_prompts, read_prompt_file
 from .train import answer_batch, causal_logits
@@ -139,9 +138,8 @@ def run(args: argparse.Namespace) -> int:
              "|---|---:|---:|---:|" + ("---:|" if args.engine_check else "")]
     lines += [f"| {label} | {len(shape) - 1} | {shape.depth} | {held:.2f} |"
               + (f" {served:.2f} |" if served is not None else "") for label, shape, held, served in rows]
-    # The tokens the LLM's answers use most, for --draft-vocab-file: the SSMs then score only those.
-    write_ranking(out / "draft_vocab.json", rank_tokens([e.tokens[e.answer_start:] for e in fitting]),
-                  f"token counts of the LLM's {len(fitting)} greedy answers to {args.fit_on} prompts")
+    write_answer_ranking(out / "draft_vocab.json", fitting,
+                         f"token counts of the LLM's {len(fitting)} greedy answers to {args.fit_on} prompts")
     lines += ["", f"Draft vocabulary ranking (for `--draft-vocab-file`): {out / 'draft_vocab.json'}"]
     report = "\n".join(lines) + "\n"
     (out / "fit_tree.md").write_text(report)

@@ -20,9 +20,8 @@ from ..errors import SpecInferError
 from ..llm import LLM
 from ..models.loader import load_model
 from ..spec.tree import TreeShape
-from ..models.draft_vocab import rank_tokens, write_ranking
 from ..spec.tree_fit import grow_tree, write_tree
-from .data import generate_examples
+from .data import generate_examples, write_answer_ranking
 from .evaluate import Evaluation, evaluate
 from .fit_tree import answer_ranks, judged_sample
 from .oracle import oracle_tokens_per_step
@@ -133,9 +132,8 @@ def run(args: argparse.Namespace) -> int:
         label = f"{'merged set' if len(ssms) > 1 else 'ssm1'}, fitted tree of {len(shape) - 1} nodes (tree.json)"
         rows.append(Evaluation(label, oracle_tokens_per_step(llm.model.config, served, held_out, expansion, 64,
                                                              tree=shape.paths[1:]), rows[-1].coverage))
-    # The tokens the LLM's answers use most, for --draft-vocab-file (the SSMs then score only those).
-    write_ranking(out / "draft_vocab.json", rank_tokens([e.tokens[e.answer_start:] for e in train]),
-                  f"token counts of the LLM's {len(train)} answers to training prompts")
+    write_answer_ranking(out / "draft_vocab.json", train,
+                         f"token counts of the LLM's {len(train)} answers to training prompts")
     write_evaluation(out, rows, args, len(train), len(held_out))
     return 0
 
