@@ -1,16 +1,30 @@
-"""Where one engine step spends its time: host wall time per step, and device time per stage.
+"""Where one engine step spends its time, and what each tree size costs and yields.
 
-    python benchmarks/step_profile.py --device cuda --ssm path/to/ssm --expansion 2,2,1
+    python benchmarks/step_profile.py --device cuda --compile --tree tree_20.json [--sections sizes,stages,adaptive]
 
-Runs greedy generation at batch 1, incremental and tree, after a warm-up of each (so CUDA graphs are
-captured before timing), then profiles a few steps with torch.profiler, labelling the stages (SSM
-catch-up, device drafting, LLM verification, read-back). Prints tables; writes nothing.
+Sections (greedy, batch 1, the engine_speed prompts; every run after an untimed warm-up, so CUDA graphs
+are captured before timing):
+- `sizes`: every tree of the ladder the adaptive engine chooses from (the tree's first 1, 2, 4, ... nodes),
+  drafted at every step: ms per step, tokens per step, and the step's cost in incremental steps. A size
+  pays where tokens per step exceed that cost.
+- `stages`: the whole tree, each stage of a step timed between device synchronisations (so the stages
+  no longer overlap: their sum exceeds the step's own time): SSM drafting (catch-up chain and tree
+  levels), LLM verification, commit, the rest of the host's work.
+- `adaptive`: the adaptive engine's choices step by step (`RequestManager.step_log`): steps and time per
+  tree size, and the slowest steps.
+- `profile`: torch.profiler tables of a few steps, incremental and tree.
+Prints tables; writes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import statistics
+import sys
 import time
+from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -20,18 +34,142 @@ from specinfer.config import parse_expansion
 from specinfer.engine import request_manager as rm
 from specinfer.engine.model_runner import ModelRunner
 from specinfer.spec.device_draft import DeviceTreeDrafter
+from specinfer.spec.tree_fit import load_tree_file
 
-PROMPT = "Explain what a hash table is to a new programmer."
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_speed import PROMPTS, run_case  # noqa: E402
+
+
+def sync_for(device: str):
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
+def section_sizes(llm: LLM, paths: tuple, args) -> None:
+    incremental = run_case(llm, "incremental", PROMPTS, args.max_new_tokens)
+    base_ms = 1e3 * incremental["seconds"] / incremental["tokens"]  # per token = per step
+    print(f"\nincremental: {base_ms:.2f} ms/step, {incremental['tokens_per_s']:.1f} tok/s")
+    print("| tree nodes | ms/step | tokens/step | cost (incremental steps) | tokens/step / cost | tok/s |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for size in SpeculationConfig(tree=paths).tree_ladder.sizes:
+        llm.set_speculation(SpeculationConfig(tree=paths[:size], adaptive=False))
+        row = run_case(llm, "tree", PROMPTS, args.max_new_tokens)
+        steps = row["tokens"] / row["tokens_per_step"]
+        ms = 1e3 * row["seconds"] / steps
+        cost = ms / base_ms
+        print(f"| {size} | {ms:.2f} | {row['tokens_per_step']:.2f} | {cost:.2f} | "
+              f"{row['tokens_per_step'] / cost:.2f} | {row['tokens_per_s']:.1f} |")
+
+
+def timed_between_syncs(cls, name: str, label, totals: dict, sync) -> None:
+    method = getattr(cls, name)
+
+    @functools.wraps(method)
+    def wrapper(self, *a, **kw):
+        key = label(self)
+        if key is None:
+            return method(self, *a, **kw)
+        sync()
+        start = time.perf_counter()
+        out = method(self, *a, **kw)
+        sync()
+        totals[key].append(time.perf_counter() - start)
+        return out
+
+    setattr(cls, name, wrapper)
+    return method
+
+
+def section_stages(llm: LLM, paths: tuple, args) -> None:
+    sync = sync_for(args.device)
+    llm.set_speculation(SpeculationConfig(tree=paths, adaptive=False))
+    llm.generate([PROMPTS[0]], GenerationConfig(max_new_tokens=args.max_new_tokens))  # warm-up
+    totals: dict[str, list[float]] = defaultdict(list)
+    llm_model = llm.model
+    originals = [
+        (ModelRunner, "forward_rows", timed_between_syncs(
+            ModelRunner, "forward_rows", lambda r: "LLM forward (+ logits)" if r.model is llm_model else None,
+            totals, sync)),
+        (DeviceTreeDrafter, "draft", timed_between_syncs(DeviceTreeDrafter, "draft", lambda d: "SSM drafting",
+                                                         totals, sync)),
+        (rm.RequestManager, "_commit", timed_between_syncs(rm.RequestManager, "_commit", lambda m: "commit", totals, sync)),
+        (rm.RequestManager, "step", timed_between_syncs(rm.RequestManager, "step", lambda m: "whole step", totals, sync)),
+    ]
+    try:
+        for prompt in PROMPTS:
+            llm.generate([prompt], GenerationConfig(max_new_tokens=args.max_new_tokens))
+    finally:
+        for cls, name, method in originals:
+            setattr(cls, name, method)
+    steps = len(totals["whole step"])
+    print(f"\nstages of {steps} steps, tree of {len(paths)} nodes (each between device synchronisations; "
+          "LLM forward includes each prompt's prefill)")
+    print("| stage | calls | ms per step |\n|---|---:|---:|")
+    named = 0.0
+    for label, times in totals.items():
+        per_step = 1e3 * sum(times) / steps
+        named += per_step if label != "whole step" else 0
+        print(f"| {label} | {len(times)} | {per_step:.3f} |")
+    whole = 1e3 * sum(totals["whole step"]) / steps
+    print(f"| rest (tree assembly, gathers, read-back, prefill sampling) | | {whole - named:.3f} |")
+
+
+def section_adaptive(llm: LLM, paths: tuple, args) -> None:
+    llm.set_speculation(SpeculationConfig(tree=paths))
+    manager = llm.manager_for("tree")
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    llm.generate([PROMPTS[-1]], config)  # warm-up, as in engine_speed
+    manager.step_log = []
+    for prompt in PROMPTS:
+        llm.generate([prompt], config)
+    log, manager.step_log = manager.step_log, None
+    by_size = defaultdict(list)
+    for batch, size, seconds, tokens in log:
+        by_size[size].append((seconds, tokens))
+    total = sum(s for _, _, s, _ in log)
+    print(f"\nadaptive: {len(log)} steps, {sum(t for *_, t in log)} tokens in {total * 1e3:.1f} ms")
+    print("| tree size | steps | median ms | total ms | tokens/step |\n|---:|---:|---:|---:|---:|")
+    for size in sorted(by_size):
+        rows = by_size[size]
+        print(f"| {size} | {len(rows)} | {1e3 * statistics.median(s for s, _ in rows):.2f} | "
+              f"{1e3 * sum(s for s, _ in rows):.1f} | {sum(t for _, t in rows) / len(rows):.2f} |")
+    slowest = sorted(range(len(log)), key=lambda i: -log[i][2])[:8]
+    print("slowest steps (index, size, ms, tokens):",
+          ", ".join(f"({i}, {log[i][1]}, {1e3 * log[i][2]:.1f}, {log[i][3]})" for i in sorted(slowest)))
+    print("sizes in order:", "".join("." if size == 0 else "123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"[
+        SpeculationConfig(tree=paths).tree_ladder.sizes.index(size)] for _, size, _, _ in log))
 
 
 def labelled(cls, name: str, label: str) -> None:
     method = getattr(cls, name)
 
-    def wrapper(*args, **kwargs):
+    def wrapper(*a, **kw):
         with record_function(label):
-            return method(*args, **kwargs)
+            return method(*a, **kw)
 
     setattr(cls, name, wrapper)
+
+
+def section_profile(llm: LLM, paths: tuple, args) -> None:
+    llm.set_speculation(SpeculationConfig(tree=paths, adaptive=False))
+    labelled(ModelRunner, "forward_rows", "runner.forward")
+    labelled(ModelRunner, "_prepare", "runner._prepare (host)")
+    labelled(DeviceTreeDrafter, "draft", "drafter.draft")
+    labelled(rm.RequestManager, "_commit", "commit")
+    cuda = args.device.startswith("cuda")
+    for mode in ("incremental", "tree"):
+        for _ in range(2):  # warm-up: graph captures, allocator growth
+            llm.generate([PROMPTS[2]], GenerationConfig(max_new_tokens=args.max_new_tokens), mode=mode)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            result = llm.generate([PROMPTS[2]], GenerationConfig(max_new_tokens=32), mode=mode)[0]
+            sync_for(args.device)()
+        print(f"--- {mode}, {result.num_llm_steps} steps profiled")
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=60))
+
+
+SECTIONS = {"sizes": section_sizes, "stages": section_stages, "adaptive": section_adaptive, "profile": section_profile}
 
 
 def main() -> None:
@@ -40,40 +178,26 @@ def main() -> None:
     p.add_argument("--ssm", action="append")
     p.add_argument("--device", default="cuda")
     p.add_argument("--expansion", default="2,2,1")
+    p.add_argument("--tree", help="a fitted tree file (`specinfer fit-tree`); takes precedence over --expansion")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--no-profile", action="store_true", help="only the timed runs")
+    p.add_argument("--draft-vocab", type=int, help="tokens the SSMs score (default: the engine's; 0: all)")
+    p.add_argument("--sections", default="sizes,stages,adaptive")
     args = p.parse_args()
-    engine = EngineConfig(max_batch_size=1, max_sequence_length=512, device=args.device, compile=args.compile)
-    llm = LLM(args.llm, args.ssm, engine=engine,
-              speculation=SpeculationConfig(expansion=parse_expansion(args.expansion), adaptive=False))
-    labelled(ModelRunner, "forward", "runner.forward")
-    labelled(ModelRunner, "_prepare", "runner._prepare (host)")
-    labelled(DeviceTreeDrafter, "expand", "drafter.expand")
-    labelled(rm.RequestManager, "_commit", "commit")
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    for mode in ("incremental", "tree"):
-        for _ in range(2):  # warm-up: graph captures, allocator growth
-            llm.generate([PROMPT], config, mode=mode)
-        sync()
-        start = time.perf_counter()
-        result = llm.generate([PROMPT], config, mode=mode)[0]
-        sync()
-        elapsed = time.perf_counter() - start
-        steps = result.num_llm_steps
-        print(f"{mode}: {len(result.output_tokens)} tokens in {steps} steps, {elapsed / steps * 1e3:.2f} ms/step, "
-              f"{(result.num_accepted + steps) / steps:.2f} tokens/step, {len(result.output_tokens) / elapsed:.1f} tok/s")
-        if args.no_profile:
-            continue
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
-        with profile(activities=activities) as prof:
-            result = llm.generate([PROMPT], GenerationConfig(max_new_tokens=32), mode=mode)[0]
-            sync()
-        print(f"--- {mode}, {result.num_llm_steps} steps profiled")
-        sort = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
-        print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=60))
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown sections {sorted(unknown)}; choose from {sorted(SECTIONS)}")
+    speculation = SpeculationConfig(expansion=parse_expansion(args.expansion),
+                                    tree=load_tree_file(args.tree) if args.tree else None)
+    paths = speculation.tree or speculation.tree_shape.paths[1:]
+    engine = EngineConfig(max_batch_size=1, max_sequence_length=512, device=args.device, compile=args.compile,
+                          draft_vocab_size=args.draft_vocab)
+    llm = LLM(args.llm, args.ssm, engine=engine, speculation=speculation)
+    print(f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'} · torch {torch.__version__} · "
+          f"{next(llm.model.parameters()).dtype} · tree of {len(paths)} nodes · compile={args.compile}")
+    for name in sections:
+        SECTIONS[name](llm, tuple(paths), args)
 
 
 if __name__ == "__main__":

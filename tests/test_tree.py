@@ -134,14 +134,20 @@ def test_device_drafter_and_host_drafting_grow_the_same_fitted_tree(tmp_path):
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     host = expand(ModelRunner(ssm, num_slots=1, capacity=64), [DraftRequest(0, prompt, 8, GenerationConfig(), None)],
                   shape)[0]
-    runner = ModelRunner(ssm, num_slots=1, capacity=64)
-    root_logits = torch.cat(runner.forward([Chunk.chain(0, prompt)]))
+    runner = ModelRunner(ssm, num_slots=2, capacity=64)
     drafter = DeviceTreeDrafter(runner, shape)
     # Only nodes with children are fed (leaves' logits would go unused): nodes 1 and 2 of level 1, not 3.
     assert drafter.level_nodes[0].tolist() == [0, 1] and drafter.level_feeds[0].tolist() == [0, 1]
-    device_tokens = drafter.expand(root_logits, [0], [len(prompt)])[0].tolist()
+    # Slot 0: the whole prompt is the catch-up chain (all but its last CATCH_UP tokens fed ahead). Slot 1:
+    # the SSM has cached all but one token, the chain a step leaves after the LLM's own token.
+    runner.forward([Chunk.chain(1, prompt[:-1], logits="none")])
+    runner.commit(1, list(range(len(prompt) - 1)))
+    device_tokens = drafter.draft([prompt, prompt[-1:]], [0, 1]).tolist()
     assert host.tree.parents == list(shape.parents)
-    assert host.tree.tokens == [prompt[-1]] + device_tokens
+    assert host.tree.tokens == device_tokens[0] == device_tokens[1]
+    # Recorded: the chain (its fed-ahead part committed), then entries for the 8 nodes above the deepest level.
+    assert runner.num_cached(0) == len(prompt) - 2 and runner.num_speculative(0) == 2 + 8
+    assert runner.num_cached(1) == len(prompt) - 1 and runner.num_speculative(1) == 1 + 8
     # Check a few nodes against the SSM run alone on their paths.
     for node in (2, 5, 8):
         path = [host.tree.tokens[u] for u in host.tree.path_to(shape.parents[node])][1:]

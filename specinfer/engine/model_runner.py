@@ -82,12 +82,19 @@ class ModelRunner:
     def release(self, slot: int) -> None:
         self.slots[slot] = _SlotState()
 
-    @torch.inference_mode()
     def forward(self, chunks: list[Chunk], device_tokens: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Run all chunks in one batched pass; returns, per chunk, logits [len(logit_rows), vocab] (fp32).
 
         `device_tokens` [len(chunks), max chunk length]: the token ids, already on the device (drafted
         there); the chunks' own `tokens` then only count them. Nothing here waits for the device."""
+        logits = self.forward_rows(chunks, device_tokens)
+        if logits is None:
+            return [torch.empty(0, device=self.device) for _ in chunks]
+        return list(logits.split([len(c.logit_rows) for c in chunks]))
+
+    @torch.inference_mode()
+    def forward_rows(self, chunks: list[Chunk], device_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+        """`forward`, its logits in one tensor [rows, vocab], chunk after chunk (None: no rows asked for)."""
         num_tokens = max(len(c.tokens) for c in chunks)
         width = max(self.slots[c.slot].num_speculative + len(c.tokens) for c in chunks)
         shape = self.graphs.bucket(len(chunks), num_tokens, width) if self.graphs is not None else None
@@ -101,10 +108,9 @@ class ModelRunner:
         else:
             hidden = self.graphs.replay(host.layout)
         if not host.num_logit_rows:
-            return [hidden.new_empty(0) for _ in chunks]
+            return None
         rows = batch.logit_rows[: host.num_logit_rows]
-        logits = self.model.compute_logits(hidden.reshape(-1, hidden.shape[-1])[rows])
-        return list(logits.split([len(c.logit_rows) for c in chunks]))
+        return self.model.compute_logits(hidden.reshape(-1, hidden.shape[-1])[rows])
 
     def extend_speculative(self, slot: int, depths: list[int]) -> None:
         """Record speculative entries written outside `forward` (by a tree expansion that ran on the

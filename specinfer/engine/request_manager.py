@@ -12,7 +12,7 @@ import torch
 
 from ..config import EngineConfig, GenerationConfig, SpeculationConfig
 from ..errors import SpecInferError
-from ..spec.device_draft import DeviceTreeDrafter
+from ..spec.device_draft import CATCH_UP, DeviceTreeDrafter
 from ..spec.draft import DraftRequest, SSMDraft, expand
 from ..spec.sampling import choose_tokens, logits_to_probs
 from ..spec.tree import TokenTree, merge_trees
@@ -67,6 +67,9 @@ class RequestManager:
         self._drafters: dict[tuple[int, int], DeviceTreeDrafter] = {}  # (SSM, ladder size index), made on first use
         self._size_index = 0  # this step's tree in the ladder
         self.controller = SpeculationController(self.ladder.sizes) if speculation.adaptive and self.ssms else None
+        # Set to a list to record every decoding step as (batch size, tree size drafted or 0, seconds,
+        # tokens committed): what benchmarks/step_profile.py reads to see what the controller chose.
+        self.step_log: list[tuple[int, int, float, int]] | None = None
         self.tp = getattr(llm, "tp", None)  # tensor parallelism: the LLM's process group, or None
         self.scheduler = Scheduler(engine.max_batch_size)
         self.requests: dict[int, Request] = {}
@@ -151,6 +154,10 @@ class RequestManager:
             else:
                 trees, drafts, results = self._speculate_greedy(decoding)
             drafted = self._commit(decoding, trees, drafts, results)
+            if self.step_log is not None:
+                tree_size = self.ladder.sizes[self._size_index] if any(len(t) > 1 for t in trees) else 0
+                self.step_log.append((len(decoding), tree_size, time.perf_counter() - start,
+                                      sum(len(r.accepted) for r in results)))
             if self.controller is not None:
                 seconds = time.perf_counter() - start
                 if self.tp is not None:  # ranks must speculate alike, so they all take the slowest rank's time
@@ -215,42 +222,46 @@ class RequestManager:
         drafting = self._choose_drafting(requests)
         shape = self.ladder.shapes[self._size_index] if self.ladder else None
         device = self.llm.device
-        # Every token id the LLM will read, in one flat device tensor: the roots, then each SSM's trees.
-        sources = [upload(torch.tensor([r.tokens[-1] for r in requests]), device)] if drafting else []
-        catch_up = []  # per SSM: catch-up chain length per drafting request
+        drafted, catch_up = [], []  # per SSM: token ids [len(drafting), len(shape)], root first; chain lengths
         for s, runner in enumerate(self.ssms if drafting else []):
-            drafter = self._drafter(s)
             slots = [requests[i].slot for i in drafting]
-            chunks = [Chunk.chain(s, requests[i].tokens[runner.num_cached(s) :]) for i, s in zip(drafting, slots)]
-            root_logits = torch.cat(runner.forward(chunks))
-            catch_up.append([len(c.tokens) for c in chunks])
-            starts = [runner.num_cached(s) + runner.num_speculative(s) for s in slots]
-            sources.append(drafter.expand(root_logits, slots, starts).flatten())  # [len(drafting) * (nodes - 1)]
-        num_ssms = len(catch_up)
+            chains = [requests[i].tokens[runner.num_cached(slot) :] for i, slot in zip(drafting, slots)]
+            drafted.append(self._drafter(s).draft(chains, slots))
+            catch_up.append([min(len(chain), CATCH_UP) for chain in chains])  # the rest was fed ahead
+        num_ssms = len(drafted)
         per_tree = len(shape) - 1 if num_ssms else 0
-        keeps, chunks, gather = [], [], []
+        keeps, chunks = [], []
         draft_row = {i: k for k, i in enumerate(drafting)}
         for i, r in enumerate(requests):
             # The tree may be as deep as the tokens still allowed, minus the LLM's own token.
             keep = shape.num_nodes_within(r.num_remaining - 1) - 1 if i in draft_row else 0
-            parents, index = [-1], [i]
+            parents = [-1]
             for s in range(num_ssms):
                 offset = len(parents) - 1
                 parents += [0 if p == 0 else offset + p for p in shape.parents[1 : keep + 1]]
-                first = len(requests) + (s * len(drafting) + draft_row.get(i, 0)) * per_tree
-                index += range(first, first + keep)
             keeps.append(keep)
             # The root's id is known here; drafted ids come from the device (placeholders on the host).
             chunks.append(Chunk(r.slot, [r.tokens[-1]] + [0] * (len(parents) - 1), parents, list(range(len(parents)))))
-            gather.append(index)
         device_tokens = None
-        if num_ssms:
+        if num_ssms and len(drafting) == len(requests) and min(keeps) == per_tree:
+            # Every request verifies every SSM's whole tree under the shared root: the drafts, side by side.
+            device_tokens = torch.cat([drafted[0]] + [tokens[:, 1:] for tokens in drafted[1:]], dim=1)
+        elif num_ssms:  # some trees cut short or missing: gather each request's row from the drafts
+            sources = [upload(torch.tensor([r.tokens[-1] for r in requests]), device)]
+            sources += [tokens.flatten() for tokens in drafted]
+            gather = []
+            for i in range(len(requests)):
+                index = [i]
+                for s in range(num_ssms if i in draft_row else 0):
+                    first = len(requests) + (s * len(drafting) + draft_row[i]) * len(shape) + 1
+                    index += range(first, first + keeps[i])
+                gather.append(index)
             width = max(len(g) for g in gather)
             index = torch.tensor([g + [0] * (width - len(g)) for g in gather])
             device_tokens = torch.cat(sources)[upload(index, device)]
-        logits = self.llm.forward(chunks, device_tokens)  # one LLM pass over every node of every tree
-        targets = torch.cat(logits).argmax(-1)
-        readback = torch.cat([targets, *sources[1:]]).tolist()  # the step's one host sync
+        logits = self.llm.forward_rows(chunks, device_tokens)  # one LLM pass over every node of every tree
+        targets = logits.argmax(-1)
+        readback = torch.cat([targets, *[tokens.flatten() for tokens in drafted]]).tolist()  # the step's one host sync
         targets, tokens = readback[: len(targets)], readback[len(targets) :]
 
         trees, drafts, results, offset = [], [], [], 0
@@ -258,7 +269,7 @@ class RequestManager:
             ssm_drafts = []
             tree_tokens = [r.tokens[-1]]
             for s in range(num_ssms if i in draft_row else 0):
-                first = (s * len(drafting) + draft_row[i]) * per_tree
+                first = (s * len(drafting) + draft_row[i]) * len(shape) + 1
                 own = TokenTree([r.tokens[-1]] + tokens[first : first + keep], list(shape.parents[: keep + 1]))
                 n = catch_up[s][draft_row[i]]
                 # The drafter fed the nodes with children: their entries follow the catch-up chain.

@@ -39,8 +39,12 @@ class DraftVocabularyHead(nn.Module):
         self.weight = nn.Parameter(lm_head.weight.detach()[ids.to(device)].clone(), requires_grad=False)
         self.vocab_size = vocab_size
 
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of the K tokens alone, in `token_ids` order."""
+        return nn.functional.linear(hidden, self.weight)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        scores = nn.functional.linear(hidden, self.weight)
+        scores = self.scores(hidden)
         logits = scores.new_full((*scores.shape[:-1], self.vocab_size), float("-inf"))
         return logits.index_copy_(-1, self.token_ids, scores)
 

@@ -1,10 +1,16 @@
-"""Greedy tree drafting that stays on the device from the root's logits to the last level's tokens.
+"""Greedy tree drafting that stays on the device from the SSM's catch-up to the last level's tokens.
+
+A step's drafting starts where the SSM's cache stops: the tokens committed since its last draft (the
+LLM's own token, and one more where the accepted path ended on a leaf the SSM never fed) are its
+*catch-up chain*, the last of them the tree's root. The drafter feeds the chain (padded to CATCH_UP
+tokens; longer chains, e.g. a prompt or the tokens of plain steps, are fed ahead and committed), takes
+the SSM's top-k at the root, and grows the tree level by level.
 
 With top-k children the tree's shape depends on the children's ranks alone (`TreeShape`), so every SSM
-pass of an expansion has static shapes: positions, cache offsets and tree masks follow from where each
-request's tree starts in its cache, and each level's tokens are the previous level's top-k, never read
-by the host. On a GPU the whole expansion (all levels) is captured once per batch bucket and replayed
-as one CUDA graph; elsewhere the same code runs eagerly. The host first sees the tokens when the step's
+pass has static shapes: positions, cache offsets and tree masks follow from where each request's chain
+starts in its cache, and each level's tokens are the previous level's top-k, never read by the host.
+On a GPU the whole of it (catch-up and all levels) is captured once per batch bucket and replayed as one
+CUDA graph; elsewhere the same code runs eagerly. The host first sees the tokens when the step's
 verification is read back, together with the LLM's choices: one synchronisation per step.
 """
 
@@ -12,10 +18,16 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.model_runner import ModelRunner
+from ..engine.model_runner import Chunk, ModelRunner
 from ..engine.upload import upload
 from ..layers.attention import AttentionMetadata
+from ..models.draft_vocab import DraftVocabularyHead
 from .tree import TreeShape
+
+# Catch-up tokens fed inside the drafter's graph: after a speculative step the chain is one token (the
+# LLM's own) or two (the accepted path ended on a leaf). Padding positions write entries that the tree's
+# nodes overwrite or that are never kept.
+CATCH_UP = 2
 
 
 class DeviceTreeDrafter:
@@ -52,51 +64,78 @@ class DeviceTreeDrafter:
             picks = [place[shape.parents[j]] * k + shape.ranks[j] for j in nodes]
             everything = picks == list(range(len(parents) * k))
             self.level_picks.append(None if everything else torch.tensor(picks, device=self.device))
-        self.graphs: dict[int, _ExpansionGraph] = {}
+        self.chain_steps = torch.arange(CATCH_UP, device=self.device)
+        self.chain_mask = torch.ones(CATCH_UP, CATCH_UP, dtype=torch.bool, device=self.device).tril()
+        self.graphs: dict[int, _DraftGraph] = {}
         self.pool = None
 
     @torch.inference_mode()
-    def expand(self, root_logits: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor:
-        """Tokens of nodes 1.. of each request's tree, [B, len(shape) - 1] on the device.
-
-        `root_logits` [B, V]: the SSM's logits at each root; `starts[b]`: the cache entry right after the
-        root in slot `slots[b]`, where node 1 goes. Records the new entries with the runner."""
-        batch = len(slots)
+    def draft(self, catch_up: list[list[int]], slots: list[int]) -> torch.Tensor:
+        """Per request: feed the SSM `catch_up[b]` (its tokens past the SSM's cache, the root last) and grow
+        the tree. Returns token ids [B, len(shape)] on the device, the root first. Records the new cache
+        entries with the runner (the chain, then the fed tree nodes); returns without waiting for the
+        device."""
+        ahead = [(slot, tokens[:-CATCH_UP]) for slot, tokens in zip(slots, catch_up) if len(tokens) > CATCH_UP]
+        if ahead:  # committed tokens: fed and kept now, so that the graph sees a short chain
+            self.runner.forward([Chunk.chain(slot, tokens, logits="none") for slot, tokens in ahead])
+            self.runner.commit_all([(slot, list(range(len(tokens)))) for slot, tokens in ahead])
+        tails = [tokens[-CATCH_UP:] for tokens in catch_up]
         # Entries are laid out for every node above the deepest level; those of leaves stay unwritten
         # and are never kept (the request manager marks them not cached).
         fed = self.shape.depths[1 : self.shape.level_starts[-2]]
-        for slot in slots:
-            root_depth = self.runner.num_speculative(slot) - 1  # the root ends the catch-up chain
-            self.runner.extend_speculative(slot, [root_depth + d for d in fed])
+        bases = [self.runner.num_cached(slot) for slot in slots]
+        for slot, tail in zip(slots, tails):
+            self.runner.extend_speculative(slot, list(range(len(tail))) + [len(tail) - 1 + d for d in fed])
+        batch = len(slots)
         graphs = self.runner.graphs
         bucket = next((b for b in graphs.batch_buckets if b >= batch), None) if graphs is not None else None
+        rows = bucket or batch
+        padding = rows - batch  # padding rows write into the scratch slot, from entry 0
+        inputs = torch.tensor([tail + [0] * (CATCH_UP - len(tail)) + [slot, base, len(tail)]
+                               for slot, base, tail in zip(slots, bases, tails)]
+                              + [[0] * CATCH_UP + [self.cache.scratch_slot, 0, 1]] * padding)
         if bucket is None:
-            slots_t, starts_t = upload(torch.tensor([slots, starts]), self.device)
-            kv_len = max(starts) + len(self.shape) - 1
-            return self._expand(root_logits, slots_t, starts_t, kv_len)
-        padding = bucket - batch  # padding rows write into the scratch slot, from entry 0
+            inputs = upload(inputs, self.device)
+            kv_len = min(self.cache.capacity, max(bases) + CATCH_UP + len(self.shape))
+            return self._draft(inputs, kv_len)
         graph = self.graphs.get(bucket) or self._capture(bucket)
-        graph.root_logits[:batch].copy_(root_logits)
-        where = upload(torch.tensor([slots + [self.cache.scratch_slot] * padding, starts + [0] * padding]), self.device)
-        graph.slots.copy_(where[0])
-        graph.starts.copy_(where[1])
+        graph.inputs.copy_(upload(inputs, self.device))
         graph.graph.replay()
         return graph.tokens[:batch]
 
-    def _expand(self, root_logits: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, kv_len: int) -> torch.Tensor:
-        batch = root_logits.shape[0]
-        logits = root_logits[:, None]  # [B, nodes of the level above, V]
-        levels = []
+    def _draft(self, inputs: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """`inputs` [B, CATCH_UP + 3]: the chain (padded), then slot, cached entries and chain length."""
+        chain, slots, bases, counts = inputs[:, :CATCH_UP], inputs[:, CATCH_UP], inputs[:, CATCH_UP + 1], inputs[:, CATCH_UP + 2]
+        batch = chain.shape[0]
+        offsets = bases[:, None] + self.chain_steps[None, :]
+        hidden = self.model(chain, self.cache, AttentionMetadata(
+            positions=offsets, write_slots=slots[:, None].expand(batch, CATCH_UP), write_offsets=offsets,
+            read_slots=slots, prefix_lens=bases, tree_mask=self.chain_mask[None].expand(batch, -1, -1), kv_len=kv_len,
+        ))
+        last = (counts - 1)[:, None]
+        hidden = hidden.gather(1, last[:, :, None].expand(-1, -1, hidden.shape[-1]))  # [B, 1, hidden]: the roots
+        levels = [chain.gather(1, last)]  # [B, 1]: the root tokens
+        starts = bases + counts  # node 1's entry
         for depth in range(1, self.shape.depth + 1):
             if depth > 1:
                 feeds = self.level_feeds[depth - 2]
                 tokens = levels[-1] if feeds is None else levels[-1][:, feeds]
                 hidden = self.model(tokens, self.cache, self._metadata(depth - 1, slots, starts, kv_len))
-                logits = self.model.compute_logits(hidden)
-            top = logits.topk(self.shape.level_width(depth), dim=-1).indices.reshape(batch, -1)
+            top = self._top_tokens(hidden, self.shape.level_width(depth)).reshape(batch, -1)
             picks = self.level_picks[depth - 1]
             levels.append(top if picks is None else top[:, picks])  # [B, nodes at depth]
         return torch.cat(levels, dim=1)
+
+    def _top_tokens(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
+        """The SSM's k best tokens after each of `hidden` [..., hidden]: [..., k]. A draft vocabulary is
+        ranked in its own columns (no full-vocabulary logits), and k = 1 takes one reduction, not a top-k."""
+        head = self.model.lm_head
+        if isinstance(head, DraftVocabularyHead):
+            scores, ids = head.scores(hidden), head.token_ids
+        else:
+            scores, ids = self.model.compute_logits(hidden), None
+        top = scores.argmax(-1, keepdim=True) if k == 1 else scores.topk(k, dim=-1).indices
+        return top if ids is None else ids[top]
 
     def _metadata(self, depth: int, slots: torch.Tensor, starts: torch.Tensor, kv_len: int) -> AttentionMetadata:
         """Feeding the nodes at `depth`: they see every entry before `start` (the committed prefix and the
@@ -113,30 +152,25 @@ class DeviceTreeDrafter:
             kv_len=kv_len,
         )
 
-    def _capture(self, batch: int) -> "_ExpansionGraph":
-        vocab = self.model.config.vocab_size
-        root_logits = torch.zeros(batch, vocab, device=self.device)
-        slots = torch.full((batch,), self.cache.scratch_slot, dtype=torch.long, device=self.device)
-        starts = torch.zeros(batch, dtype=torch.long, device=self.device)
+    def _capture(self, batch: int) -> "_DraftGraph":
+        inputs = torch.zeros(batch, CATCH_UP + 3, dtype=torch.long, device=self.device)
+        inputs[:, CATCH_UP:] = torch.tensor([self.cache.scratch_slot, 0, 1], device=self.device)
         capacity = self.cache.capacity
-
-        def run() -> torch.Tensor:
-            return self._expand(root_logits, slots, starts, capacity)
 
         stream = torch.cuda.Stream(self.device)  # warm up off the capture (lazy initialisation)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                run()
+                self._draft(inputs, capacity)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            tokens = run()
+            tokens = self._draft(inputs, capacity)
         self.pool = graph.pool()
-        self.graphs[batch] = _ExpansionGraph(graph, root_logits, slots, starts, tokens)
+        self.graphs[batch] = _DraftGraph(graph, inputs, tokens)
         return self.graphs[batch]
 
 
-class _ExpansionGraph:
-    def __init__(self, graph, root_logits, slots, starts, tokens) -> None:
-        self.graph, self.root_logits, self.slots, self.starts, self.tokens = graph, root_logits, slots, starts, tokens
+class _DraftGraph:
+    def __init__(self, graph, inputs, tokens) -> None:
+        self.graph, self.inputs, self.tokens = graph, inputs, tokens
