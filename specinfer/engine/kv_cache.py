@@ -19,6 +19,7 @@ class KVCache:
     ) -> None:
         shape = (cfg.num_layers, 2, num_slots + 1, cfg.num_kv_heads, capacity, cfg.head_dim)
         self.data = torch.zeros(shape, device=device, dtype=dtype)
+        self.layers = [self.data[i] for i in range(cfg.num_layers)]  # each [2, slots + 1, Hkv, capacity, D]
         self.keys = [self.data[i, 0] for i in range(cfg.num_layers)]  # each [slots + 1, Hkv, capacity, D]
         self.values = [self.data[i, 1] for i in range(cfg.num_layers)]
         self.num_slots = num_slots

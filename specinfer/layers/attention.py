@@ -39,15 +39,19 @@ class AttentionMetadata:
 @torch.compiler.disable  # in-place cache writes; kept out of compiled blocks (models/compile.py)
 def cached_attention(
     q: torch.Tensor,  # [B, H, T, D]
-    k: torch.Tensor,  # [B, Hkv, T, D]
-    v: torch.Tensor,  # [B, Hkv, T, D]
+    kv: torch.Tensor,  # [B, T, 2, Hkv, D]: keys, then values
     cache_k: torch.Tensor,  # [num_slots, Hkv, capacity, D]
     cache_v: torch.Tensor,
     meta: AttentionMetadata,
+    cache_kv: torch.Tensor | None = None,  # [2, num_slots, Hkv, capacity, D]: cache_k and cache_v, stacked
 ) -> torch.Tensor:  # [B, H, T, D]
-    # Advanced indices around a slice put the indexed dims first: cache_k[s, :, o] is [B, T, Hkv, D].
-    cache_k[meta.write_slots, :, meta.write_offsets] = k.transpose(1, 2).to(cache_k.dtype)
-    cache_v[meta.write_slots, :, meta.write_offsets] = v.transpose(1, 2).to(cache_v.dtype)
+    # Advanced indices around a slice put the indexed dims first: cache_k[s, :, o] is [B, T, Hkv, D], and
+    # cache_kv[:, s, :, o] is [B, T, 2, Hkv, D], so keys and values go in with one write where they can.
+    if cache_kv is not None:
+        cache_kv[:, meta.write_slots, :, meta.write_offsets] = kv.to(cache_kv.dtype)
+    else:
+        cache_k[meta.write_slots, :, meta.write_offsets] = kv[:, :, 0].to(cache_k.dtype)
+        cache_v[meta.write_slots, :, meta.write_offsets] = kv[:, :, 1].to(cache_v.dtype)
     if q.dtype == cache_k.dtype and tree_attention.supported(q):
         return tree_attention.tree_attention(q, cache_k, cache_v, meta.read_slots, meta.prefix_lens, meta.tree_mask)
     keys = cache_k[meta.read_slots, :, : meta.kv_len]  # [B, Hkv, L, D]

@@ -41,17 +41,17 @@ class RotaryEmbedding(nn.Module):
         self._inv_freq_by_device: dict[torch.device, torch.Tensor] = {}
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions [B, T] -> cos, sin [B, 1, T, head_dim], computed in fp32 as the reference does.
+        # positions [B, T] -> cos, sin [B, T, 1, head_dim], computed in fp32 as the reference does.
         inv_freq = self._inv_freq_by_device.get(positions.device)
         if inv_freq is None:
             inv_freq = self._inv_freq_by_device[positions.device] = self.inv_freq.to(positions.device)
         angles = positions[..., None].float() * inv_freq  # [B, T, D/2]
-        angles = torch.cat((angles, angles), dim=-1)[:, None]
+        angles = torch.cat((angles, angles), dim=-1)[:, :, None]
         return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [B, H, T, D]; rotate the two halves of each head (the Hugging Face layout).
+    # x [B, T, H, D]; rotate the two halves of each head (the Hugging Face layout).
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)

@@ -44,19 +44,20 @@ class LlamaAttention(nn.Module):
             self.qkv_proj = concat_linears([self.q_proj, self.k_proj, self.v_proj])
             del self.q_proj, self.k_proj, self.v_proj
 
-    def project(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, T, hidden] -> q [B, H, T, D], k and v [B, Hkv, T, D], rotary embedding applied."""
+    def project(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, hidden] -> q [B, H, T, D] and kv [B, T, 2, Hkv, D] (keys, then values: one cache write),
+        rotary embedding applied. Queries and keys rotate together and values are copied beside them, in
+        one fused kernel when compiled."""
         B, T, _ = x.shape
+        H, Hkv = self.num_heads, self.num_kv_heads
         if self.qkv_proj is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            qkv = torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
         else:
-            kv_width = self.num_kv_heads * self.head_dim
-            q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            qkv = self.qkv_proj(x)
+        qkv = qkv.view(B, T, H + 2 * Hkv, self.head_dim)
         cos, sin = rope
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        qkv = torch.cat((apply_rotary(qkv[:, :, : H + Hkv], cos, sin), qkv[:, :, H + Hkv :]), dim=2)
+        return qkv[:, :, :H].transpose(1, 2), qkv[:, :, H:].unflatten(2, (2, Hkv))
 
     def output(self, attended: torch.Tensor) -> torch.Tensor:
         """attended [B, H, T, D] -> [B, T, hidden]."""
@@ -96,9 +97,9 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg, tp)
 
-    def forward(self, x, rope, cache_k, cache_v, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.pre_attention(x, rope)
-        return self.post_attention(x, cached_attention(q, k, v, cache_k, cache_v, meta))
+    def forward(self, x, rope, cache_k, cache_v, meta: AttentionMetadata, cache_kv=None) -> torch.Tensor:
+        q, kv = self.pre_attention(x, rope)
+        return self.post_attention(x, cached_attention(q, kv, cache_k, cache_v, meta, cache_kv))
 
     # The two halves around attention over the cache: what models/compile.py fuses.
     def pre_attention(self, x: torch.Tensor, rope):
@@ -129,8 +130,9 @@ class LlamaModel(nn.Module):
         """tokens [B, T] -> final hidden states [B, T, hidden]; keys/values go into `kv_cache`."""
         x = self.embed_tokens(tokens)
         rope = self.rotary(meta.positions)
+        joint = getattr(kv_cache, "layers", None)  # keys and values of a layer in one tensor (KVCache)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, kv_cache.keys[i], kv_cache.values[i], meta)
+            x = layer(x, rope, kv_cache.keys[i], kv_cache.values[i], meta, None if joint is None else joint[i])
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -37,15 +37,15 @@ class OPTAttention(nn.Module):
             self.qkv_proj = concat_linears([self.q_proj, self.k_proj, self.v_proj])
             del self.q_proj, self.k_proj, self.v_proj
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, T, hidden] -> q, k, v [B, H, T, D]."""
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, hidden] -> q [B, H, T, D] and kv [B, T, 2, H, D] (keys, then values: one cache write)."""
         B, T, _ = x.shape
         if self.qkv_proj is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            qkv = torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
         else:
-            q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
-        shape = (B, T, self.num_heads, self.head_dim)
-        return q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+            qkv = self.qkv_proj(x)
+        qkv = qkv.view(B, T, 3, self.num_heads, self.head_dim)
+        return qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1:]
 
     def output(self, attended: torch.Tensor) -> torch.Tensor:
         """attended [B, H, T, D] -> [B, T, hidden]."""
@@ -69,9 +69,9 @@ class OPTBlock(nn.Module):
             raise SpecInferError(f"unsupported OPT activation {cfg.activation!r}")
         self.act = ACTIVATIONS[cfg.activation]
 
-    def forward(self, x, cache_k, cache_v, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.pre_attention(x)
-        return self.post_attention(x, cached_attention(q, k, v, cache_k, cache_v, meta))
+    def forward(self, x, cache_k, cache_v, meta: AttentionMetadata, cache_kv=None) -> torch.Tensor:
+        q, kv = self.pre_attention(x)
+        return self.post_attention(x, cached_attention(q, kv, cache_k, cache_v, meta, cache_kv))
 
     # The two halves around attention over the cache: what models/compile.py fuses.
     def pre_attention(self, x: torch.Tensor):
@@ -116,8 +116,9 @@ class OPTModel(nn.Module):
         if self.project_in is not None:
             x = self.project_in(x)
         x = x + self.embed_positions(meta.positions + POSITION_OFFSET)
+        joint = getattr(kv_cache, "layers", None)  # keys and values of a layer in one tensor (KVCache)
         for i, layer in enumerate(self.layers):
-            x = layer(x, kv_cache.keys[i], kv_cache.values[i], meta)
+            x = layer(x, kv_cache.keys[i], kv_cache.values[i], meta, None if joint is None else joint[i])
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         if self.project_out is not None:
