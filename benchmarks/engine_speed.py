@@ -22,6 +22,7 @@ import torch
 
 from specinfer import LLM, EngineConfig, GenerationConfig, SpeculationConfig
 from specinfer.spec.tree_fit import load_tree_file
+from specinfer.boost.prompts import build_prompts
 from specinfer.config import parse_expansion
 from specinfer.default_model import DEFAULT_SSMS, TUNED_PREFIX, tuned_ssm_path
 from specinfer.exactness import ROUNDING_BOUNDS, divergence_margin
@@ -34,6 +35,9 @@ PROMPTS = [
 ]
 
 
+WARM_UP_PROMPTS = build_prompts()[1][3::11][: len(PROMPTS)]  # held-out topics, none of the above
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
@@ -42,7 +46,10 @@ def device_name(device: str) -> str:
 
 def run_case(llm: LLM, mode: str, prompts: list[str], max_new_tokens: int) -> dict:
     config = GenerationConfig(max_new_tokens=max_new_tokens)
-    llm.generate([prompts[-1]], config, mode=mode)  # warm-up: CUDA graphs of this tree captured, untimed
+    # Untimed, as many other prompts, one at a time: the steady state of a server that has run a while
+    # (CUDA graphs of every tree size captured, the adaptive controller's step costs measured).
+    for prompt in WARM_UP_PROMPTS[: len(prompts)]:
+        llm.generate([prompt], config, mode=mode)
     tokens, steps, accepted, elapsed, outputs = 0, 0, 0, 0.0, []
     for prompt in prompts:
         if llm.engine_config.device.startswith("cuda"):
@@ -162,7 +169,7 @@ def write_report(llm: LLM, args: argparse.Namespace, prompts: list[str], rows: l
         f"{meta['date']} · {meta['device']} · torch {meta['torch']} · {meta['dtype']} · batch 1, greedy · "
         f"{len(prompts)} prompts × up to {args.max_new_tokens} new tokens · SSMs: {', '.join(meta['ssms'])}"
         f" · draft vocabulary: {meta['draft_vocab'] or 'the whole one'}"
-        f"{' · blocks compiled (--compile)' if args.compile else ''} · each row after one untimed warm-up generation", "",
+        f"{' · blocks compiled (--compile)' if args.compile else ''} · each row after an untimed pass over as many other prompts", "",
         f"Reproduce: `python benchmarks/engine_speed.py {' '.join(sys.argv[1:])}`", "",
         f"Outputs vs incremental: identical prompts, and where one differs the LLM's top-two logit margin at the "
         f"first difference (equivalent if <= {bound}, the {meta['dtype']} rounding bound). The transformers rows are "
