@@ -103,3 +103,29 @@ def test_gpu_switching_tree_sizes_keeps_outputs_exact(tmp_path, batch):
     for prompt, g, e in zip(prompts, got, expected):
         assert_greedy_equivalent(llm, prompt, g.output_tokens, e.output_tokens, ROUNDING_BOUNDS[torch.bfloat16])
     assert sum(r.stats.num_accepted for r in got) > 0
+
+
+@pytest.mark.gpu
+def test_gpu_device_drafter_batch_matches_host_drafting(tmp_path):
+    """A batch of requests (padded to the graph's bucket) drafts in one CUDA graph exactly the trees that
+    host drafting grows one request at a time: every row reads its own slot and cache length."""
+    from specinfer.config import GenerationConfig
+    from specinfer.engine.model_runner import ModelRunner
+    from specinfer.spec.device_draft import DeviceTreeDrafter
+    from specinfer.spec.draft import DraftRequest, expand
+    from specinfer.spec.tree import TreeShape
+
+    save_random_llama(tmp_path)
+    ssm = load_model(tmp_path, "cuda", torch.float32)
+    shape = TreeShape.from_paths([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8], [5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4]]
+    expected = [expand(ModelRunner(ssm, num_slots=1, capacity=64), [DraftRequest(0, p, 8, GenerationConfig(), None)],
+                       shape)[0].tree.tokens for p in prompts]
+    runner = ModelRunner(ssm, num_slots=4, capacity=64)
+    drafter = DeviceTreeDrafter(runner, shape)
+    slots = [3, 0, 2]
+    for _ in range(2):  # the first call captures the graph (batch bucket 4: one padding row)
+        for slot in slots:
+            runner.release(slot)
+        got = drafter.draft(prompts, slots).tolist()
+        assert drafter.graphs and got == expected

@@ -59,8 +59,10 @@ def tree_attention(
     tree_mask: torch.Tensor,  # [B, T, W] bool
 ) -> torch.Tensor:  # [B, H, T, D]
     B, H, T, D = q.shape
-    # The kernel reads the last dimension of every tensor as contiguous.
+    # The kernel reads the last dimension of every tensor as contiguous, and slots and prefix lengths as
+    # vectors (a column of a wider tensor would read its neighbours as slot numbers).
     q, tree_mask = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, tree_mask))
+    read_slots, prefix_lens = read_slots.contiguous(), prefix_lens.contiguous()
     assert cache_k.stride(-1) == 1 and cache_v.stride(-1) == 1
     num_kv_heads, capacity = cache_k.shape[1], cache_k.shape[2]
     group = H // num_kv_heads

@@ -91,9 +91,11 @@ class DeviceTreeDrafter:
         bucket = next((b for b in graphs.batch_buckets if b >= batch), None) if graphs is not None else None
         rows = bucket or batch
         padding = rows - batch  # padding rows write into the scratch slot, from entry 0
+        # One row per field (the chain's tokens, slot, cached entries, chain length), a column per request:
+        # attention reads slots and prefix lengths as contiguous vectors.
         inputs = torch.tensor([tail + [0] * (CATCH_UP - len(tail)) + [slot, base, len(tail)]
                                for slot, base, tail in zip(slots, bases, tails)]
-                              + [[0] * CATCH_UP + [self.cache.scratch_slot, 0, 1]] * padding)
+                              + [[0] * CATCH_UP + [self.cache.scratch_slot, 0, 1]] * padding).T.contiguous()
         if bucket is None:
             inputs = upload(inputs, self.device)
             kv_len = min(self.cache.capacity, max(bases) + CATCH_UP + len(self.shape))
@@ -104,8 +106,8 @@ class DeviceTreeDrafter:
         return graph.tokens[:batch]
 
     def _draft(self, inputs: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """`inputs` [B, CATCH_UP + 3]: the chain (padded), then slot, cached entries and chain length."""
-        chain, slots, bases, counts = inputs[:, :CATCH_UP], inputs[:, CATCH_UP], inputs[:, CATCH_UP + 1], inputs[:, CATCH_UP + 2]
+        """`inputs` [CATCH_UP + 3, B]: the chain (padded), then slot, cached entries and chain length."""
+        chain, (slots, bases, counts) = inputs[:CATCH_UP].T, inputs[CATCH_UP:]
         batch = chain.shape[0]
         offsets = bases[:, None] + self.chain_steps[None, :]
         hidden = self.model(chain, self.cache, AttentionMetadata(
@@ -153,8 +155,8 @@ class DeviceTreeDrafter:
         )
 
     def _capture(self, batch: int) -> "_DraftGraph":
-        inputs = torch.zeros(batch, CATCH_UP + 3, dtype=torch.long, device=self.device)
-        inputs[:, CATCH_UP:] = torch.tensor([self.cache.scratch_slot, 0, 1], device=self.device)
+        inputs = torch.zeros(CATCH_UP + 3, batch, dtype=torch.long, device=self.device)
+        inputs[CATCH_UP:] = torch.tensor([[self.cache.scratch_slot], [0], [1]], device=self.device)
         capacity = self.cache.capacity
 
         stream = torch.cuda.Stream(self.device)  # warm up off the capture (lazy initialisation)
