@@ -2,8 +2,8 @@
 
     python benchmarks/step_profile.py --device cuda --compile --tree tree_20.json [--sections sizes,stages,adaptive]
 
-Sections (greedy, batch 1, the engine_speed prompts; every run after an untimed warm-up, so CUDA graphs
-are captured before timing):
+Sections (greedy; batch 1 over the engine_speed prompts, or with --batch B that many held-out prompts
+served together; every run after an untimed warm-up, so CUDA graphs are captured before timing):
 - `sizes`: every tree of the ladder the adaptive engine chooses from (the tree's first 1, 2, 4, ... nodes),
   drafted at every step: ms per step, tokens per step, and the step's cost in incremental steps. A size
   pays where tokens per step exceed that cost.
@@ -30,6 +30,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from specinfer import LLM, EngineConfig, GenerationConfig, SpeculationConfig
+from specinfer.boost.prompts import build_prompts
 from specinfer.config import parse_expansion
 from specinfer.engine import request_manager as rm
 from specinfer.engine.model_runner import ModelRunner
@@ -37,27 +38,42 @@ from specinfer.spec.device_draft import DeviceTreeDrafter
 from specinfer.spec.tree_fit import load_tree_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_speed import PROMPTS, run_case  # noqa: E402
+from batch_throughput import timed_generate  # noqa: E402
+from engine_speed import PROMPTS, WARM_UP_PROMPTS, run_case  # noqa: E402
 
 
 def sync_for(device: str):
     return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
 
+def measure(llm: LLM, mode: str, args) -> tuple[float, float]:
+    """(tokens per second, tokens per request and step): batch 1 over the engine_speed prompts one at a
+    time, or `--batch` held-out prompts served together."""
+    if args.batch == 1:
+        row = run_case(llm, mode, PROMPTS, args.max_new_tokens)
+        return row["tokens_per_s"], row["tokens_per_step"]
+    row = timed_generate(llm, batch_prompts(args.batch), mode, args.max_new_tokens, repeats=2)
+    return row["tokens_per_s"], row["tokens_per_request_step"]
+
+
+def batch_prompts(batch: int) -> list[str]:
+    held_out = build_prompts()[1]
+    return [held_out[i % len(held_out)] for i in range(batch)]
+
+
 def section_sizes(llm: LLM, paths: tuple, args) -> None:
-    incremental = run_case(llm, "incremental", PROMPTS, args.max_new_tokens)
-    base_ms = 1e3 * incremental["seconds"] / incremental["tokens"]  # per token = per step
-    print(f"\nincremental: {base_ms:.2f} ms/step, {incremental['tokens_per_s']:.1f} tok/s")
+    base, _ = measure(llm, "incremental", args)
+    # Every engine step serves `batch` requests, each committing tokens/step on average.
+    base_ms = 1e3 * args.batch / base
+    print(f"\nincremental, batch {args.batch}: {base_ms:.2f} ms/step, {base:.1f} tok/s")
     print("| tree nodes | ms/step | tokens/step | cost (incremental steps) | tokens/step / cost | tok/s |")
     print("|---:|---:|---:|---:|---:|---:|")
     for size in SpeculationConfig(tree=paths).tree_ladder.sizes:
         llm.set_speculation(SpeculationConfig(tree=paths[:size], adaptive=False))
-        row = run_case(llm, "tree", PROMPTS, args.max_new_tokens)
-        steps = row["tokens"] / row["tokens_per_step"]
-        ms = 1e3 * row["seconds"] / steps
+        rate, per_step = measure(llm, "tree", args)
+        ms = 1e3 * args.batch * per_step / rate
         cost = ms / base_ms
-        print(f"| {size} | {ms:.2f} | {row['tokens_per_step']:.2f} | {cost:.2f} | "
-              f"{row['tokens_per_step'] / cost:.2f} | {row['tokens_per_s']:.1f} |")
+        print(f"| {size} | {ms:.2f} | {per_step:.2f} | {cost:.2f} | {per_step / cost:.2f} | {rate:.1f} |")
 
 
 def timed_between_syncs(cls, name: str, label, totals: dict, sync) -> None:
@@ -117,10 +133,12 @@ def section_adaptive(llm: LLM, paths: tuple, args) -> None:
     llm.set_speculation(SpeculationConfig(tree=paths))
     manager = llm.manager_for("tree")
     config = GenerationConfig(max_new_tokens=args.max_new_tokens)
-    llm.generate([PROMPTS[-1]], config)  # warm-up, as in engine_speed
+    batches = [[p] for p in PROMPTS] if args.batch == 1 else [batch_prompts(args.batch)]
+    for prompts in ([[p] for p in WARM_UP_PROMPTS] if args.batch == 1 else batches):  # warm-up, as the benchmarks do
+        llm.generate(prompts, config)
     manager.step_log = []
-    for prompt in PROMPTS:
-        llm.generate([prompt], config)
+    for prompts in batches:
+        llm.generate(prompts, config)
     log, manager.step_log = manager.step_log, None
     by_size = defaultdict(list)
     for batch, size, seconds, tokens in log:
@@ -180,6 +198,7 @@ def main() -> None:
     p.add_argument("--expansion", default="2,2,1")
     p.add_argument("--tree", help="a fitted tree file (`specinfer fit-tree`); takes precedence over --expansion")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1, help="requests served together (sizes and adaptive sections)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--draft-vocab", type=int, help="tokens the SSMs score (default: the engine's; 0: all)")
     p.add_argument("--sections", default="sizes,stages,adaptive")
@@ -191,7 +210,7 @@ def main() -> None:
     speculation = SpeculationConfig(expansion=parse_expansion(args.expansion),
                                     tree=load_tree_file(args.tree) if args.tree else None)
     paths = speculation.tree or speculation.tree_shape.paths[1:]
-    engine = EngineConfig(max_batch_size=1, max_sequence_length=512, device=args.device, compile=args.compile,
+    engine = EngineConfig(max_batch_size=args.batch, max_sequence_length=512, device=args.device, compile=args.compile,
                           draft_vocab_size=args.draft_vocab)
     llm = LLM(args.llm, args.ssm, engine=engine, speculation=speculation)
     print(f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'} · torch {torch.__version__} · "
