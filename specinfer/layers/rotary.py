@@ -39,15 +39,20 @@ class RotaryEmbedding(nn.Module):
         with torch.device("cpu"):
             self.inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)
         self._inv_freq_by_device: dict[torch.device, torch.Tensor] = {}
+        self.cos_sin = rotary_cos_sin  # models/compile.py may put a fused version here
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # positions [B, T] -> cos, sin [B, T, 1, head_dim], computed in fp32 as the reference does.
         inv_freq = self._inv_freq_by_device.get(positions.device)
         if inv_freq is None:
             inv_freq = self._inv_freq_by_device[positions.device] = self.inv_freq.to(positions.device)
-        angles = positions[..., None].float() * inv_freq  # [B, T, D/2]
-        angles = torch.cat((angles, angles), dim=-1)[:, :, None]
-        return angles.cos(), angles.sin()
+        return self.cos_sin(positions, inv_freq)
+
+
+def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    angles = positions[..., None].float() * inv_freq  # [B, T, D/2]
+    angles = torch.cat((angles, angles), dim=-1)[:, :, None]
+    return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

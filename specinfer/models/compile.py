@@ -30,4 +30,13 @@ def compile_blocks(model: nn.Module) -> nn.Module:
             block.pre_attention = torch.compile(block.pre_attention, dynamic=True)
             block.post_attention = torch.compile(block.post_attention, dynamic=True)
             block.compiled = True
+    # Around the blocks, once per pass: the rotary angles (a handful of kernels) and the final norm (eight
+    # eager kernels, one fused). A drafter runs a pass per tree level, so these count there.
+    rotary, norm = getattr(model, "rotary", None), getattr(model, "norm", None)
+    if rotary is not None and not getattr(rotary, "compiled", False):
+        rotary.cos_sin = torch.compile(rotary.cos_sin, dynamic=True)
+        rotary.compiled = True
+    if norm is not None and not getattr(norm, "compiled", False):
+        norm.forward = torch.compile(norm.forward, dynamic=True)
+        norm.compiled = True
     return model
