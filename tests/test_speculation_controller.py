@@ -258,4 +258,10 @@ def test_small_trees_that_pay_little_are_kept_despite_noisy_steps():
     1 or 2 tokens with the 1-node tree, so a request's average must not be swayed by a few unlucky steps."""
     measured = {1: 1.18, 2: 1.30, 4: 1.57, 8: 1.89, 20: 2.74}
     rates = [noisy_rate(measured, 1, seed, runs=5, tokens=128) for seed in range(10)]
-    assert sum(rates) / len(rates) >= 1.07, rates  # 1.05 with a moving average over ~3 steps
+    # 1.05 with a moving average over ~3 steps, 1.09 over ~10 steps, 1.16 when, at batch 1, a loss that one
+    # standard error could explain is re-measured soon instead of backed off.
+    assert sum(rates) / len(rates) >= 1.12, rates
+    # Where nothing pays at batch 1, re-measuring such losses costs under 1%.
+    hopeless = {1: 1.7, 2: 2.2, 4: 3.0, 8: 5.0, 20: 10.0}
+    rates = [noisy_rate(hopeless, 1, seed, runs=5, tokens=48) for seed in range(10)]
+    assert sum(rates) / len(rates) >= 0.99, rates

@@ -15,7 +15,8 @@ and a plain step (B tokens at ratio 1) where no size beats it, down to plain inc
 step with the tree of n nodes measures the gains of all smaller trees too, exactly under greedy
 verification, since the smaller trees are parts of it. Larger trees are re-measured by probes: a request
 whose best measured size is below the whole tree (or nothing) probes the next size up after a back-off
-that grows while probes keep failing. Probes fall on steps that are multiples of the back-off, so at a
+that grows while probes keep failing (at batch sizes up to OPTIMISTIC_BATCH, only while the loss is beyond
+what one standard error of the measured gain could explain). Probes fall on steps that are multiples of the back-off, so at a
 large batch they share a few steps instead of each one making the whole batch pay. A draft that yields
 less than half of what even the cheapest speculative step costs (a CPU verifying a tree of 20 tokens pays
 about six plain steps for two tokens) goes straight to the longest back-off. Each batch size starts with
@@ -28,6 +29,7 @@ output: every tree, down to the bare root, is verified exactly.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
@@ -48,6 +50,9 @@ FIRST_MEASURE_AFTER = 2  # speculative steps between the first timed plain steps
 STEP_WINDOW = 9  # recent step times kept per kind and batch-size bucket
 MIN_PLAIN_SAMPLES = 3  # plain steps timed early at each batch size, so that one outlier cannot set the median
 PROBE_MARGIN = 0.05  # a probe pays only this much above the size it would replace (noise: no flapping)
+SPREAD = 0.8  # typical spread (standard deviation) of one step's committed tokens: how sure a measured gain is
+OPTIMISTIC_BATCH = 2  # up to this batch size, a size that lost within one standard error is re-measured soon:
+# a probe there costs the few requests that learn from it (at batch 16, the optimism cost 5% of plain speed)
 HOPELESS = 0.5  # gain below this share of the cheapest speculative step's cost ratio: longest back-off at once
 MIN_HOPELESS_SAMPLES = 2  # speculative steps timed before that verdict (the first may capture CUDA graphs)
 
@@ -189,6 +194,13 @@ class SpeculationController:
             state.backoff = self.prior_backoff = FIRST_BACKOFF
             state.next_probe = self.step + state.backoff
             return
+        if batch_size <= OPTIMISTIC_BATCH and any(
+            self._optimistic_rate(state, size, batch_size) > max(1.0, self._rate(state, state.best, batch_size))
+            for size in tokens if size != state.best
+        ):  # a size that lost may still pay within what a few steps can tell: measure again soon
+            state.backoff = FIRST_BACKOFF
+            state.next_probe = self.step + state.backoff
+            return
         cheapest = self._cheapest_ratio(batch_size)
         if state.best == 0 and cheapest is not None and self._gain(state, self.sizes[-1]) < HOPELESS * cheapest:
             state.backoff = MAX_BACKOFF
@@ -237,6 +249,13 @@ class SpeculationController:
     def _rate(self, state: _RequestState, size: int, batch_size: int) -> float:
         """Tokens per plain step's time with this tree (size 0: plain steps, 1)."""
         return self._gain(state, size) / self.cost_ratio(batch_size, size) if size else 1.0
+
+    def _optimistic_rate(self, state: _RequestState, size: int, batch_size: int) -> float:
+        """`_rate` with the gain one standard error higher: the steps measured so far (the request's own,
+        and up to as many pooled ones as the pooled average remembers) cannot rule out this much."""
+        own, pooled = state.gains.get(size), self.prior_gains.get(size)
+        samples = (own.count if own else 0) + min(pooled.count if pooled else 0, round(1 / POOLED_SMOOTHING))
+        return (self._gain(state, size) + SPREAD / math.sqrt(max(samples, 1))) / self.cost_ratio(batch_size, size)
 
     def _best_size(self, state: _RequestState, batch_size: int) -> int:
         """The size this request alone would draft (0: none), among those measured for it or pooled."""
