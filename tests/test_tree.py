@@ -142,7 +142,7 @@ def test_device_drafter_and_host_drafting_grow_the_same_fitted_tree(tmp_path):
     # the SSM has cached all but one token, the chain a step leaves after the LLM's own token.
     runner.forward([Chunk.chain(1, prompt[:-1], logits="none")])
     runner.commit(1, list(range(len(prompt) - 1)))
-    device_tokens = drafter.draft([prompt, prompt[-1:]], [0, 1]).tolist()
+    device_tokens = drafter.draft([prompt, prompt[-1:]], [0, 1])[0].tolist()
     assert host.tree.parents == list(shape.parents)
     assert host.tree.tokens == device_tokens[0] == device_tokens[1]
     # Recorded: the chain (its fed-ahead part committed), then entries for the 8 nodes above the deepest level.

@@ -12,7 +12,7 @@ import torch
 
 from ..config import EngineConfig, GenerationConfig, SpeculationConfig
 from ..errors import SpecInferError
-from ..spec.device_draft import CATCH_UP, DeviceTreeDrafter
+from ..spec.device_draft import DeviceTreeDrafter
 from ..spec.draft import DraftRequest, SSMDraft, expand
 from ..spec.sampling import choose_tokens, logits_to_probs
 from ..spec.tree import TokenTree, merge_trees
@@ -226,8 +226,9 @@ class RequestManager:
         for s, runner in enumerate(self.ssms if drafting else []):
             slots = [requests[i].slot for i in drafting]
             chains = [requests[i].tokens[runner.num_cached(slot) :] for i, slot in zip(drafting, slots)]
-            drafted.append(self._drafter(s).draft(chains, slots))
-            catch_up.append([min(len(chain), CATCH_UP) for chain in chains])  # the rest was fed ahead
+            tokens, chain_lengths = self._drafter(s).draft(chains, slots)
+            drafted.append(tokens)
+            catch_up.append(chain_lengths)
         num_ssms = len(drafted)
         per_tree = len(shape) - 1 if num_ssms else 0
         keeps, chunks = [], []

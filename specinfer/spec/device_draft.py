@@ -70,11 +70,11 @@ class DeviceTreeDrafter:
         self.pool = None
 
     @torch.inference_mode()
-    def draft(self, catch_up: list[list[int]], slots: list[int]) -> torch.Tensor:
+    def draft(self, catch_up: list[list[int]], slots: list[int]) -> tuple[torch.Tensor, list[int]]:
         """Per request: feed the SSM `catch_up[b]` (its tokens past the SSM's cache, the root last) and grow
-        the tree. Returns token ids [B, len(shape)] on the device, the root first. Records the new cache
-        entries with the runner (the chain, then the fed tree nodes); returns without waiting for the
-        device."""
+        the tree. Returns token ids [B, len(shape)] on the device, the root first, and per request how many
+        chain tokens lead its speculative cache entries (the rest were fed ahead and committed). Records the
+        new entries with the runner (the chain, then the fed tree nodes); does not wait for the device."""
         ahead = [(slot, tokens[:-CATCH_UP]) for slot, tokens in zip(slots, catch_up) if len(tokens) > CATCH_UP]
         if ahead:  # committed tokens: fed and kept now, so that the graph sees a short chain
             self.runner.forward([Chunk.chain(slot, tokens, logits="none") for slot, tokens in ahead])
@@ -99,11 +99,11 @@ class DeviceTreeDrafter:
         if bucket is None:
             inputs = upload(inputs, self.device)
             kv_len = min(self.cache.capacity, max(bases) + CATCH_UP + len(self.shape))
-            return self._draft(inputs, kv_len)
+            return self._draft(inputs, kv_len), [len(tail) for tail in tails]
         graph = self.graphs.get(bucket) or self._capture(bucket)
         graph.inputs.copy_(upload(inputs, self.device))
         graph.graph.replay()
-        return graph.tokens[:batch]
+        return graph.tokens[:batch], [len(tail) for tail in tails]
 
     def _draft(self, inputs: torch.Tensor, kv_len: int) -> torch.Tensor:
         """`inputs` [CATCH_UP + 3, B]: the chain (padded), then slot, cached entries and chain length."""
