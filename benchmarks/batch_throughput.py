@@ -35,8 +35,10 @@ def timed_generate(llm: LLM, prompts: list[str], mode: str, max_new_tokens: int,
     config = GenerationConfig(max_new_tokens=max_new_tokens)
     cuda = llm.engine_config.device.startswith("cuda")
     llm.generate(prompts, config, mode=mode)  # warm-up
+    manager = llm.manager_for(mode)
     runs = []
     for _ in range(repeats):
+        manager.step_log = []  # the last run's steps: what the controller chose, and what it cost
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -48,8 +50,22 @@ def timed_generate(llm: LLM, prompts: list[str], mode: str, max_new_tokens: int,
     tokens = sum(len(r.output_tokens) for r in results)
     steps = sum(r.num_llm_steps for r in results)
     accepted = sum(r.num_accepted for r in results)
-    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
-            "tokens_per_request_step": (accepted + steps) / max(steps, 1)}
+    row = {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
+           "tokens_per_request_step": (accepted + steps) / max(steps, 1)}
+    row["steps_by_tree_size"] = steps_by_tree_size(manager.step_log)
+    manager.step_log = None
+    return row
+
+
+def steps_by_tree_size(log: list[tuple[int, int, float, int]]) -> dict:
+    """Per tree size drafted (0: plain steps): steps, their share of the run's step time, and the median
+    step in ms, from `RequestManager.step_log` (batch, size, seconds, tokens)."""
+    total = sum(seconds for _, _, seconds, _ in log) or 1.0
+    sizes = sorted({size for _, size, _, _ in log})
+    return {size: {"steps": sum(1 for _, s, _, _ in log if s == size),
+                   "time_share": sum(sec for _, s, sec, _ in log if s == size) / total,
+                   "median_ms": 1e3 * statistics.median(sec for _, s, sec, _ in log if s == size)}
+            for size in sizes}
 
 
 def main() -> None:
@@ -87,6 +103,10 @@ def main() -> None:
         print(f"batch {batch}: incremental {base:.1f} tok/s, adaptive {row['adaptive']['tokens_per_s']:.1f} "
               f"({row['adaptive']['tokens_per_s'] / base:.2f}x), fixed {row['fixed']['tokens_per_s']:.1f} "
               f"({row['fixed']['tokens_per_s'] / base:.2f}x)", flush=True)
+        print(f"  incremental: median step {row['incremental']['steps_by_tree_size'][0]['median_ms']:.2f} ms; "
+              "adaptive steps by tree size (steps, share of step time, median ms): " + ", ".join(
+            f"{size}: {v['steps']}, {v['time_share']:.0%}, {v['median_ms']:.2f}"
+            for size, v in row["adaptive"]["steps_by_tree_size"].items()), flush=True)
         rows.append(row)
 
     meta = {"date": datetime.date.today().isoformat(), "device": device_name(args.device), "torch": torch.__version__,

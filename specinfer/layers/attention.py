@@ -36,15 +36,15 @@ class AttentionMetadata:
     dense_mask: torch.Tensor | None = None  # [B, 1, T, kv_len], built on first use by the SDPA path
 
 
-@torch.compiler.disable  # in-place cache writes; kept out of compiled blocks (models/compile.py)
-def cached_attention(
-    q: torch.Tensor,  # [B, H, T, D]
+def write_kv(
     kv: torch.Tensor,  # [B, T, 2, Hkv, D]: keys, then values
     cache_k: torch.Tensor,  # [num_slots, Hkv, capacity, D]
     cache_v: torch.Tensor,
     meta: AttentionMetadata,
     cache_kv: torch.Tensor | None = None,  # [2, num_slots, Hkv, capacity, D]: cache_k and cache_v, stacked
-) -> torch.Tensor:  # [B, H, T, D]
+) -> None:
+    """Store the new tokens' keys and values where `meta` says. Traceable: compiled blocks do it inside
+    the kernel that rotates the keys (models/compile.py), so the write costs no launch of its own."""
     # Advanced indices around a slice put the indexed dims first: cache_k[s, :, o] is [B, T, Hkv, D], and
     # cache_kv[:, s, :, o] is [B, T, 2, Hkv, D], so keys and values go in with one write where they can.
     if cache_kv is not None:
@@ -52,6 +52,15 @@ def cached_attention(
     else:
         cache_k[meta.write_slots, :, meta.write_offsets] = kv[:, :, 0].to(cache_k.dtype)
         cache_v[meta.write_slots, :, meta.write_offsets] = kv[:, :, 1].to(cache_v.dtype)
+
+
+@torch.compiler.disable  # its own kernel (or the SDPA fallback), between the compiled halves of a block
+def cached_attention(
+    q: torch.Tensor,  # [B, H, T, D]
+    cache_k: torch.Tensor,  # [num_slots, Hkv, capacity, D], the new tokens' entries already written
+    cache_v: torch.Tensor,
+    meta: AttentionMetadata,
+) -> torch.Tensor:  # [B, H, T, D]
     if q.dtype == cache_k.dtype and tree_attention.supported(q):
         return tree_attention.tree_attention(q, cache_k, cache_v, meta.read_slots, meta.prefix_lens, meta.tree_mask)
     keys = cache_k[meta.read_slots, :, : meta.kv_len]  # [B, Hkv, L, D]

@@ -1,13 +1,15 @@
 """Kernel fusion for small-batch steps: each transformer block's halves through `torch.compile`.
 
 At batch 1 a block of a 135M model, or even of a 7B one, runs dozens of tiny elementwise kernels
-(norms, rotary embedding, SwiGLU, residuals) around its matrix products, and at ~2 us each they cost as
-much as reading the weights. Inductor fuses them into a few Triton kernels. Attention over the KV cache
-stays out (its cache writes must land in place, and it has its own kernel), so what is compiled is the
-two halves around it, `pre_attention` and `post_attention`, which see only the hidden states: the
-cache and the attention metadata never become guards. Shapes are dynamic, so one compilation per
-model width serves every batch and token count (sizes 1 apart); the blocks of one model share it,
-and so do the early-exit drafts that reuse them. CUDA graphs then replay the fused kernels as before.
+(norms, rotary embedding, SwiGLU, residuals, the cache write) around its matrix products, and at ~2 us
+each they cost as much as reading the weights. Inductor fuses them into a few Triton kernels. Attention
+over the KV cache stays out (it has its own kernel), so what is compiled is the two halves around it:
+`pre_attention` (the residual add and norm, the q/k/v product, the rotary embedding and the cache write,
+which lands in place in the kernel that rotates the keys) and `post_attention` (the output product, the
+second residual add and norm, the MLP). The residual add that ends a block is done by the next block's
+norm, in one kernel with it. Shapes are dynamic, so one compilation per model width serves every batch
+and token count (sizes 1 apart); the blocks of one model share it, and so do the early-exit drafts that
+reuse them. CUDA graphs then replay the fused kernels as before.
 """
 
 from __future__ import annotations

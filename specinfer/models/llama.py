@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.attention import AttentionMetadata, cached_attention
+from ..layers.attention import AttentionMetadata, cached_attention, write_kv
 from ..layers.rotary import RotaryEmbedding, apply_rotary
 from ..layers.vocab_embedding import VocabEmbedding, vocab_logits, vocab_rows
 from .config import ModelConfig
@@ -19,10 +19,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with `residual`, the residual stream's add first: (norm(x + residual), x + residual).
+        Compiled, the add and the norm are one kernel."""
+        if residual is not None:
+            x = residual = x + residual
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        normed = self.weight * x32.to(x.dtype)
+        return normed if residual is None else (normed, residual)
 
 
 class LlamaAttention(nn.Module):
@@ -97,17 +102,23 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg, tp)
 
-    def forward(self, x, rope, cache_k, cache_v, meta: AttentionMetadata, cache_kv=None) -> torch.Tensor:
-        q, kv = self.pre_attention(x, rope)
-        return self.post_attention(x, cached_attention(q, kv, cache_k, cache_v, meta, cache_kv))
+    def forward(self, x, residual, rope, cache_k, cache_v, meta: AttentionMetadata, cache_kv=None):
+        """(x, residual) -> (x, residual): this block's output is x + residual. The sum is left to the next
+        norm, which fuses it (the first block gets residual None)."""
+        q, residual = self.pre_attention(x, residual, rope, cache_k, cache_v, meta, cache_kv)
+        return self.post_attention(cached_attention(q, cache_k, cache_v, meta), residual)
 
     # The two halves around attention over the cache: what models/compile.py fuses.
-    def pre_attention(self, x: torch.Tensor, rope):
-        return self.self_attn.project(self.input_layernorm(x), rope)
+    def pre_attention(self, x, residual, rope, cache_k, cache_v, meta: AttentionMetadata, cache_kv=None):
+        """Queries [B, H, T, D] and the residual stream; the new keys and values go into the cache."""
+        normed, residual = self.input_layernorm(x, residual) if residual is not None else (self.input_layernorm(x), x)
+        q, kv = self.self_attn.project(normed, rope)
+        write_kv(kv, cache_k, cache_v, meta, cache_kv)
+        return q, residual
 
-    def post_attention(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn.output(attended)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def post_attention(self, attended: torch.Tensor, residual: torch.Tensor):
+        normed, residual = self.post_attention_layernorm(self.self_attn.output(attended), residual)
+        return self.mlp(normed), residual
 
 
 class LlamaModel(nn.Module):
@@ -128,12 +139,13 @@ class LlamaModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         """tokens [B, T] -> final hidden states [B, T, hidden]; keys/values go into `kv_cache`."""
-        x = self.embed_tokens(tokens)
+        x, residual = self.embed_tokens(tokens), None
         rope = self.rotary(meta.positions)
         joint = getattr(kv_cache, "layers", None)  # keys and values of a layer in one tensor (KVCache)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, kv_cache.keys[i], kv_cache.values[i], meta, None if joint is None else joint[i])
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, kv_cache.keys[i], kv_cache.values[i], meta,
+                                None if joint is None else joint[i])
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return vocab_logits(self.lm_head, hidden, self.config.vocab_size, self.tp)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SpecInferError
-from ..layers.attention import AttentionMetadata, cached_attention
+from ..layers.attention import AttentionMetadata, cached_attention, write_kv
 from ..layers.vocab_embedding import VocabEmbedding, vocab_logits, vocab_rows
 from .config import ModelConfig
 from .fuse import concat_linears
@@ -70,12 +70,15 @@ class OPTBlock(nn.Module):
         self.act = ACTIVATIONS[cfg.activation]
 
     def forward(self, x, cache_k, cache_v, meta: AttentionMetadata, cache_kv=None) -> torch.Tensor:
-        q, kv = self.pre_attention(x)
-        return self.post_attention(x, cached_attention(q, kv, cache_k, cache_v, meta, cache_kv))
+        q = self.pre_attention(x, cache_k, cache_v, meta, cache_kv)
+        return self.post_attention(x, cached_attention(q, cache_k, cache_v, meta))
 
     # The two halves around attention over the cache: what models/compile.py fuses.
-    def pre_attention(self, x: torch.Tensor):
-        return self.self_attn.project(self.self_attn_layer_norm(x) if self.pre_norm else x)
+    def pre_attention(self, x: torch.Tensor, cache_k, cache_v, meta: AttentionMetadata, cache_kv=None):
+        """Queries [B, H, T, D]; the new keys and values go into the cache."""
+        q, kv = self.self_attn.project(self.self_attn_layer_norm(x) if self.pre_norm else x)
+        write_kv(kv, cache_k, cache_v, meta, cache_kv)
+        return q
 
     def post_attention(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn.output(attended)
