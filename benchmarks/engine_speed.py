@@ -199,8 +199,7 @@ def main() -> None:
     p.add_argument("--expansions", default="1,1,3,1,1,1,1,1;2,2,1,1;1,1,1,1",
                    help="semicolon-separated expansion configs for tree mode")
     p.add_argument("--trees", default="",
-                   help="semicolon-separated fitted tree files (`specinfer fit-tree`): one fixed row each, and an "
-                        "adaptive row with the first")
+                   help="semicolon-separated fitted tree files (`specinfer fit-tree`): a fixed and an adaptive row each")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--num-prompts", type=int, default=len(PROMPTS))
     p.add_argument("--out", default="docs/benchmarks", help="folder for the JSON and Markdown results")
@@ -233,7 +232,7 @@ def main() -> None:
         rows.append(row)
         write_report(llm, args, prompts, rows)
     adaptive = [(f"tree {','.join(map(str, expansions[0]))}, adaptive", SpeculationConfig(expansion=expansions[0]))]
-    adaptive += [(f"fitted tree {name}, adaptive", SpeculationConfig(tree=tree)) for name, tree in trees[:1]]
+    adaptive += [(f"fitted tree {name}, adaptive", SpeculationConfig(tree=tree)) for name, tree in trees]
     for label, speculation in adaptive:
         llm.set_speculation(speculation)
         row = run_case(llm, "tree", prompts, args.max_new_tokens)

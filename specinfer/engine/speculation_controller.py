@@ -118,6 +118,12 @@ class SpeculationController:
     # Ratios computed since the last recorded step time, by (bucket, size): medians are not cheap, and
     # each request's verdict asks for every size's ratio (at batch 64, most of the controller's time).
     _ratios: dict[tuple[int, int], float] = field(default_factory=dict)
+    # Per size, each request's gain, those above one and the sum of what they add, for the request ids and
+    # the count of recorded drafts they were computed at: gains change only when a draft is recorded, so
+    # steps that stay plain (where nothing pays) reuse them instead of recomputing batch x sizes gains.
+    _records: int = 0
+    _gains_key: tuple | None = None
+    _gains: dict[int, tuple[dict[int, float], set[int], float]] = field(default_factory=dict)
 
     def cost_ratio(self, batch_size: int, size: int | None = None) -> float:
         """Cost of a speculative step with the tree of `size` nodes (default: the whole tree) in plain
@@ -157,10 +163,10 @@ class SpeculationController:
         # which measures every size at once.
         unmeasured = {rid for rid, s in states.items() if self._exploring(s)}
         best_size, best_rate, best_set = 0, float(batch), set()
-        gains = {size: {rid: self._gain(s, size) for rid, s in states.items()} for size in self.sizes}
+        gains = self._gains_of(states)
         for size in self.sizes:
-            useful = {rid for rid, gain in gains[size].items() if gain > 1.0}
-            rate = (batch + sum(gains[size][rid] - 1.0 for rid in useful)) / self.cost_ratio(batch, size)
+            _, useful, extra = gains[size]
+            rate = (batch + extra) / self.cost_ratio(batch, size)
             if rate > best_rate:
                 best_size, best_rate, best_set = size, rate, useful
         probes = {rid: self._probe_size(s, batch) for rid, s in states.items()
@@ -171,13 +177,26 @@ class SpeculationController:
             return 0, set()
         chosen = best_set | set(probes) | unmeasured
         if size != best_size:  # a probe or a newcomer makes the step larger: those it pays for join in
-            chosen |= {rid for rid, gain in gains[size].items() if gain > 1.0}
+            chosen |= gains[size][1]
         return size, chosen
+
+    def _gains_of(self, states: dict[int, "_RequestState"]) -> dict[int, tuple[dict[int, float], set[int], float]]:
+        """Per size: each request's gain, the requests it pays for (gain above one), and their gains' sum
+        above one each."""
+        key = (tuple(states), self._records)
+        if key != self._gains_key:
+            self._gains_key, self._gains = key, {}
+            for size in self.sizes:
+                gains = {rid: self._gain(s, size) for rid, s in states.items()}
+                useful = {rid for rid, gain in gains.items() if gain > 1.0}
+                self._gains[size] = (gains, useful, sum(gains[rid] - 1.0 for rid in useful))
+        return self._gains
 
     def record_request(self, request_id: int, tokens: dict[int, int], batch_size: int = 1) -> None:
         """After a speculative step of this request: the tokens it committed, and those each smaller tree
         would have committed, by tree size."""
         state = self._state(request_id)
+        self._records += 1
         for size, count in tokens.items():
             state.gains.setdefault(size, _Average()).add(count)
             self.prior_gains.setdefault(size, _Average(POOLED_SMOOTHING)).add(count)
