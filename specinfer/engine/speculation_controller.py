@@ -87,23 +87,37 @@ def _median_window() -> deque:
 class _StepTimes:
     """Recent step times at one batch-size bucket: plain ones and, per tree size, speculative ones.
     Medians, not averages: a step that captured a CUDA graph or grew an allocation can take a hundred
-    times longer, once."""
+    times longer, once. They are kept until the next time is added: every step asks for them, for every
+    size, and the controller's work sits between two device passes."""
 
     plain: deque = field(default_factory=_median_window)
     speculative: dict[int, deque] = field(default_factory=dict)
     steps_since_plain: int = 0
+    _medians: dict[int, float | None] = field(default_factory=dict)  # by size, 0 for plain steps
+
+    def add(self, size: int, seconds: float) -> None:
+        """A step's time: `size` is the tree it drafted (0: a plain step)."""
+        if size:
+            self.speculative.setdefault(size, _median_window()).append(seconds)
+            self.steps_since_plain += 1
+        else:
+            self.plain.append(seconds)
+            self.steps_since_plain = 0
+        self._medians.pop(size, None)
 
     @property
     def plain_s(self) -> float | None:
-        return statistics.median(self.plain) if self.plain else None
+        if 0 not in self._medians:
+            self._medians[0] = statistics.median(self.plain) if self.plain else None
+        return self._medians[0]
 
     def speculative_s(self, size: int) -> float | None:
-        times = self.speculative.get(size)
-        if not times:
-            return None
-        # Below three samples a median is a mean, and one first-use stall would make the size look
-        # hopeless for the long back-off that follows: take the fastest until there are three.
-        return min(times) if len(times) < 3 else statistics.median(times)
+        if size not in self._medians:
+            times = self.speculative.get(size)
+            # Below three samples a median is a mean, and one first-use stall would make the size look
+            # hopeless for the long back-off that follows: take the fastest until there are three.
+            self._medians[size] = None if not times else min(times) if len(times) < 3 else statistics.median(times)
+        return self._medians[size]
 
 
 @dataclass
@@ -230,13 +244,7 @@ class SpeculationController:
     def record_step(self, seconds: float, batch_size: int, size: int) -> None:
         """A step's time: `size` is the tree it drafted (0: a plain step)."""
         self._ratios.clear()
-        t = self.times.setdefault(_bucket(batch_size), _StepTimes())
-        if size:
-            t.speculative.setdefault(size, _median_window()).append(seconds)
-            t.steps_since_plain += 1
-        else:
-            t.plain.append(seconds)
-            t.steps_since_plain = 0
+        self.times.setdefault(_bucket(batch_size), _StepTimes()).add(size, seconds)
 
     def forget(self, request_id: int) -> None:
         self.requests.pop(request_id, None)
