@@ -175,7 +175,9 @@ class SpeculationController:
         full = self.sizes[-1]
         # While neither it nor earlier requests have measured enough, a request drafts the whole tree,
         # which measures every size at once.
-        unmeasured = {rid for rid, s in states.items() if self._exploring(s)}
+        pooled = self.prior_gains.get(full)
+        unmeasured = set() if pooled is not None and pooled.count >= MIN_SAMPLES else {
+            rid for rid, s in states.items() if self._exploring(s)}
         best_size, best_rate, best_set = 0, float(batch), set()
         gains = self._gains_of(states)
         for size in self.sizes:
