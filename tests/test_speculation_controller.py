@@ -265,3 +265,26 @@ def test_small_trees_that_pay_little_are_kept_despite_noisy_steps():
     hopeless = {1: 1.7, 2: 2.2, 4: 3.0, 8: 5.0, 20: 10.0}
     rates = [noisy_rate(hopeless, 1, seed, runs=5, tokens=48) for seed in range(10)]
     assert sum(rates) / len(rates) >= 0.99, rates
+
+
+def test_a_size_that_looked_best_on_a_guessed_cost_is_backed_off_once_timed():
+    """The default model on this CPU, one short request: the whole tree (20 nodes) costs 4 plain steps, its
+    1-node part 2 (not yet timed when the first verdict falls, so guessed at 1), and the SSM's drafts
+    rarely hold. The 1-node tree, once timed at 2 plain steps for about 1.2 tokens, must be probed at a
+    growing back-off, not every FIRST_BACKOFF steps because the first verdict called it the best."""
+    controller = SpeculationController(sizes=(1, 2, 4, 8, 20))
+    cost = {0: 1.0, 1: 2.0, 2: 2.1, 4: 2.3, 8: 2.8, 20: 4.0}
+    # What the whole tree's first four steps committed on that run (by tree size), then 2 tokens one step
+    # in five.
+    exploring = [{20: 1}, {20: 1}, {20: 1}, {1: 2, 2: 2, 4: 2, 8: 2, 20: 4}]
+    small_steps = drafts = 0
+    for _ in range(400):
+        size, chosen = controller.choose([0])
+        controller.record_step(0.06 * cost[size], 1, size)
+        if chosen:
+            committed = exploring[drafts] if drafts < len(exploring) else {20: 2 if drafts % 5 == 0 else 1}
+            drafts += 1
+            small_steps += size < 20
+            controller.record_request(0, {s: min(committed.get(s, committed[20]), committed[20])
+                                          for s in controller.sizes if s <= size})
+    assert small_steps <= 12, small_steps

@@ -219,10 +219,14 @@ class SpeculationController:
         if self._exploring(state):
             return
         ran = max(tokens)
-        if state.best is not None and ran <= state.best:  # no larger than it needed: nothing to judge
+        best = self._best_size(state, batch_size)
+        # No larger than it needs, judged with today's costs (the last verdict may have been made on a
+        # guessed cost, and a size that then looked best keeps being probed unless it is judged again).
+        if state.best is not None and ran <= min(state.best, best):
+            state.best = best
             return
         before = state.best
-        state.best = self._best_size(state, batch_size)  # after a probe, or a step larger than it needed
+        state.best = best  # after a probe, or a step larger than it needed
         paid = before is None or self._rate(state, ran, batch_size) >= (1 + PROBE_MARGIN) * self._rate(
             state, before, batch_size)
         if state.best == ran and paid:  # the larger tree paid, clearly: try the next one up soon
