@@ -4,9 +4,10 @@ A step of a small model is short enough for host work to show: a dozen small tor
 filled by torch ops, pinned and copied on its own, cost more than the copies themselves. Here every
 input of a pass — token ids, positions, where keys/values are written and read, prefix lengths, the
 rows whose logits are wanted, the tree mask — has its place in one buffer, filled through numpy views
-(a numpy op costs a microsecond, a torch op several), pinned when allocated and copied once. On the
-device the metadata are views of that copy; a captured CUDA graph owns a device buffer of the same
-layout and the copy lands there.
+(a numpy op costs a microsecond, a torch op several), pinned and copied once. On the device the
+metadata are views of that copy; a captured CUDA graph owns a device buffer of the same layout and the
+copy lands there. Buffers are kept per layout and reused (`HostBatchPool`): allocating pinned memory
+costs tens of microseconds a step, as much as filling the buffer.
 """
 
 from __future__ import annotations
@@ -58,23 +59,67 @@ class HostBatch:
     def __init__(self, layout: Layout, scratch_slot: int, pinned: bool) -> None:
         self.layout = layout
         self.buffer = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=pinned)
-        raw = self.buffer.numpy()
-        views = layout.split(raw[: 8 * layout.num_ints].view(np.int64), raw[8 * layout.num_ints :].view(np.bool_))
+        self._raw = self.buffer.numpy()
+        views = layout.split(self._raw[: 8 * layout.num_ints].view(np.int64), self._raw[8 * layout.num_ints :].view(np.bool_))
         self.tokens, self.positions = views["tokens"], views["positions"]
         self.write_slots, self.write_offsets = views["write_slots"], views["write_offsets"]
         self.logit_rows, self.read_slots = views["logit_rows"], views["read_slots"]
         self.prefix_lens, self.tree_mask = views["prefix_lens"], views["tree_mask"]
-        raw[: 8 * layout.num_ints].view(np.int64)[:] = 0
+        self._raw[: 8 * layout.num_ints].view(np.int64)[:] = 0
         self.write_slots[:] = scratch_slot
         self.write_offsets[:] = np.arange(layout.tokens)
         self.read_slots[:] = scratch_slot
         self.tree_mask[:] = False
         self.tree_mask[:, :, 0] = True
+        self._padding = self._raw.copy()
         self.num_logit_rows = 0
         self.kv_len = 0  # set by the caller: entries the SDPA path reads
+        self._sent: torch.cuda.Event | None = None  # recorded after the last copy out of `buffer`
+
+    def reset(self) -> None:
+        """All padding again, once the last copy out of the buffer has been done (it is queued on the
+        device behind earlier work, and the host must not overwrite what it has not yet read)."""
+        if self._sent is not None:
+            self._sent.synchronize()
+            self._sent = None
+        np.copyto(self._raw, self._padding)
+        self.num_logit_rows = self.kv_len = 0
+
+    def sent(self) -> None:
+        """Call after queuing a copy out of `buffer` on the current CUDA stream."""
+        if self.buffer.is_pinned():
+            self._sent = torch.cuda.Event()
+            self._sent.record()
 
     def to_device(self, device: torch.device) -> "DeviceBatch":
-        return DeviceBatch(self.layout, self.buffer.to(device, non_blocking=True), self.kv_len)
+        if device.type == "cpu":  # the host buffer serves as it is (the pass runs before it is refilled)
+            return DeviceBatch(self.layout, self.buffer, self.kv_len)
+        batch = DeviceBatch(self.layout, self.buffer.to(device, non_blocking=True), self.kv_len)
+        self.sent()
+        return batch
+
+
+class HostBatchPool:
+    """Reusable host batches per layout: a few of each in turn, so that filling one rarely waits for the
+    copy of the one before it."""
+
+    DEPTH = 2
+
+    def __init__(self, scratch_slot: int, pinned: bool) -> None:
+        self.scratch_slot, self.pinned = scratch_slot, pinned
+        self._batches: dict[Layout, list[HostBatch]] = {}
+        self._turn: dict[Layout, int] = {}
+
+    def get(self, layout: Layout) -> HostBatch:
+        """A batch of `layout`, all padding."""
+        ring = self._batches.setdefault(layout, [])
+        turn = self._turn.get(layout, 0)
+        self._turn[layout] = (turn + 1) % self.DEPTH
+        if turn == len(ring):
+            ring.append(HostBatch(layout, self.scratch_slot, self.pinned))
+            return ring[turn]
+        ring[turn].reset()
+        return ring[turn]
 
 
 class DeviceBatch:
