@@ -220,7 +220,9 @@ class RequestManager:
         The SSMs' trees are verified side by side under the shared root, not merged: merging needs the
         tokens on the host. A token both SSMs proposed is verified twice, which changes nothing but cost."""
         drafting = self._choose_drafting(requests)
-        shape = self.ladder.shapes[self._size_index] if self.ladder else None
+        if not drafting:
+            return self._plain_step(requests)
+        shape = self.ladder.shapes[self._size_index]
         device = self.llm.device
         drafted, catch_up = [], []  # per SSM: token ids [len(drafting), len(shape)], root first; chain lengths
         for s, runner in enumerate(self.ssms if drafting else []):
@@ -242,13 +244,13 @@ class RequestManager:
                 parents += [0 if p == 0 else offset + p for p in shape.parents[1 : keep + 1]]
             keeps.append(keep)
             # The root's id is known here; drafted ids come from the device (placeholders on the host).
-            chunks.append(Chunk(r.slot, [r.tokens[-1]] + [0] * (len(parents) - 1), parents, list(range(len(parents)))))
+            chunks.append(Chunk(r.slot, [r.last_token] + [0] * (len(parents) - 1), parents, list(range(len(parents)))))
         device_tokens = None
         if num_ssms and len(drafting) == len(requests) and min(keeps) == per_tree:
             # Every request verifies every SSM's whole tree under the shared root: the drafts, side by side.
             device_tokens = torch.cat([drafted[0]] + [tokens[:, 1:] for tokens in drafted[1:]], dim=1)
         elif num_ssms:  # some trees cut short or missing: gather each request's row from the drafts
-            sources = [upload(torch.tensor([r.tokens[-1] for r in requests]), device)]
+            sources = [upload(torch.tensor([r.last_token for r in requests]), device)]
             sources += [tokens.flatten() for tokens in drafted]
             gather = []
             for i in range(len(requests)):
@@ -268,10 +270,10 @@ class RequestManager:
         trees, drafts, results, offset = [], [], [], 0
         for i, (r, chunk, keep) in enumerate(zip(requests, chunks, keeps)):
             ssm_drafts = []
-            tree_tokens = [r.tokens[-1]]
+            tree_tokens = [r.last_token]
             for s in range(num_ssms if i in draft_row else 0):
                 first = (s * len(drafting) + draft_row[i]) * len(shape) + 1
-                own = TokenTree([r.tokens[-1]] + tokens[first : first + keep], list(shape.parents[: keep + 1]))
+                own = TokenTree([r.last_token] + tokens[first : first + keep], list(shape.parents[: keep + 1]))
                 n = catch_up[s][draft_row[i]]
                 # The drafter fed the nodes with children: their entries follow the catch-up chain.
                 cache_index = [n - 1] + [n + j - 1 if shape.children[j] else -1 for j in range(1, keep + 1)]
@@ -285,6 +287,17 @@ class RequestManager:
             offset += len(tree)
         return trees, drafts, results
 
+    def _plain_step(self, requests: list[Request]) -> tuple[list[TokenTree], list[list[SSMDraft]], list[VerifyResult]]:
+        """One greedy token per request, nothing drafted: incremental decoding, and the controller's plain
+        steps. Host work here is every plain step's overhead on top of the LLM's pass, so none is spent
+        on trees."""
+        roots = [r.last_token for r in requests]
+        parents, rows = [-1], [0]  # one list for every chunk: the runner sees at once that all rows are alike
+        logits = self.llm.forward_rows([Chunk(r.slot, [token], parents, rows) for r, token in zip(requests, roots)])
+        targets = logits.argmax(-1).tolist()  # the step's one host sync
+        trees = [TokenTree([token], [-1]) for token in roots]
+        return trees, [[] for _ in requests], [VerifyResult([0], target, []) for target in targets]
+
     def _draft(self, requests: list[Request]) -> tuple[list[TokenTree], list[list[SSMDraft]]]:
         """Per request: the merged tree, and per SSM its own draft (for cache bookkeeping)."""
         drafting = self._choose_drafting(requests)
@@ -296,7 +309,7 @@ class RequestManager:
                 for i in drafting
             ]
             per_ssm.append(expand(runner, draft_requests, self.ladder.shapes[self._size_index]))
-        trees = [TokenTree.root_only(r.tokens[-1]) for r in requests]
+        trees = [TokenTree.root_only(r.last_token) for r in requests]
         drafts: list[list[SSMDraft]] = [[] for _ in requests]
         for k, i in enumerate(drafting):
             drafts[i] = [ssm_drafts[k] for ssm_drafts in per_ssm]
@@ -339,7 +352,7 @@ class RequestManager:
         # model compacts the kept entries of every request in one move.
         self.llm.commit_all([(r.slot, result.accepted) for r, result in zip(requests, results)])
         owns = [[d.own_nodes() for d in ssm_drafts] for ssm_drafts in drafts]  # merged node -> SSM's node
-        for s, runner in enumerate(self.ssms):
+        for s, runner in enumerate(self.ssms if any(drafts) else []):
             runner.commit_all([(r.slot, ssm_drafts[s].entries_to_keep(result.accepted, own[s]))
                                for r, ssm_drafts, result, own in zip(requests, drafts, results, owns) if ssm_drafts])
         drafted = []

@@ -45,18 +45,26 @@ class Request:
     finish_reason: str | None = None  # "stop" (EOS) or "length"
     slot: int = -1
     stats: RequestStats = field(default_factory=RequestStats)
+    _max_output: int = field(init=False, repr=False)  # output tokens allowed: by length and max_new_tokens
+
+    def __post_init__(self) -> None:
+        self._max_output = self.max_sequence_length - len(self.prompt_tokens)
+        if self.sampling.max_new_tokens is not None:
+            self._max_output = min(self._max_output, self.sampling.max_new_tokens)
 
     @property
     def tokens(self) -> list[int]:
         return self.prompt_tokens + self.output_tokens
 
     @property
+    def last_token(self) -> int:
+        """The newest token: the next step's root (what `tokens[-1]` is, without building the list)."""
+        return self.output_tokens[-1] if self.output_tokens else self.prompt_tokens[-1]
+
+    @property
     def num_remaining(self) -> int:
         """How many more tokens this request may produce."""
-        left = self.max_sequence_length - len(self.prompt_tokens) - len(self.output_tokens)
-        if self.sampling.max_new_tokens is not None:
-            left = min(left, self.sampling.max_new_tokens - len(self.output_tokens))
-        return left
+        return self._max_output - len(self.output_tokens)
 
     def append(self, new_tokens: list[int], eos_token_ids: list[int]) -> None:
         """Commit tokens, cut at the first EOS or the length budget, and finish if either is hit."""
