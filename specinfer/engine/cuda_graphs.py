@@ -42,7 +42,7 @@ class CudaGraphs:
         if graph is None:
             graph = self.graphs[host.layout] = self._capture(host.layout)
         graph.batch.buffer.copy_(host.buffer, non_blocking=True)
-        host.sent()
+        host.sent(graph.batch.buffer.device)
         return graph.batch
 
     def replay(self, layout: Layout) -> torch.Tensor:

@@ -57,7 +57,7 @@ class HostBatch:
     scratch slot and see one entry, so that their softmax stays finite; their outputs are unused)."""
 
     def __init__(self, layout: Layout, scratch_slot: int, pinned: bool) -> None:
-        self.layout = layout
+        self.layout, self.pinned = layout, pinned
         self.buffer = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=pinned)
         self._raw = self.buffer.numpy()
         views = layout.split(self._raw[: 8 * layout.num_ints].view(np.int64), self._raw[8 * layout.num_ints :].view(np.bool_))
@@ -85,17 +85,17 @@ class HostBatch:
         np.copyto(self._raw, self._padding)
         self.num_logit_rows = self.kv_len = 0
 
-    def sent(self) -> None:
-        """Call after queuing a copy out of `buffer` on the current CUDA stream."""
-        if self.buffer.is_pinned():
+    def sent(self, device: torch.device) -> None:
+        """Call after queuing a copy out of `buffer` on `device`'s current stream."""
+        if self.pinned:
             self._sent = torch.cuda.Event()
-            self._sent.record()
+            self._sent.record(torch.cuda.current_stream(device))
 
     def to_device(self, device: torch.device) -> "DeviceBatch":
         if device.type == "cpu":  # the host buffer serves as it is (the pass runs before it is refilled)
             return DeviceBatch(self.layout, self.buffer, self.kv_len)
         batch = DeviceBatch(self.layout, self.buffer.to(device, non_blocking=True), self.kv_len)
-        self.sent()
+        self.sent(device)
         return batch
 
 
