@@ -132,6 +132,7 @@ class SpeculationController:
     # Ratios computed since the last recorded step time, by (bucket, size): medians are not cheap, and
     # each request's verdict asks for every size's ratio (at batch 64, most of the controller's time).
     _ratios: dict[tuple[int, int], float] = field(default_factory=dict)
+    _nearest: dict[tuple[int, int], int | None] = field(default_factory=dict)  # (bucket, size) -> timed bucket
     # Per size, each request's gain, those above one and the sum of what they add, for the request ids and
     # the count of recorded drafts they were computed at: gains change only when a draft is recorded, so
     # steps that stay plain (where nothing pays) reuse them instead of recomputing batch x sizes gains.
@@ -154,9 +155,13 @@ class SpeculationController:
             fixed = self.fixed_cost_ratio
             return fixed[size] if isinstance(fixed, dict) else fixed
         bucket = _bucket(batch_size)
-        measured = [b for b, t in self.times.items() if t.plain_s is not None and t.speculative_s(size) is not None]
-        if measured:
-            nearest = min(measured, key=lambda b: (abs(b - bucket), -b))  # ties: the larger batch, the costlier
+        key = (bucket, size)
+        if key not in self._nearest:  # which buckets have timed a size changes rarely; the times, every step
+            measured = [b for b, t in self.times.items() if t.plain and size in t.speculative]
+            # Ties: the larger batch, the costlier.
+            self._nearest[key] = min(measured, key=lambda b: (abs(b - bucket), -b)) if measured else None
+        nearest = self._nearest[key]
+        if nearest is not None:
             t = self.times[nearest]
             return t.speculative_s(size) / t.plain_s
         smaller = [s for s in self.sizes if s < size]
@@ -250,7 +255,10 @@ class SpeculationController:
     def record_step(self, seconds: float, batch_size: int, size: int) -> None:
         """A step's time: `size` is the tree it drafted (0: a plain step)."""
         self._ratios.clear()
-        self.times.setdefault(_bucket(batch_size), _StepTimes()).add(size, seconds)
+        times = self.times.setdefault(_bucket(batch_size), _StepTimes())
+        if not (times.plain if size == 0 else size in times.speculative):
+            self._nearest.clear()  # a first time of its kind at this bucket: the nearest timed buckets move
+        times.add(size, seconds)
 
     def forget(self, request_id: int) -> None:
         self.requests.pop(request_id, None)
