@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -42,8 +43,31 @@ def default_model_path() -> Path:
 
 
 def is_default_model(path: Path) -> bool:
-    """Whether `path` is the default model's GGUF file (the shipped package's, or a copy of it)."""
-    return Path(path).name == DEFAULT_GGUF_NAME
+    """Whether `path` is the default model's GGUF file: the shipped package's, or a copy of it under its
+    own name or any other (a renamed copy would otherwise silently draft with `self:4` instead of the
+    tuned SSMs, its fitted tree and its draft vocabulary)."""
+    path = Path(path)
+    if path.name == DEFAULT_GGUF_NAME:
+        return True
+    if path.suffix != ".gguf" or not path.is_file():
+        return False
+    try:
+        shipped = default_model_path()
+    except SpecInferError:
+        return False
+    stat = path.stat()
+    return stat.st_size == shipped.stat().st_size and _fingerprint(path, stat.st_size, stat.st_mtime_ns) == \
+        _fingerprint(shipped, stat.st_size, shipped.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _fingerprint(path: Path, size: int, mtime_ns: int) -> bytes:
+    """The first and last MiB of a file (its header and metadata, and the last tensors' data): enough to
+    tell one checkpoint from another of the same size without reading 100 MB. Keyed by size and mtime."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+        f.seek(max(0, size - (1 << 20)))
+        return head + f.read()
 
 
 def tuned_ssm_path(spec: str) -> Path:

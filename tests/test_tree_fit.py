@@ -106,3 +106,18 @@ def test_the_default_model_drafts_with_its_draft_vocabulary():
     assert engine_configs(build_parser().parse_args([]))[0].draft_vocab_size is None
     with pytest.raises(SpecInferError, match="draft_vocab_size must be >= 0"):
         engine_configs(build_parser().parse_args(["--draft-vocab", "-1"]))
+
+
+def test_a_renamed_copy_of_the_default_model_is_still_the_default_model(tmp_path):
+    """Its tuned SSMs, fitted tree and draft vocabulary follow the file, not its name."""
+    from specinfer.default_model import default_model_path, default_tree, is_default_model
+
+    shipped = default_model_path()
+    renamed = tmp_path / "smollm.gguf"
+    renamed.symlink_to(shipped)
+    assert is_default_model(renamed) and default_tree(renamed, None).name == "tuned1_20.json"
+    other = tmp_path / "other.gguf"
+    with open(other, "wb") as f:  # same size, other bytes (sparse: nothing written past the magic)
+        f.write(b"GGUF")
+        f.truncate(shipped.stat().st_size)
+    assert not is_default_model(other) and not is_default_model(tmp_path / "missing.gguf")
