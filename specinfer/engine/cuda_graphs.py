@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .gc_freeze import freeze_long_lived_objects
 from .host_batch import DeviceBatch, HostBatch, Layout
 from .kv_cache import KVCache
 
@@ -67,6 +68,7 @@ class CudaGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             hidden = self.model(batch.tokens, self.cache, batch.meta)
         self.pool = graph.pool()
+        freeze_long_lived_objects(collect=False)  # what compiling and capturing made lives on with the graph
         return _Graph(graph, batch, hidden)
 
 

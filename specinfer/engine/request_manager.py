@@ -18,6 +18,7 @@ from ..spec.sampling import choose_tokens, logits_to_probs
 from ..spec.tree import TokenTree, merge_trees
 from ..spec.verify import VerifyResult, verify_greedy_targets, verify_stochastic
 from ..tokenizer import Tokenizer
+from .gc_freeze import freeze_long_lived_objects
 from .model_runner import Chunk, ModelRunner
 from .scheduler import Scheduler
 from .sequence import Request, RequestStatus
@@ -74,6 +75,7 @@ class RequestManager:
         self.scheduler = Scheduler(engine.max_batch_size)
         self.requests: dict[int, Request] = {}
         self._next_id = 0
+        freeze_long_lived_objects()
 
     def register_new_request(
         self,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..engine.gc_freeze import freeze_long_lived_objects
 from ..engine.model_runner import Chunk, ModelRunner
 from ..engine.upload import upload
 from ..layers.attention import AttentionMetadata
@@ -169,6 +170,7 @@ class DeviceTreeDrafter:
         with torch.cuda.graph(graph, pool=self.pool):
             tokens = self._draft(inputs, capacity)
         self.pool = graph.pool()
+        freeze_long_lived_objects(collect=False)  # what compiling and capturing made lives on with the graph
         self.graphs[batch] = _DraftGraph(graph, inputs, tokens)
         return self.graphs[batch]
 
