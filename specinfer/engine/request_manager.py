@@ -67,6 +67,7 @@ class RequestManager:
         self.ladder = speculation.tree_ladder if self.ssms else None
         self._drafters: dict[tuple[int, int], DeviceTreeDrafter] = {}  # (SSM, ladder size index), made on first use
         self._size_index = 0  # this step's tree in the ladder
+        self._index_lists: dict[tuple, tuple] = {}  # see _verified_tree and _draft_indexes
         self.controller = SpeculationController(self.ladder.sizes) if speculation.adaptive and self.ssms else None
         # Set to a list to record every decoding step as (batch size, tree size drafted or 0, seconds,
         # tokens committed): what benchmarks/step_profile.py reads to see what the controller chose.
@@ -240,13 +241,10 @@ class RequestManager:
         for i, r in enumerate(requests):
             # The tree may be as deep as the tokens still allowed, minus the LLM's own token.
             keep = shape.num_nodes_within(r.num_remaining - 1) - 1 if i in draft_row else 0
-            parents = [-1]
-            for s in range(num_ssms):
-                offset = len(parents) - 1
-                parents += [0 if p == 0 else offset + p for p in shape.parents[1 : keep + 1]]
+            parents, rows = self._verified_tree(num_ssms, keep)
             keeps.append(keep)
             # The root's id is known here; drafted ids come from the device (placeholders on the host).
-            chunks.append(Chunk(r.slot, [r.last_token] + [0] * (len(parents) - 1), parents, list(range(len(parents)))))
+            chunks.append(Chunk(r.slot, [r.last_token] + [0] * (len(parents) - 1), parents, rows))
         device_tokens = None
         if num_ssms and len(drafting) == len(requests) and min(keeps) == per_tree:
             # Every request verifies every SSM's whole tree under the shared root: the drafts, side by side.
@@ -275,12 +273,9 @@ class RequestManager:
             tree_tokens = [r.last_token]
             for s in range(num_ssms if i in draft_row else 0):
                 first = (s * len(drafting) + draft_row[i]) * len(shape) + 1
-                own = TokenTree([r.last_token] + tokens[first : first + keep], list(shape.parents[: keep + 1]))
-                n = catch_up[s][draft_row[i]]
-                # The drafter fed the nodes with children: their entries follow the catch-up chain.
-                cache_index = [n - 1] + [n + j - 1 if shape.children[j] else -1 for j in range(1, keep + 1)]
-                merged_index = [0] + list(range(len(tree_tokens), len(tree_tokens) + keep))
-                ssm_drafts.append(SSMDraft(own, n, cache_index, merged_index))
+                own_parents, cache_index, merged_index = self._draft_indexes(keep, catch_up[s][draft_row[i]], s)
+                own = TokenTree([r.last_token] + tokens[first : first + keep], own_parents)
+                ssm_drafts.append(SSMDraft(own, catch_up[s][draft_row[i]], cache_index, merged_index))
                 tree_tokens += own.tokens[1:]
             tree = TokenTree(tree_tokens, chunk.parents)
             trees.append(tree)
@@ -288,6 +283,35 @@ class RequestManager:
             results.append(verify_greedy_targets(tree, targets[offset : offset + len(tree)]))
             offset += len(tree)
         return trees, drafts, results
+
+    # Index lists that depend only on this step's tree and a request's cut of it, the same for most requests
+    # of most steps: built once (read-only; at batch 64, 20 nodes, they were a tenth of the step's host work).
+
+    def _verified_tree(self, num_ssms: int, keep: int) -> tuple[list[int], list[int]]:
+        """Parents of the tree a request verifies (every SSM's first `keep` nodes under one root), and its
+        logit rows (every node)."""
+        key = ("verified", self._size_index, num_ssms, keep)
+        if key not in self._index_lists:
+            shape = self.ladder.shapes[self._size_index]
+            parents = [-1]
+            for _ in range(num_ssms):
+                offset = len(parents) - 1
+                parents += [0 if p == 0 else offset + p for p in shape.parents[1 : keep + 1]]
+            self._index_lists[key] = (parents, list(range(len(parents))))
+        return self._index_lists[key]
+
+    def _draft_indexes(self, keep: int, num_catch_up: int, ssm: int) -> tuple[list[int], list[int], list[int]]:
+        """For SSM `ssm`'s draft cut to `keep` nodes after a catch-up chain of `num_catch_up`: its tree's
+        parents, each node's cache entry (-1: a leaf, never fed) and its index in the verified tree."""
+        key = ("draft", self._size_index, keep, num_catch_up, ssm)
+        if key not in self._index_lists:
+            shape, n = self.ladder.shapes[self._size_index], num_catch_up
+            # The drafter fed the nodes with children: their entries follow the catch-up chain.
+            cache_index = [n - 1] + [n + j - 1 if shape.children[j] else -1 for j in range(1, keep + 1)]
+            first = 1 + ssm * keep  # the SSMs' trees sit side by side under the root
+            self._index_lists[key] = (list(shape.parents[: keep + 1]), cache_index,
+                                      [0] + list(range(first, first + keep)))
+        return self._index_lists[key]
 
     def _plain_step(self, requests: list[Request]) -> tuple[list[TokenTree], list[list[SSMDraft]], list[VerifyResult]]:
         """One greedy token per request, nothing drafted: incremental decoding, and the controller's plain
