@@ -273,9 +273,9 @@ class RequestManager:
             tree_tokens = [r.last_token]
             for s in range(num_ssms if i in draft_row else 0):
                 first = (s * len(drafting) + draft_row[i]) * len(shape) + 1
-                own_parents, cache_index, merged_index = self._draft_indexes(keep, catch_up[s][draft_row[i]], s)
+                own_parents, cache_index, merged_index, own_nodes = self._draft_indexes(keep, catch_up[s][draft_row[i]], s)
                 own = TokenTree([r.last_token] + tokens[first : first + keep], own_parents)
-                ssm_drafts.append(SSMDraft(own, catch_up[s][draft_row[i]], cache_index, merged_index))
+                ssm_drafts.append(SSMDraft(own, catch_up[s][draft_row[i]], cache_index, merged_index, own=own_nodes))
                 tree_tokens += own.tokens[1:]
             tree = TokenTree(tree_tokens, chunk.parents)
             trees.append(tree)
@@ -300,17 +300,19 @@ class RequestManager:
             self._index_lists[key] = (parents, list(range(len(parents))))
         return self._index_lists[key]
 
-    def _draft_indexes(self, keep: int, num_catch_up: int, ssm: int) -> tuple[list[int], list[int], list[int]]:
+    def _draft_indexes(self, keep: int, num_catch_up: int, ssm: int) -> tuple[list[int], list[int], list[int], dict]:
         """For SSM `ssm`'s draft cut to `keep` nodes after a catch-up chain of `num_catch_up`: its tree's
-        parents, each node's cache entry (-1: a leaf, never fed) and its index in the verified tree."""
+        parents, each node's cache entry (-1: a leaf, never fed), its index in the verified tree, and the
+        inverse of that (verified node -> the draft's)."""
         key = ("draft", self._size_index, keep, num_catch_up, ssm)
         if key not in self._index_lists:
             shape, n = self.ladder.shapes[self._size_index], num_catch_up
             # The drafter fed the nodes with children: their entries follow the catch-up chain.
             cache_index = [n - 1] + [n + j - 1 if shape.children[j] else -1 for j in range(1, keep + 1)]
             first = 1 + ssm * keep  # the SSMs' trees sit side by side under the root
-            self._index_lists[key] = (list(shape.parents[: keep + 1]), cache_index,
-                                      [0] + list(range(first, first + keep)))
+            merged = [0] + list(range(first, first + keep))
+            self._index_lists[key] = (list(shape.parents[: keep + 1]), cache_index, merged,
+                                      {m: o for o, m in enumerate(merged)})
         return self._index_lists[key]
 
     def _plain_step(self, requests: list[Request]) -> tuple[list[TokenTree], list[list[SSMDraft]], list[VerifyResult]]:

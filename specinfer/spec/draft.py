@@ -32,9 +32,12 @@ class SSMDraft:
     cache_index: list[int]  # per tree node: its speculative cache entry, or -1 if never fed (leaves)
     merged_index: list[int] | None = None  # per tree node: its index in the merged tree
     shape_nodes: list[int] | None = None  # per tree node: the node of the shape it fills (None: the same)
+    own: dict[int, int] | None = None  # `own_nodes()` made ahead (shared by drafts of one cut), or None
 
     def own_nodes(self) -> dict[int, int]:
         """Merged tree node -> this SSM's node."""
+        if self.own is not None:
+            return self.own
         return {m: o for o, m in enumerate(self.merged_index or range(len(self.tree)))}
 
     def entries_to_keep(self, accepted: list[int], own: dict[int, int] | None = None) -> list[int]:
