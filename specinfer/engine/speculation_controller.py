@@ -219,8 +219,10 @@ class SpeculationController:
         state = self._state(request_id)
         self._records += 1
         for size, count in tokens.items():
-            state.gains.setdefault(size, _Average()).add(count)
-            self.prior_gains.setdefault(size, _Average(POOLED_SMOOTHING)).add(count)
+            # (get before setdefault: a default built on every call costs more than the update itself)
+            own, pooled = state.gains.get(size), self.prior_gains.get(size)
+            (own or state.gains.setdefault(size, _Average())).add(count)
+            (pooled or self.prior_gains.setdefault(size, _Average(POOLED_SMOOTHING))).add(count)
         if self._exploring(state):
             return
         ran = max(tokens)
