@@ -46,15 +46,20 @@ def verify_greedy_targets(tree: TokenTree, targets: list[int]) -> VerifyResult:
     """`targets`: the LLM's argmax at every tree node. Keeps the deepest node whose whole path is the LLM's
     choice. Several SSMs' trees verified side by side under one root may hold the same token twice; the
     deeper of the two paths is kept, not the first (the tokens are the same either way)."""
-    depth = [0] * len(tree)  # per node: its depth if its whole path is accepted, else -1
-    deepest, matched = 0, []
-    for node in range(1, len(tree)):
-        parent = tree.parents[node]
-        depth[node] = depth[parent] + 1 if depth[parent] >= 0 and tree.tokens[node] == targets[parent] else -1
-        if depth[node] > 0:
-            matched.append((node, depth[node]))
-            if depth[node] > depth[deepest]:
-                deepest = node
+    parents, tokens = tree.parents, tree.tokens  # (locals: this runs for every node of every request)
+    depth = [0] * len(tokens)  # per node: its depth if its whole path is accepted, else -1
+    deepest = deepest_depth = 0
+    matched = []
+    for node in range(1, len(tokens)):
+        parent = parents[node]
+        d = depth[parent]
+        if d >= 0 and tokens[node] == targets[parent]:
+            depth[node] = d = d + 1
+            matched.append((node, d))
+            if d > deepest_depth:
+                deepest, deepest_depth = node, d
+        else:
+            depth[node] = -1
     return VerifyResult(tree.path_to(deepest), targets[deepest], matched)
 
 
