@@ -228,7 +228,7 @@ class RequestManager:
         shape = self.ladder.shapes[self._size_index]
         device = self.llm.device
         drafted, catch_up = [], []  # per SSM: token ids [len(drafting), len(shape)], root first; chain lengths
-        for s, runner in enumerate(self.ssms if drafting else []):
+        for s, runner in enumerate(self.ssms):
             slots = [requests[i].slot for i in drafting]
             chains = [requests[i].tokens[runner.num_cached(slot) :] for i, slot in zip(drafting, slots)]
             tokens, chain_lengths = self._drafter(s).draft(chains, slots)
