@@ -92,8 +92,8 @@ def test_adaptive_engine_skips_a_useless_draft_and_stays_exact(tmp_path):
 
 def test_a_draft_far_from_paying_waits_the_longest_back_off_at_once():
     """A CPU-like cost: a speculative step costs 6.5 plain steps and yields 2 tokens. After the first
-    plain step and MIN_SAMPLES speculative ones (one step's tokens vary too much to judge from fewer) the
-    controller stops probing for MAX_BACKOFF steps."""
+    plain step, two timed steps of the whole tree show it losing even one standard error up, so exploring
+    ends early; one probe later the controller stops probing for MAX_BACKOFF steps."""
     controller = SpeculationController()
     speculative_steps = []
     for step in range(1, 101):
@@ -103,7 +103,8 @@ def test_a_draft_far_from_paying_waits_the_longest_back_off_at_once():
             speculative_steps.append(step)
             controller.record_request(0, {size: 2}, 1)
     assert speculative_steps[0] == 2  # the first step is plain: the speculative one is weighed against it
-    assert len(speculative_steps) == MIN_SAMPLES, speculative_steps
+    assert speculative_steps[:2] == [2, 3] and len(speculative_steps) < MIN_SAMPLES, speculative_steps
+    assert speculative_steps[-1] <= 20, speculative_steps  # and then nothing: MAX_BACKOFF exceeds the run
 
 
 def test_a_draft_that_pays_is_not_written_off_by_one_slow_first_step():
@@ -209,10 +210,12 @@ def test_adaptive_engine_drafts_the_size_that_pays_and_stays_exact(tmp_path, hos
 DEPTHS = {1: 1, 2: 2, 4: 3, 8: 4, 20: 8}  # the depth of each nested tree
 
 
-def noisy_rate(ratios: dict[int, float], batch: int, seed: int, runs: int = 4, tokens: int = 48) -> float:
+def noisy_rate(ratios: dict[int, float], batch: int, seed: int, runs: int = 4, tokens: int = 48,
+               count_first: bool = False) -> float:
     """Like `simulated_rate`, with what real steps do: each step commits a random number of tokens (the
     first drafted token right 40% of the time, each next one 37.5%), step times jitter by 5%, and
-    batches of fresh 48-token requests follow one another. The first batch (measuring) is not counted."""
+    batches of fresh 48-token requests follow one another. The first batch (measuring) is not counted
+    unless `count_first`."""
     rng = random.Random(seed)
     controller = SpeculationController(SIZES)
     served = seconds = 0.0
@@ -223,7 +226,7 @@ def noisy_rate(ratios: dict[int, float], batch: int, seed: int, runs: int = 4, t
             size, chosen = controller.choose(active)
             step = 0.01 * (ratios[size] if size else 1.0) * (1 + 0.05 * rng.gauss(0, 1))
             controller.record_step(step, len(active), size)
-            seconds += step if run else 0.0
+            seconds += step if run or count_first else 0.0
             for rid in active:
                 committed = 1
                 if size and rid in chosen:
@@ -234,7 +237,7 @@ def noisy_rate(ratios: dict[int, float], batch: int, seed: int, runs: int = 4, t
                     controller.record_request(rid, by_size, len(active))
                     committed = by_size[size]
                 committed = min(committed, left[rid])
-                served += committed if run else 0
+                served += committed if run or count_first else 0
                 left[rid] -= committed
                 if not left[rid]:
                     del left[rid]
@@ -265,6 +268,15 @@ def test_small_trees_that_pay_little_are_kept_despite_noisy_steps():
     hopeless = {1: 1.7, 2: 2.2, 4: 3.0, 8: 5.0, 20: 10.0}
     rates = [noisy_rate(hopeless, 1, seed, runs=5, tokens=48) for seed in range(10)]
     assert sum(rates) / len(rates) >= 0.99, rates
+
+
+def test_a_fresh_request_stops_exploring_a_whole_tree_timed_hopeless():
+    """One fresh request, as in the README's main command on a CPU: the 20-node tree costs 4 plain
+    steps. Exploring it for MIN_SAMPLES steps cost 13% of the request (0.87x, 40 seeds); stopping once two
+    timed steps show it losing even one standard error up costs 8% (0.92x)."""
+    cpu = {1: 1.4, 2: 1.6, 4: 1.9, 8: 2.5, 20: 4.0}
+    rates = [noisy_rate(cpu, 1, seed, runs=1, tokens=70, count_first=True) for seed in range(40)]
+    assert sum(rates) / len(rates) >= 0.9, rates
 
 
 def test_a_size_that_looked_best_on_a_guessed_cost_is_backed_off_once_timed():

@@ -40,6 +40,7 @@ SMOOTHING = 0.1  # weight of the newest observation in a request's moving averag
 # 4 ran plain in simulation (a little over half at 0.1)
 POOLED_SMOOTHING = 0.05  # the same for the averages pooled over all requests
 MIN_SAMPLES = 4  # steps a new request drafts the whole tree before any verdict, while nothing is pooled yet
+# (fewer where MIN_HOPELESS_SAMPLES timed steps show the whole tree losing even one standard error up)
 PRIOR_WEIGHT = 4  # a request's own average counts as much as the pooled one after this many steps
 FIRST_BACKOFF = 4  # steps before re-probing a draft that just failed to pay
 BACKOFF_GROWTH = 4  # each further failed probe waits this many times longer ...
@@ -129,6 +130,7 @@ class SpeculationController:
     prior_gains: dict[int, _Average] = field(default_factory=dict)  # by size, pooled over every request
     prior_backoff: int = FIRST_BACKOFF  # the back-off a new request starts with while drafts fail to pay
     step: int = 0
+    gave_up_exploring: bool = False  # the whole tree was timed hopeless before MIN_SAMPLES steps of it
     # Ratios computed since the last recorded step time, by (bucket, size): medians are not cheap, and
     # each request's verdict asks for every size's ratio (at batch 64, most of the controller's time).
     _ratios: dict[tuple[int, int], float] = field(default_factory=dict)
@@ -179,7 +181,7 @@ class SpeculationController:
         states = {rid: self._state(rid) for rid in request_ids}
         full = self.sizes[-1]
         # While neither it nor earlier requests have measured enough, a request drafts the whole tree,
-        # which measures every size at once.
+        # which measures every size at once (unless two timed steps already showed it hopeless).
         pooled = self.prior_gains.get(full)
         unmeasured = set() if pooled is not None and pooled.count >= MIN_SAMPLES else {
             rid for rid, s in states.items() if self._exploring(s)}
@@ -224,6 +226,16 @@ class SpeculationController:
             (own or state.gains.setdefault(size, _Average())).add(count)
             (pooled or self.prior_gains.setdefault(size, _Average(POOLED_SMOOTHING))).add(count)
         if self._exploring(state):
+            if not self._whole_tree_hopeless(state, batch_size):
+                return
+            # Stop drafting the whole tree before MIN_SAMPLES steps of it: even one standard error up it
+            # loses to plain steps. Smaller trees, measured by the same steps, are probed as after a failed
+            # probe (a verdict now would rest on their guessed costs and on two steps' tokens).
+            # Later requests start from the pooled gains instead of exploring it again.
+            state.best, self.gave_up_exploring = 0, True
+            state.next_probe = self.step + state.backoff
+            state.backoff = min(BACKOFF_GROWTH * state.backoff, MAX_BACKOFF)
+            self.prior_backoff = max(self.prior_backoff, state.backoff)
             return
         ran = max(tokens)
         best = self._best_size(state, batch_size)
@@ -284,7 +296,23 @@ class SpeculationController:
 
     def _exploring(self, state: _RequestState) -> bool:
         full = self.sizes[-1]
-        return all(a is None or a.count < MIN_SAMPLES for a in (state.gains.get(full), self.prior_gains.get(full)))
+        return not self.gave_up_exploring and all(
+            a is None or a.count < MIN_SAMPLES for a in (state.gains.get(full), self.prior_gains.get(full)))
+
+    def _whole_tree_hopeless(self, state: _RequestState, batch_size: int) -> bool:
+        """The whole tree, timed MIN_HOPELESS_SAMPLES times at this batch size, loses to plain steps even
+        with the request's gain one standard error higher. On a CPU a 20-node step costs about four plain
+        ones, and four exploring steps on a prompt whose drafts rarely hold cost more than the request
+        gains (the README's main command, one fresh request: 0.86x)."""
+        full = self.sizes[-1]
+        own = state.gains.get(full)
+        if own is None or own.count < MIN_HOPELESS_SAMPLES:
+            return False
+        if self.fixed_cost_ratio is None:
+            t = self.times.get(_bucket(batch_size))
+            if t is None or not t.plain or len(t.speculative.get(full, ())) < MIN_HOPELESS_SAMPLES:
+                return False
+        return self._optimistic_rate(state, full, batch_size) < 1.0
 
     def _measured_sizes(self, state: _RequestState) -> list[int]:
         return [size for size in self.sizes if size in state.gains or size in self.prior_gains]
