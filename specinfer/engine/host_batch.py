@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..layers.attention import AttentionMetadata
+from .ring_cache import RingCache
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,26 +101,23 @@ class HostBatch:
 
 
 class HostBatchPool:
-    """Reusable host batches per layout: a few of each in turn, so that filling one rarely waits for the
-    copy of the one before it."""
+    """Reusable host batches per layout, a few of each in turn, so that filling one rarely waits for the
+    copy of the one before it; layouts beyond MAX_LAYOUTS (eager prefills come in every length) are
+    dropped, least recently used first."""
 
     DEPTH = 2
+    MAX_LAYOUTS = 64
 
     def __init__(self, scratch_slot: int, pinned: bool) -> None:
-        self.scratch_slot, self.pinned = scratch_slot, pinned
-        self._batches: dict[Layout, list[HostBatch]] = {}
-        self._turn: dict[Layout, int] = {}
+        self._batches: RingCache[Layout, HostBatch] = RingCache(
+            lambda layout: HostBatch(layout, scratch_slot, pinned), self.DEPTH, self.MAX_LAYOUTS)
 
     def get(self, layout: Layout) -> HostBatch:
         """A batch of `layout`, all padding."""
-        ring = self._batches.setdefault(layout, [])
-        turn = self._turn.get(layout, 0)
-        self._turn[layout] = (turn + 1) % self.DEPTH
-        if turn == len(ring):
-            ring.append(HostBatch(layout, self.scratch_slot, self.pinned))
-            return ring[turn]
-        ring[turn].reset()
-        return ring[turn]
+        batch, fresh = self._batches.next(layout)
+        if not fresh:
+            batch.reset()
+        return batch
 
 
 class DeviceBatch:

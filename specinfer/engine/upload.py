@@ -10,46 +10,38 @@ the copy out of it has run.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
+
+from .ring_cache import RingCache
 
 RING = 4  # buffers per shape and dtype, used in turn
 MAX_SHAPES = 64  # shapes kept (least recently used dropped): ragged index tensors come in many widths
 
 
-class _Staging:
-    def __init__(self) -> None:
-        self.rings: OrderedDict[tuple, list[list]] = OrderedDict()  # key -> [[buffer, event | None], ...]
-        self.turns: dict[tuple, int] = {}
+class _Staged:
+    """One pinned staging buffer and the event recorded after the last copy out of it."""
+
+    def __init__(self, key: tuple) -> None:
+        shape, dtype, _ = key
+        self.buffer = torch.empty(shape, dtype=dtype, pin_memory=True)
+        self.copied: torch.cuda.Event | None = None
 
     def upload(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-        key = (tuple(tensor.shape), tensor.dtype, device)
-        ring = self.rings.get(key)
-        if ring is None:
-            ring = self.rings[key] = []
-            if len(self.rings) > MAX_SHAPES:
-                self.turns.pop(self.rings.popitem(last=False)[0], None)
-        self.rings.move_to_end(key)
-        turn = self.turns.get(key, 0)
-        self.turns[key] = (turn + 1) % RING
-        if turn == len(ring):
-            ring.append([torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True), None])
-        entry = ring[turn]
-        if entry[1] is not None:
-            entry[1].synchronize()  # the copy out of this buffer RING uploads ago (long done, as a rule)
-        entry[0].copy_(tensor)
-        out = entry[0].to(device, non_blocking=True)
-        entry[1] = torch.cuda.Event()
-        entry[1].record(torch.cuda.current_stream(device))
+        if self.copied is not None:
+            self.copied.synchronize()  # the copy out of this buffer RING uploads ago (long done, as a rule)
+        self.buffer.copy_(tensor)
+        out = self.buffer.to(device, non_blocking=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record(torch.cuda.current_stream(device))
         return out
 
 
-_staging = _Staging()
+_staging: RingCache[tuple, _Staged] = RingCache(_Staged, RING, MAX_SHAPES)
 
 
 def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`tensor` (on the host) on `device`, queued on the current stream without a host sync."""
     if device.type != "cuda":
         return tensor.to(device)
-    return _staging.upload(tensor, device)
+    staged, _ = _staging.next((tuple(tensor.shape), tensor.dtype, device))
+    return staged.upload(tensor, device)
