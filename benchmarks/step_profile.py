@@ -13,6 +13,8 @@ served together; every run after an untimed warm-up, so CUDA graphs are captured
 - `adaptive`: the adaptive engine's choices step by step (`RequestManager.step_log`): steps and time per
   tree size, and the slowest steps.
 - `profile`: torch.profiler tables of a few steps, incremental and tree.
+- `timeline`: where a step's wall time goes: per step, the wall time against the time the GPU was busy
+  (the union of its kernels and copies), and one step's host ranges beside the GPU's busy intervals.
 Prints tables; writes nothing.
 """
 
@@ -187,7 +189,70 @@ def section_profile(llm: LLM, paths: tuple, args) -> None:
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=60))
 
 
-SECTIONS = {"sizes": section_sizes, "stages": section_stages, "adaptive": section_adaptive, "profile": section_profile}
+def _merged(intervals: list[tuple[float, float]], gap: float = 0.0) -> list[tuple[float, float]]:
+    """Union of intervals (µs), joining those less than `gap` apart."""
+    out: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if out and start <= out[-1][1] + gap:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [(a, b) for a, b in out]
+
+
+LABELS = ("step", "runner.forward", "prepare", "draft", "commit", "cache commit")
+
+
+def section_timeline(llm: LLM, paths: tuple, args) -> None:
+    if not args.device.startswith("cuda"):
+        print("\ntimeline: needs a GPU")
+        return
+    llm.set_speculation(SpeculationConfig(tree=paths, adaptive=False))
+    for cls, name, label in ((rm.RequestManager, "step", "step"), (ModelRunner, "forward_rows", "runner.forward"),
+                             (ModelRunner, "_prepare", "prepare"), (DeviceTreeDrafter, "draft", "draft"),
+                             (rm.RequestManager, "_commit", "commit"), (ModelRunner, "commit_all", "cache commit")):
+        labelled(cls, name, label)
+    for mode in ("incremental", "tree"):
+        for _ in range(2):  # warm-up: graph captures, allocator growth
+            llm.generate([PROMPTS[2]], GenerationConfig(max_new_tokens=args.max_new_tokens), mode=mode)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            llm.generate([PROMPTS[2]], GenerationConfig(max_new_tokens=32), mode=mode)
+            torch.cuda.synchronize()
+        events = prof.events()
+        # GPU-side events, less the ranges that record_function mirrors onto the GPU's timeline.
+        kernels_only = [e for e in events if e.device_type.name == "CUDA" and e.name not in LABELS]
+        gpu = [(e.time_range.start, e.time_range.end) for e in kernels_only]
+        steps = sorted((e.time_range.start, e.time_range.end) for e in events
+                       if e.name == "step" and e.device_type.name == "CPU")[2:]  # the prefill's steps aside
+        walls, busies = [], []
+        for start, end in steps:
+            busy = _merged([(max(a, start), min(b, end)) for a, b in gpu if b > start and a < end])
+            walls.append(end - start)
+            busies.append(sum(b - a for a, b in busy))
+        print(f"\ntimeline, {mode}: {len(steps)} steps; median wall {statistics.median(walls):.0f} µs, "
+              f"GPU busy {statistics.median(busies):.0f} µs (median of the steps)")
+        start, end = steps[len(steps) // 2]
+        ranges = sorted((e.time_range.start - start, e.time_range.end - start, e.name) for e in events
+                        if e.device_type.name == "CPU" and start <= e.time_range.start < end
+                        and e.name in LABELS + ("aten::item", "aten::_local_scalar_dense", "cudaGraphLaunch",
+                                       "cudaStreamSynchronize", "aten::to", "aten::copy_"))
+        print("host ranges of the middle step (µs from its start):",
+              "; ".join(f"{name} {a:.0f}-{b:.0f}" for a, b, name in ranges[:60]))
+        busy = _merged([(a - start, b - start) for a, b in gpu if b > start and a < end], gap=2.0)
+        print("GPU busy (µs, gaps under 2 µs joined):", "; ".join(f"{a:.0f}-{b:.0f}" for a, b in busy))
+        kernels = defaultdict(lambda: [0, 0.0])
+        for e in kernels_only:
+            if start <= e.time_range.start < end:
+                kernels[e.name[:70]][0] += 1
+                kernels[e.name[:70]][1] += e.time_range.end - e.time_range.start
+        print("| kernel (middle step) | count | µs |\n|---|---:|---:|")
+        for name, (count, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:25]:
+            print(f"| {name} | {count} | {us:.1f} |")
+        print(f"total kernels in the step: {sum(c for c, _ in kernels.values())}")
+
+
+SECTIONS = {"sizes": section_sizes, "stages": section_stages, "adaptive": section_adaptive, "profile": section_profile,
+            "timeline": section_timeline}
 
 
 def main() -> None:

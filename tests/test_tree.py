@@ -208,3 +208,32 @@ def test_a_step_with_a_large_tree_tells_what_every_nested_smaller_tree_commits(n
             small = TokenTree([tree.tokens[v] for v in kept], [index.get(tree.parents[v], -1) for v in kept])
             alone = verify_greedy_targets(small, [targets[v] for v in kept])
             assert counts[size] == len(alone.new_tokens(small)), (size, counts)
+
+
+@pytest.mark.parametrize("columns", [96, 16384, 49152])
+@pytest.mark.parametrize("k", [1, 2, 5, 8])
+def test_two_stage_top_k_picks_the_same_tokens_in_the_same_order(columns, k):
+    """The drafter's top-k (spec/top_k.py) splits long rows into blocks; it must rank exactly as topk."""
+    from specinfer.spec.top_k import top_k_indices
+
+    torch.manual_seed(columns + k)
+    scores = torch.randn(3, 4, columns)
+    assert torch.equal(top_k_indices(scores, k), scores.topk(k, dim=-1).indices)
+    scores[0, 0, 7] = scores[0, 0, columns - 3] = scores.max() + 1  # a tie at the top: either order, both first
+    assert set(top_k_indices(scores, max(k, 2))[0, 0, :2].tolist()) == {7, columns - 3}
+
+
+def test_cache_moves_copy_every_layer_head_and_slot():
+    """`KVCache.move_entries` (the commit's compaction) against the same copy spelled out per slot."""
+    from types import SimpleNamespace
+
+    from specinfer.engine.kv_cache import KVCache
+
+    cache = KVCache(SimpleNamespace(num_layers=3, num_kv_heads=2, head_dim=4), 3, 10, "cpu", torch.float32)
+    cache.data.copy_(torch.randn_like(cache.data))
+    expected = cache.data.clone()
+    moves = [(0, [2, 5, 7], 1), (2, [0, 1], 0), (1, [4, 9], 3), (3, [6, 8], 5)]  # slot 3: scratch
+    for slot, entries, start in moves:
+        expected[:, :, slot, :, start : start + len(entries)] = expected[:, :, slot, :, entries].clone()
+    cache.move_entries(moves)
+    assert torch.equal(cache.data, expected)

@@ -16,7 +16,10 @@ from .gc_freeze import freeze_long_lived_objects
 from .host_batch import DeviceBatch, HostBatch, Layout
 from .kv_cache import KVCache
 
-TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Powers of two up to 16, then every multiple of 16: a verified tree is its nodes plus the root (the
+# 64-node tree is 65 tokens), and padding it to the next power of two doubled the pass's matrix rows,
+# attention rows and cache writes. Graphs are captured on first use, so only the sizes served cost memory.
+TOKEN_BUCKETS = (1, 2, 4, 8) + tuple(range(16, 257, 16))
 
 
 class CudaGraphs:

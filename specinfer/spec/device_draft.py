@@ -23,6 +23,7 @@ from ..engine.model_runner import Chunk, ModelRunner
 from ..engine.upload import upload
 from ..layers.attention import AttentionMetadata
 from ..models.draft_vocab import DraftVocabularyHead
+from .top_k import top_k_indices
 from .tree import TreeShape
 
 # Catch-up tokens fed inside the drafter's graph: after a speculative step the chain is one token (the
@@ -131,13 +132,14 @@ class DeviceTreeDrafter:
 
     def _top_tokens(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
         """The SSM's k best tokens after each of `hidden` [..., hidden]: [..., k]. A draft vocabulary is
-        ranked in its own columns (no full-vocabulary logits), and k = 1 takes one reduction, not a top-k."""
+        ranked in its own columns (no full-vocabulary logits), and k = 1 takes one reduction, not a top-k
+        (spec/top_k.py)."""
         head = self.model.lm_head
         if isinstance(head, DraftVocabularyHead):
             scores, ids = head.scores(hidden), head.token_ids
         else:
             scores, ids = self.model.compute_logits(hidden), None
-        top = scores.argmax(-1, keepdim=True) if k == 1 else scores.topk(k, dim=-1).indices
+        top = top_k_indices(scores, k)
         return top if ids is None else ids[top]
 
     def _metadata(self, depth: int, slots: torch.Tensor, starts: torch.Tensor, kv_len: int) -> AttentionMetadata:
