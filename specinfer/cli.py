@@ -92,7 +92,7 @@ def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, SpeculationC
                           draft_vocab_size=args.draft_vocab, draft_vocab_file=args.draft_vocab_file)
     from .spec.tree_fit import load_tree_file
 
-    tree = args.tree or (default_tree(args.llm, args.ssms) if args.expansion is None else None)
+    tree = args.tree or (default_tree(args.llm, args.ssms, args.device) if args.expansion is None else None)
     if args.tree_nodes is not None and not tree:
         raise SpecInferError("--tree-nodes cuts a tree: pass --tree (or no --expansion with the default model)")
     expansion = parse_expansion(args.expansion) if args.expansion else DEFAULT_EXPANSION

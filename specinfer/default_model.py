@@ -23,6 +23,10 @@ EARLY_EXIT_DRAFT = "self:4"
 # default expansion 1,1,3,1,1,1,1,1, and more tokens per step (2.22 against 1.84 for tuned:1 held out).
 TUNED_TREES = TUNED_SSMS / "trees"
 DEFAULT_TREES = {(f"{TUNED_PREFIX}1",): "tuned1_20.json", (f"{TUNED_PREFIX}1", f"{TUNED_PREFIX}2"): "tuned1-2_20.json"}
+# On a GPU a verified node is nearly free at small batches and each tree level is one more SSM pass, so
+# tuned:1 drafts the wide 64-node tree of depth 4: on an H200, batch 1, it ran 1.32x faster than
+# incremental decoding where the 20-node, depth-8 tree ran 1.11x (docs/benchmarks/engine_speed_gpu.md).
+DEFAULT_GPU_TREES = {(f"{TUNED_PREFIX}1",): "tuned1_d4_64.json"}
 # The tuned SSMs score only the 16,384 tokens the default model's answers use most (models/draft_vocab.py):
 # as many tokens per step as the whole vocabulary, a third of the SSM's LM head to read.
 DRAFT_VOCAB_RANKING = TUNED_SSMS / "draft_vocab.json"
@@ -80,11 +84,13 @@ def tuned_ssm_path(spec: str) -> Path:
     return TUNED_SSMS / f"ssm{number}"
 
 
-def default_tree(model: str | Path | None, ssms: list[str] | None) -> Path | None:
-    """The fitted tree the default model drafts with its tuned SSMs (None: any other LLM or SSM set)."""
+def default_tree(model: str | Path | None, ssms: list[str] | None, device: str = "cpu") -> Path | None:
+    """The fitted tree the default model drafts with its tuned SSMs on `device` (None: any other LLM or
+    SSM set)."""
     if model is not None and not is_default_model(Path(model)):
         return None
-    name = DEFAULT_TREES.get(tuple(ssms) if ssms is not None else DEFAULT_SSMS)
+    key = tuple(ssms) if ssms is not None else DEFAULT_SSMS
+    name = (DEFAULT_GPU_TREES.get(key) if device.startswith("cuda") else None) or DEFAULT_TREES.get(key)
     return TUNED_TREES / name if name else None
 
 

@@ -74,7 +74,7 @@ class LLM:
         None: the default expansion, or with the default model and its tuned SSMs the tree fitted to them."""
         self.engine_config = engine or EngineConfig()
         if speculation is None:  # the default model drafts a tree fitted to its tuned SSMs
-            tree = default_tree(model, ssms)
+            tree = default_tree(model, ssms, self.engine_config.device)
             speculation = SpeculationConfig(tree=load_tree_file(tree) if tree else None)
         self.speculation = speculation
         if self.engine_config.device.startswith("cuda") and not torch.cuda.is_available():

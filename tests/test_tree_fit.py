@@ -61,6 +61,11 @@ def test_the_default_model_drafts_the_tree_fitted_to_its_tuned_ssms():
         path = default_tree(None, ssms)
         assert path.name == name and len(load_tree_file(path)) == 20
     assert default_tree("/models/llama-7b", None) is None and default_tree(None, ["self:4"]) is None
+    # On a GPU the wide, shallow tree: a level costs an SSM pass, a verified node almost nothing.
+    assert default_tree(None, None, "cuda").name == "tuned1_d4_64.json"
+    assert default_tree(None, ["tuned:1", "tuned:2"], "cuda:0").name == "tuned1-2_20.json"
+    _, speculation = engine_configs(build_parser().parse_args(["--device", "cuda"]))
+    assert speculation.tree == load_tree_file(default_tree(None, None, "cuda"))
     # The shipped files are prefixes of one growth: the 512-node tree cut to 256 and 20 nodes.
     trees = default_tree(None, None).parent
     assert load_tree_file(trees / "tuned1-2_512.json", nodes=256) == load_tree_file(trees / "tuned1-2_256.json")

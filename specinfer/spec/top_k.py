@@ -13,6 +13,9 @@ import torch
 
 BLOCK = 256  # columns per first-stage block
 MIN_COLUMNS = 4096  # shorter rows: one torch.topk
+# Past this many first-stage blocks (rows x blocks per row) the first stage is the slower one (64 rows of
+# 49,152 scores, k = 8, on an H200: 183 us against 61 us for torch.topk).
+MAX_BLOCKS = 2048
 
 
 def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -20,7 +23,8 @@ def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     columns = scores.shape[-1]
     if k == 1:
         return scores.argmax(-1, keepdim=True)
-    if columns < MIN_COLUMNS or columns % BLOCK or k > BLOCK:
+    rows = scores.numel() // max(columns, 1)
+    if columns < MIN_COLUMNS or columns % BLOCK or k > BLOCK or rows * (columns // BLOCK) > MAX_BLOCKS:
         return scores.topk(k, dim=-1).indices
     blocks = scores.unflatten(-1, (columns // BLOCK, BLOCK))  # [..., V / BLOCK, BLOCK]
     values, within = blocks.topk(k, dim=-1)  # [..., V / BLOCK, k]

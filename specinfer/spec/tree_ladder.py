@@ -3,7 +3,7 @@
 A draft tree is a list of rank paths in which every path comes after its parent and its better-ranked
 sibling (the order `fit-tree` grows a tree in, or the level order of an expansion). Then every prefix of
 the list is a valid tree, and the tree of m nodes is part of the tree of n > m nodes. The ladder holds
-the prefixes of 1, 2, 4, ... nodes and the whole tree.
+the prefixes of 1, 3, 7, ... nodes and the whole tree.
 
 Nesting also means that one step drafted with a tree tells what every smaller tree of the ladder would
 have committed in that step: the SSMs propose the same token at the same rank path whatever else the tree
@@ -35,12 +35,14 @@ def growth_order(paths: list[Path] | tuple[Path, ...]) -> tuple[Path, ...]:
 
 
 def ladder_sizes(num_nodes: int) -> tuple[int, ...]:
-    """1, 2, 4, ... and `num_nodes` itself, without a power of two so close to it (above 2/3 of it) that a
-    second drafter would not pay for its memory and CUDA graphs."""
+    """1, 3, 7, ... (2^k - 1) and `num_nodes` itself, without a size so close to it (above 2/3 of it) that
+    a second drafter would not pay for its memory and CUDA graphs. With its root a tree of 2^k - 1 nodes
+    is 2^k tokens to verify, which fills a captured pass's token bucket exactly: a tree of 2^k nodes
+    verified 2^k + 1 tokens, padded to twice that at small sizes."""
     sizes, size = [], 1
     while size * 3 <= num_nodes * 2 and size < num_nodes:
         sizes.append(size)
-        size *= 2
+        size = 2 * size + 1
     return tuple(sizes) + (num_nodes,)
 
 
