@@ -90,6 +90,36 @@ def test_adaptive_engine_skips_a_useless_draft_and_stays_exact(tmp_path):
         assert r.stats.num_speculated < 3 * 12  # speculated on a handful of the ~40 steps only
 
 
+def test_steps_that_catch_an_ssm_up_are_not_timed(tmp_path):
+    """A request's first draft feeds the SSM its whole prompt, and a draft after plain steps the tokens
+    the SSM missed: one-off work (engine/one_off.py, like capturing a CUDA graph). Such steps commit
+    tokens but their times would make a tree look hopeless, so the controller is not given them."""
+    save_random_llama(tmp_path / "llm", seed=0)
+    llm = load_model(tmp_path / "llm")
+    manager = RequestManager(llm, [llm], EngineConfig(max_batch_size=2, max_sequence_length=128),
+                             SpeculationConfig(expansion=(1, 1, 1)), eos_token_ids=[])
+    manager.step_log = []
+    timed = []
+    record = manager.controller.record_step
+
+    def spy(seconds, batch_size, size):
+        timed.append(len(manager.step_log) - 1)  # the step just logged
+        record(seconds, batch_size, size)
+
+    manager.controller.record_step = spy
+    manager.register_new_request(PROMPTS[0], sampling=GenerationConfig(max_new_tokens=30))
+    manager.run()
+    sizes = [size for _, size, _, _ in manager.step_log]
+    untimed = [i for i in range(len(sizes)) if i not in timed]
+    first_draft = sizes.index(3)
+    assert first_draft in untimed  # it fed the prompt
+    assert all(sizes[i] == 0 for i in range(first_draft)) and all(i in timed for i in range(first_draft))
+    # Only drafts that follow plain steps go untimed, and drafts following drafts are timed.
+    assert all(sizes[i] and not sizes[i - 1] for i in untimed), (sizes, untimed)
+    assert [i for i in range(1, len(sizes)) if sizes[i] and sizes[i - 1]] and all(
+        i in timed for i in range(1, len(sizes)) if sizes[i] and sizes[i - 1])
+
+
 def test_a_draft_far_from_paying_waits_the_longest_back_off_at_once():
     """A CPU-like cost: a speculative step costs 6.5 plain steps and yields 2 tokens. After the first
     plain step, two timed steps of the whole tree show it losing even one standard error up, so exploring

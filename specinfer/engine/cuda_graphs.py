@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import one_off
 from .gc_freeze import freeze_long_lived_objects
 from .host_batch import DeviceBatch, HostBatch, Layout
 from .kv_cache import KVCache
@@ -56,6 +57,7 @@ class CudaGraphs:
         return graph.hidden
 
     def _capture(self, layout: Layout) -> "_Graph":
+        one_off.note()
         device, capacity = self.cache.data.device, self.cache.capacity
         host = HostBatch(layout, self.cache.scratch_slot, pinned=False)  # all padding
         batch = DeviceBatch(layout, host.buffer.to(device), kv_len=capacity)

@@ -18,6 +18,7 @@ from ..spec.sampling import choose_tokens, logits_to_probs
 from ..spec.tree import TokenTree, merge_trees
 from ..spec.verify import VerifyResult, verify_greedy_targets, verify_stochastic
 from ..tokenizer import Tokenizer
+from . import one_off
 from .gc_freeze import freeze_long_lived_objects
 from .model_runner import Chunk, ModelRunner
 from .scheduler import Scheduler
@@ -150,7 +151,7 @@ class RequestManager:
         newcomers = {r.id for r in admitted}
         decoding = [r for r in self.scheduler.running if r.id not in newcomers and r.status is RequestStatus.RUNNING]
         if decoding:
-            start = time.perf_counter()
+            one_offs, start = one_off.count(), time.perf_counter()
             if any(r.sampling.do_sample for r in decoding):
                 trees, drafts = self._draft(decoding)
                 results = self._verify(decoding, trees)
@@ -166,8 +167,10 @@ class RequestManager:
                 if self.tp is not None:  # ranks must speculate alike, so they all take the slowest rank's time
                     seconds = self.tp.max_over_ranks(seconds)
                 # The step's time first: a request's verdict then weighs its tokens against this step too.
+                # Not that of a step that captured a graph or caught an SSM up: the next ones will not.
                 size = self.ladder.sizes[self._size_index] if drafted else 0
-                self.controller.record_step(seconds, len(decoding), size)
+                if one_off.count() == one_offs:
+                    self.controller.record_step(seconds, len(decoding), size)
                 for request_id, tokens in drafted:
                     self.controller.record_request(request_id, tokens, len(decoding))
         finished = self.scheduler.retire_finished()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..engine import one_off
 from ..engine.gc_freeze import freeze_long_lived_objects
 from ..engine.model_runner import Chunk, ModelRunner
 from ..engine.upload import upload
@@ -79,6 +80,7 @@ class DeviceTreeDrafter:
         new entries with the runner (the chain, then the fed tree nodes); does not wait for the device."""
         ahead = [(slot, tokens[:-CATCH_UP]) for slot, tokens in zip(slots, catch_up) if len(tokens) > CATCH_UP]
         if ahead:  # committed tokens: fed and kept now, so that the graph sees a short chain
+            one_off.note()  # tokens of the plain steps since the last draft: a cost this step alone pays
             self.runner.forward([Chunk.chain(slot, tokens, logits="none") for slot, tokens in ahead])
             self.runner.commit_all([(slot, list(range(len(tokens)))) for slot, tokens in ahead])
         tails = [tokens[-CATCH_UP:] for tokens in catch_up]
@@ -158,6 +160,7 @@ class DeviceTreeDrafter:
         )
 
     def _capture(self, batch: int) -> "_DraftGraph":
+        one_off.note()
         inputs = torch.zeros(CATCH_UP + 3, batch, dtype=torch.long, device=self.device)
         inputs[CATCH_UP:] = torch.tensor([[self.cache.scratch_slot], [0], [1]], device=self.device)
         capacity = self.cache.capacity
