@@ -330,3 +330,18 @@ def test_a_size_that_looked_best_on_a_guessed_cost_is_backed_off_once_timed():
             controller.record_request(0, {s: min(committed.get(s, committed[20]), committed[20])
                                           for s in controller.sizes if s <= size})
     assert small_steps <= 12, small_steps
+
+
+def test_reusing_a_plain_choice_serves_as_fast_as_weighing_every_step(monkeypatch):
+    """While nothing pays, `choose` reuses its last plain choice until a draft is recorded, a probe falls
+    due or PLAIN_REUSE steps pass; it must serve as weighing every step would, where nothing pays and
+    where a small tree pays a little."""
+    from specinfer.engine import speculation_controller
+
+    borderline = {1: 1.35, 2: 1.65, 4: 2.26, 8: 3.3, 20: 7.2}
+    hopeless = {1: 1.7, 2: 2.2, 4: 3.0, 8: 5.0, 20: 10.0}
+    cases = [(borderline, 16, seed) for seed in range(4)] + [(hopeless, 64, seed) for seed in range(2)]
+    reused = [noisy_rate(ratios, batch, seed) for ratios, batch, seed in cases]
+    monkeypatch.setattr(speculation_controller, "PLAIN_REUSE", 0)  # weigh every step
+    weighed = [noisy_rate(ratios, batch, seed) for ratios, batch, seed in cases]
+    assert all(abs(a - b) <= 0.01 * b for a, b in zip(reused, weighed)), (reused, weighed)

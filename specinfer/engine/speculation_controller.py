@@ -55,6 +55,8 @@ SPREAD = 0.8  # typical spread (standard deviation) of one step's committed toke
 OPTIMISTIC_BATCH = 2  # up to this batch size, a size that lost within one standard error is re-measured soon:
 # a probe there costs the few requests that learn from it (at batch 16, the optimism cost 5% of plain speed)
 HOPELESS = 0.5  # gain below this share of the cheapest speculative step's cost ratio: longest back-off at once
+PLAIN_MARGIN = 0.05  # a plain choice is reused while no size came within this share of paying ...
+PLAIN_REUSE = 8  # ... for at most this many steps (step times drift)
 MIN_HOPELESS_SAMPLES = 2  # speculative steps timed before that verdict (the first may capture CUDA graphs)
 
 
@@ -141,6 +143,10 @@ class SpeculationController:
     _records: int = 0
     _gains_key: tuple | None = None
     _gains: dict[int, tuple[dict[int, float], set[int], float]] = field(default_factory=dict)
+    # A plain choice that holds, for the request ids and draft count of `_plain_key`, until step
+    # `_plain_until` (see choose).
+    _plain_key: tuple | None = None
+    _plain_until: int = 0
 
     def cost_ratio(self, batch_size: int, size: int | None = None) -> float:
         """Cost of a speculative step with the tree of `size` nodes (default: the whole tree) in plain
@@ -173,11 +179,14 @@ class SpeculationController:
         """The tree size this step drafts and the requests that draft it ((0, empty): a plain step)."""
         self.step += 1
         batch = len(request_ids)
-        times = self.times.setdefault(_bucket(batch), _StepTimes())
+        times = self._times_at(batch)
         if self.fixed_cost_ratio is None and (not times.plain or times.steps_since_plain >= (
             FIRST_MEASURE_AFTER if len(times.plain) < MIN_PLAIN_SAMPLES else REMEASURE_EVERY
         )):
             return 0, set()
+        key = (tuple(request_ids), self._records)
+        if key == self._plain_key and self.step < self._plain_until:
+            return 0, set()  # nothing pays and no probe is due: a plain step, as the last one was
         states = {rid: self._state(rid) for rid in request_ids}
         full = self.sizes[-1]
         # While neither it nor earlier requests have measured enough, a request drafts the whole tree,
@@ -186,10 +195,12 @@ class SpeculationController:
         unmeasured = set() if pooled is not None and pooled.count >= MIN_SAMPLES else {
             rid for rid, s in states.items() if self._exploring(s)}
         best_size, best_rate, best_set = 0, float(batch), set()
+        best_rate_spec = 0.0  # the best speculative size's rate, paying or not
         gains = self._gains_of(states)
         for size in self.sizes:
             _, useful, extra = gains[size]
             rate = (batch + extra) / self.cost_ratio(batch, size)
+            best_rate_spec = max(best_rate_spec, rate)
             if rate > best_rate:
                 best_size, best_rate, best_set = size, rate, useful
         probes = {rid: self._probe_size(s, batch) for rid, s in states.items()
@@ -197,6 +208,13 @@ class SpeculationController:
         probes = {rid: size for rid, size in probes.items() if size and (size > best_size or rid not in best_set)}
         size = max([best_size, *probes.values()] + ([full] if unmeasured else []))
         if size == 0:
+            self._plain_key, self._plain_until = None, 0
+            if best_rate_spec * (1 + PLAIN_MARGIN) < batch and not unmeasured:
+                # Until a request's gains change (a draft is recorded) or a probe falls due, only the step
+                # times can change this choice, and not by the margin within a few steps: the next steps
+                # skip the weighing (at batch 64 it was most of a plain step's extra host time).
+                self._plain_key = key
+                self._plain_until = min([self.step + PLAIN_REUSE] + [self._next_probe_step(s) for s in states.values()])
             return 0, set()
         chosen = best_set | set(probes) | unmeasured
         if size != best_size:  # a probe or a newcomer makes the step larger: those it pays for join in
@@ -269,7 +287,7 @@ class SpeculationController:
     def record_step(self, seconds: float, batch_size: int, size: int) -> None:
         """A step's time: `size` is the tree it drafted (0: a plain step)."""
         self._ratios.clear()
-        times = self.times.setdefault(_bucket(batch_size), _StepTimes())
+        times = self._times_at(batch_size)
         if not (times.plain if size == 0 else size in times.speculative):
             self._nearest.clear()  # a first time of its kind at this bucket: the nearest timed buckets move
         times.add(size, seconds)
@@ -278,6 +296,19 @@ class SpeculationController:
         self.requests.pop(request_id, None)
 
     # --- helpers -----------------------------------------------------------------------------------
+
+    def _times_at(self, batch_size: int) -> _StepTimes:
+        bucket = _bucket(batch_size)
+        times = self.times.get(bucket)  # (not setdefault: a default built on every call costs a few us)
+        if times is None:
+            times = self.times[bucket] = _StepTimes()
+        return times
+
+    def _next_probe_step(self, state: _RequestState) -> int:
+        """The first step after this one at which the request may probe (steps that are multiples of its
+        back-off, from its next_probe on)."""
+        first = max(state.next_probe, self.step + 1)
+        return -(-first // state.backoff) * state.backoff
 
     def _gain(self, state: _RequestState, size: int) -> float:
         """Tokens per step with this tree: the request's own average, drawn towards the pooled one while it
