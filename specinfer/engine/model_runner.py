@@ -84,22 +84,28 @@ class ModelRunner:
     def release(self, slot: int) -> None:
         self.slots[slot] = _SlotState()
 
-    def forward(self, chunks: list[Chunk], device_tokens: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def forward(self, chunks: list[Chunk], device_tokens: torch.Tensor | None = None,
+                replay: bool = True) -> list[torch.Tensor]:
         """Run all chunks in one batched pass; returns, per chunk, logits [len(logit_rows), vocab] (fp32).
 
         `device_tokens` [len(chunks), max chunk length]: the token ids, already on the device (drafted
-        there); the chunks' own `tokens` then only count them. Nothing here waits for the device."""
-        logits = self.forward_rows(chunks, device_tokens)
+        there); the chunks' own `tokens` then only count them. `replay=False` runs eagerly even where a
+        CUDA graph could serve: for passes whose shapes do not come back step after step (an SSM catching
+        up on the tokens of plain steps), where capturing a graph costs tens of milliseconds for one use.
+        Nothing here waits for the device."""
+        logits = self.forward_rows(chunks, device_tokens, replay)
         if logits is None:
             return [torch.empty(0, device=self.device) for _ in chunks]
         return list(logits.split([len(c.logit_rows) for c in chunks]))
 
     @torch.inference_mode()
-    def forward_rows(self, chunks: list[Chunk], device_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+    def forward_rows(self, chunks: list[Chunk], device_tokens: torch.Tensor | None = None,
+                     replay: bool = True) -> torch.Tensor | None:
         """`forward`, its logits in one tensor [rows, vocab], chunk after chunk (None: no rows asked for)."""
         num_tokens = max(len(c.tokens) for c in chunks)
         width = max(self.slots[c.slot].num_speculative + len(c.tokens) for c in chunks)
-        shape = self.graphs.bucket(len(chunks), num_tokens, width) if self.graphs is not None else None
+        use_graphs = self.graphs is not None and replay
+        shape = self.graphs.bucket(len(chunks), num_tokens, width) if use_graphs else None
         host = self._prepare(chunks, Layout(*(shape or (len(chunks), num_tokens, width))))
         # Eagerly: a device copy of the inputs; with graphs: the bucket's static inputs, loaded.
         batch = host.to_device(self.device) if shape is None else self.graphs.load(host)

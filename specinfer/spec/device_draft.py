@@ -81,7 +81,8 @@ class DeviceTreeDrafter:
         ahead = [(slot, tokens[:-CATCH_UP]) for slot, tokens in zip(slots, catch_up) if len(tokens) > CATCH_UP]
         if ahead:  # committed tokens: fed and kept now, so that the graph sees a short chain
             one_off.note()  # tokens of the plain steps since the last draft: a cost this step alone pays
-            self.runner.forward([Chunk.chain(slot, tokens, logits="none") for slot, tokens in ahead])
+            # Eagerly: chains come in every length, and a graph captured for each would be used once.
+            self.runner.forward([Chunk.chain(slot, tokens, logits="none") for slot, tokens in ahead], replay=False)
             self.runner.commit_all([(slot, list(range(len(tokens)))) for slot, tokens in ahead])
         tails = [tokens[-CATCH_UP:] for tokens in catch_up]
         # Entries are laid out for every node above the deepest level; those of leaves stay unwritten
