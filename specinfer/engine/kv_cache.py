@@ -7,7 +7,6 @@ that padding rows of a ragged batch write into, so they never touch a live reque
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..models.config import ModelConfig
@@ -29,29 +28,19 @@ class KVCache:
 
     def move_entries(self, moves: list[tuple[int, list[int], int]]) -> None:
         """For each (slot, src, dst_start): copy entries `src` of `slot` (all layers, src ascending) to
-        `dst_start, dst_start + 1, ...`. All moves of a step go in one upload, one gather and one scatter.
-
-        Each (slot, head, entry) is one row of D values in every layer's keys and values, so a move is a
-        list of rows: a one-dimensional `index_select` and `index_copy_` (multi-dimensional advanced
-        indexing over the 6-d cache cost the host several hundred microseconds a step on an H200's host)."""
-        src, dst = [], []
+        `dst_start, dst_start + 1, ...`. All moves of a step go in one upload and one gather/scatter."""
+        slots, src, dst = [], [], []
         for slot, entries, start in moves:
-            if list(entries) != list(range(start, start + len(entries))):
-                src.append((slot, entries))
-                dst.append((slot, range(start, start + len(entries))))
-        if not src:
+            targets = range(start, start + len(entries))
+            if list(entries) != list(targets):
+                slots += [slot] * len(entries)
+                src += entries
+                dst += targets
+        if not slots:
             return
-        heads, capacity = self.data.shape[3], self.capacity
-        head_rows = np.arange(heads, dtype=np.int64)[:, None] * capacity  # [H, 1]
-
-        def rows(parts) -> np.ndarray:
-            return np.concatenate([((slot * heads) * capacity + head_rows + np.asarray(entries)[None, :]).ravel()
-                                   for slot, entries in parts])
-
-        index = upload(torch.from_numpy(np.stack([rows(src), rows(dst)])), self.data.device)
-        flat = self.data.view(self.data.shape[0] * 2, -1, self.data.shape[-1])  # [layers * 2, rows, D]
-        # The gather copies first, so overlapping sources and destinations are safe.
-        flat.index_copy_(1, index[1], flat.index_select(1, index[0]))
+        index = upload(torch.tensor([slots, src, dst]), self.data.device)
+        # Indexing with tensors copies first, so overlapping sources and destinations are safe.
+        self.data[:, :, index[0], :, index[2]] = self.data[:, :, index[0], :, index[1]]
 
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
