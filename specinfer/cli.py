@@ -53,7 +53,7 @@ def add_engine_arguments(p: argparse.ArgumentParser, max_sequence_length: int) -
                       help="use the first N nodes of the tree (a fitted tree lists its nodes in growth order, so "
                            "every prefix is the fitted tree of that size)")
     spec.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
-                      help="draft, step by step, the part of the tree (1, 2, 4, ... nodes) that is measured to pay "
+                      help="draft, step by step, the part of the tree (1, 3, 7, ... nodes) that is measured to pay "
                            "most at the running batch size, or nothing")
     run = p.add_argument_group("engine")
     run.add_argument("--max-sequence-length", type=int, default=max_sequence_length,

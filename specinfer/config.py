@@ -40,7 +40,7 @@ class SpeculationConfig:
     """`tree`: every SSM drafts a tree, by `expansion` (children per depth) or by `tree`, a fitted shape
     given as rank paths (`spec/tree_fit.py`; it takes precedence); the trees merge. `sequence`: the first
     SSM speculates a chain as deep as the tree. `incremental`: no speculation. `adaptive` drafts, step by
-    step, the part of the tree that is measured to pay at the running batch size (nested trees of 1, 2, 4,
+    step, the part of the tree that is measured to pay at the running batch size (nested trees of 1, 3, 7,
     ... nodes), or nothing; outputs are the same either way."""
 
     mode: str = "tree"
@@ -76,7 +76,7 @@ class SpeculationConfig:
 
     @property
     def tree_ladder(self) -> TreeLadder | None:
-        """The trees the engine may draft: with `adaptive`, the nested trees of 1, 2, 4, ... nodes up to the
+        """The trees the engine may draft: with `adaptive`, the nested trees of 1, 3, 7, ... nodes up to the
         whole one (`spec/tree_ladder.py`), else the whole tree alone. None when nothing is drafted."""
         shape = self.tree_shape
         if shape is None:

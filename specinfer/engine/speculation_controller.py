@@ -1,6 +1,6 @@
 """How much to draft, and for whom: the tree size that is expected to pay most at the batch size running now.
 
-The engine may draft any tree of a nested ladder (`spec/tree_ladder.py`: 1, 2, 4, ... nodes up to the
+The engine may draft any tree of a nested ladder (`spec/tree_ladder.py`: 1, 3, 7, ... nodes up to the
 whole tree) or nothing. A speculative step with the tree of n nodes costs `ratio(n)` plain steps (SSM
 passes plus a wider verification); the ratio grows with n and with the batch as compute stops being free,
 so it is measured per tree size and batch-size bucket (medians of recent steps). A request's `gain(n)` is
