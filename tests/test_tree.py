@@ -155,6 +155,38 @@ def test_device_drafter_and_host_drafting_grow_the_same_fitted_tree(tmp_path):
         assert host.tree.tokens[node] == alone.topk(shape.ranks[node] + 1).indices[-1].item()
 
 
+def test_catch_up_chains_run_eagerly_not_through_a_captured_graph(tmp_path):
+    """A chain fed ahead of the drafter (a prompt, the tokens of plain steps) comes in every length; a CUDA
+    graph captured for each would serve once and cost tens of milliseconds. Such passes skip the graphs;
+    the host drafter's first pass does too when a chain is long, and uses them for short ones."""
+    from specinfer.config import GenerationConfig
+    from specinfer.spec.device_draft import DeviceTreeDrafter
+    from specinfer.spec.draft import DraftRequest, expand
+
+    class Graphs:  # stands in for CudaGraphs on the CPU: records the shapes asked for, captures nothing
+        batch_buckets: list[int] = []
+
+        def __init__(self):
+            self.asked = []
+
+        def bucket(self, batch, num_tokens, width):
+            self.asked.append(num_tokens)
+            return None
+
+    save_random_llama(tmp_path)
+    ssm = load_model(tmp_path)
+    shape = TreeShape.from_paths([[0], [1], [0, 0]])
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    runner = ModelRunner(ssm, num_slots=2, capacity=64)
+    runner.graphs = Graphs()
+    DeviceTreeDrafter(runner, shape).draft([prompt], [0])
+    assert runner.graphs.asked == []  # the 6 tokens fed ahead ran eagerly
+    host_runner = ModelRunner(ssm, num_slots=1, capacity=64)
+    host_runner.graphs = Graphs()
+    expand(host_runner, [DraftRequest(0, prompt, 8, GenerationConfig(), None)], shape)
+    assert 8 not in host_runner.graphs.asked and host_runner.graphs.asked  # the level passes may replay
+
+
 def test_greedy_verification_keeps_the_deeper_of_two_side_by_side_paths():
     """Two SSMs' trees under one root, both starting with token 7: the second's path runs deeper."""
     from specinfer.spec.verify import verify_greedy_targets
