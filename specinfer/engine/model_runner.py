@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import SpecInferError
+from . import one_off
 from .cuda_graphs import CudaGraphs
 from .host_batch import HostBatch, HostBatchPool, Layout
 from .kv_cache import KVCache
@@ -89,9 +90,10 @@ class ModelRunner:
         """Run all chunks in one batched pass; returns, per chunk, logits [len(logit_rows), vocab] (fp32).
 
         `device_tokens` [len(chunks), max chunk length]: the token ids, already on the device (drafted
-        there); the chunks' own `tokens` then only count them. `replay=False` runs eagerly even where a
-        CUDA graph could serve: for passes whose shapes do not come back step after step (an SSM catching
-        up on the tokens of plain steps), where capturing a graph costs tens of milliseconds for one use.
+        there); the chunks' own `tokens` then only count them. `replay=False` marks a pass whose shape
+        does not come back step after step (an SSM catching up on a prompt or on the tokens of plain
+        steps): it runs eagerly even where a CUDA graph could serve (capturing one would cost tens of
+        milliseconds for one use), and counts as one-off work (`one_off.py`), so the step is not timed.
         Nothing here waits for the device."""
         logits = self.forward_rows(chunks, device_tokens, replay)
         if logits is None:
@@ -104,8 +106,9 @@ class ModelRunner:
         """`forward`, its logits in one tensor [rows, vocab], chunk after chunk (None: no rows asked for)."""
         num_tokens = max(len(c.tokens) for c in chunks)
         width = max(self.slots[c.slot].num_speculative + len(c.tokens) for c in chunks)
-        use_graphs = self.graphs is not None and replay
-        shape = self.graphs.bucket(len(chunks), num_tokens, width) if use_graphs else None
+        if not replay:
+            one_off.note()
+        shape = self.graphs.bucket(len(chunks), num_tokens, width) if self.graphs is not None and replay else None
         host = self._prepare(chunks, Layout(*(shape or (len(chunks), num_tokens, width))))
         # Eagerly: a device copy of the inputs; with graphs: the bucket's static inputs, loaded.
         batch = host.to_device(self.device) if shape is None else self.graphs.load(host)

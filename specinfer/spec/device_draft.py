@@ -80,8 +80,7 @@ class DeviceTreeDrafter:
         new entries with the runner (the chain, then the fed tree nodes); does not wait for the device."""
         ahead = [(slot, tokens[:-CATCH_UP]) for slot, tokens in zip(slots, catch_up) if len(tokens) > CATCH_UP]
         if ahead:  # committed tokens: fed and kept now, so that the graph sees a short chain
-            one_off.note()  # tokens of the plain steps since the last draft: a cost this step alone pays
-            # Eagerly: chains come in every length, and a graph captured for each would be used once.
+            # A one-off pass (chains come in every length): eager, and the step is not timed.
             self.runner.forward([Chunk.chain(slot, tokens, logits="none") for slot, tokens in ahead], replay=False)
             self.runner.commit_all([(slot, list(range(len(tokens)))) for slot, tokens in ahead])
         tails = [tokens[-CATCH_UP:] for tokens in catch_up]

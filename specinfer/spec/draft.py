@@ -12,6 +12,7 @@ import torch
 
 from ..config import GenerationConfig
 from ..engine.model_runner import Chunk, ModelRunner
+from .device_draft import CATCH_UP
 from .sampling import logits_to_probs
 from .tree import Proposal, TokenTree, TreeShape
 
@@ -68,9 +69,9 @@ def expand(runner: ModelRunner, requests: list[DraftRequest], shape: TreeShape) 
         drafts[-1].tree.sampled = r.sampling.do_sample
     # Per request: the tree nodes whose logits the last pass produced, and the shape node of each.
     frontier: list[list[tuple[int, int]]] = [[(0, 0)] for _ in requests]
-    # A chain longer than the one or two tokens of a step since the last draft (a prompt, the tokens of
-    # plain steps) runs eagerly: a CUDA graph captured for its length would be used once.
-    logits = runner.forward(chunks, replay=max(len(c.tokens) for c in chunks) <= 2)
+    # A chain longer than what a step leaves since the last draft (a prompt, the tokens of plain steps) is
+    # a one-off pass: eager, and the step is not timed.
+    logits = runner.forward(chunks, replay=max(len(c.tokens) for c in chunks) <= CATCH_UP)
     for depth in range(shape.depth):
         active = [i for i, r in enumerate(requests) if depth < r.max_depth and frontier[i]]
         if not active:
