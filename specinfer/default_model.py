@@ -24,8 +24,9 @@ EARLY_EXIT_DRAFT = "self:4"
 TUNED_TREES = TUNED_SSMS / "trees"
 DEFAULT_TREES = {(f"{TUNED_PREFIX}1",): "tuned1_20.json", (f"{TUNED_PREFIX}1", f"{TUNED_PREFIX}2"): "tuned1-2_20.json"}
 # On a GPU a verified node is nearly free at small batches and each tree level is one more SSM pass, so
-# tuned:1 drafts the wide 64-node tree of depth 4: on an H200, batch 1, it ran 1.32x faster than
-# incremental decoding where the 20-node, depth-8 tree ran 1.11x (docs/benchmarks/engine_speed_gpu.md).
+# tuned:1 drafts the wide 64-node tree of depth 4: on an H200, batch 1, it ran 1.20x-1.32x faster than
+# incremental decoding (three runs) where the 20-node, depth-8 tree ran 1.05x-1.11x
+# (docs/benchmarks/engine_speed_gpu.md).
 DEFAULT_GPU_TREES = {(f"{TUNED_PREFIX}1",): "tuned1_d4_64.json"}
 # The tuned SSMs score only the 16,384 tokens the default model's answers use most (models/draft_vocab.py):
 # as many tokens per step as the whole vocabulary, a third of the SSM's LM head to read.
