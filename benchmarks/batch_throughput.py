@@ -5,8 +5,9 @@
 For each batch size B, B held-out prompts (the boost-tuning prompt set's held-out topics) are served at
 once (continuous batching, greedy) and total generated tokens per second is reported for incremental
 decoding, the adaptive tree (the engine's default: it shrinks the tree, down to plain steps, as the
-batch grows) and the fixed tree. Each row runs once untimed first, so CUDA graphs and compiled shapes
-are ready, then --repeats timed runs give the median. Writes JSON and a Markdown table (device, torch
+batch grows) and the fixed tree. Each mode runs once untimed first, so CUDA graphs and compiled shapes
+are ready, then --repeats timed runs of each, interleaved (incremental, adaptive, fixed, incremental,
+...), give the medians. Writes JSON and a Markdown table (device, torch
 version, date) to docs/benchmarks/.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from specinfer import LLM, EngineConfig, GenerationConfig, SpeculationConfig
+from specinfer.engine.request_manager import RequestManager
 from specinfer.boost.prompts import build_prompts
 from specinfer.config import parse_expansion
 from specinfer.spec.tree_fit import load_tree_file
@@ -30,31 +32,68 @@ from specinfer.spec.tree_fit import load_tree_file
 from engine_speed import device_name, draft_vocab_size, result_tag  # noqa: E402 (benchmarks/ is the script's folder)
 
 
-def timed_generate(llm: LLM, prompts: list[str], mode: str, max_new_tokens: int, repeats: int) -> dict:
-    """The median of `repeats` timed runs, after one untimed run (graph captures, compilation)."""
+MODES = ("incremental", "adaptive", "fixed")
+
+
+def build_managers(llm: LLM, expansion, tree) -> dict[str, RequestManager]:
+    """One request manager per mode over the loaded models, kept for the whole row: runs of the modes
+    interleave, so drift in the machine's speed falls on all of them alike."""
+    def manager(mode: str, adaptive: bool) -> RequestManager:
+        speculation = SpeculationConfig(mode=mode, expansion=expansion, adaptive=adaptive, tree=tree)
+        return RequestManager(llm.model, llm.ssms, llm.engine_config, speculation, llm.eos_token_ids, llm.tokenizer)
+
+    return {"incremental": manager("incremental", False), "adaptive": manager("tree", True),
+            "fixed": manager("tree", False)}
+
+
+def serve(manager: RequestManager, prompts: list[list[int]], config: GenerationConfig) -> list:
+    """Serve the prompts (token ids) together; returns the finished requests in order."""
+    ids = [manager.register_new_request(p, sampling=config) for p in prompts]
+    manager.run()
+    return [manager.pop_request(i) for i in ids]
+
+
+def timed_rows(llm: LLM, managers: dict[str, RequestManager], prompts: list[list[int]], max_new_tokens: int,
+               repeats: int) -> dict[str, dict]:
+    """Per mode, the median of `repeats` timed runs after one untimed run (graph captures, compilation);
+    the timed runs go incremental, adaptive, fixed, incremental, ..."""
     config = GenerationConfig(max_new_tokens=max_new_tokens)
     cuda = llm.engine_config.device.startswith("cuda")
-    llm.generate(prompts, config, mode=mode)  # warm-up
-    manager = llm.manager_for(mode)
-    runs = []
+    for manager in managers.values():
+        serve(manager, prompts, config)  # warm-up
+    graphs_before = {mode: captured_graphs(m) for mode, m in managers.items()}
+    runs: dict[str, list[float]] = {mode: [] for mode in managers}
+    finished: dict[str, list] = {}
     for _ in range(repeats):
-        manager.step_log = []  # the last run's steps: what the controller chose, and what it cost
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        results = llm.generate(prompts, config, mode=mode)
-        if cuda:
-            torch.cuda.synchronize()
-        runs.append(time.perf_counter() - start)
-    elapsed = statistics.median(runs)
-    tokens = sum(len(r.output_tokens) for r in results)
-    steps = sum(r.num_llm_steps for r in results)
-    accepted = sum(r.num_accepted for r in results)
-    row = {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
-           "tokens_per_request_step": (accepted + steps) / max(steps, 1)}
-    row["steps_by_tree_size"] = steps_by_tree_size(manager.step_log)
-    manager.step_log = None
-    return row
+        for mode, manager in managers.items():
+            manager.step_log = []  # the last run's steps: what the controller chose, and what it cost
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            finished[mode] = serve(manager, prompts, config)
+            if cuda:
+                torch.cuda.synchronize()
+            runs[mode].append(time.perf_counter() - start)
+    rows = {}
+    for mode, manager in managers.items():
+        elapsed = statistics.median(runs[mode])
+        tokens = sum(len(r.output_tokens) for r in finished[mode])
+        steps = sum(r.stats.num_llm_steps for r in finished[mode])
+        accepted = sum(r.stats.num_accepted for r in finished[mode])
+        rows[mode] = {"tokens": tokens, "seconds": elapsed, "runs_s": runs[mode], "tokens_per_s": tokens / elapsed,
+                      "tokens_per_request_step": (accepted + steps) / max(steps, 1),
+                      "steps_by_tree_size": steps_by_tree_size(manager.step_log),
+                      "graphs_captured_in_timed_runs": captured_graphs(manager) - graphs_before[mode]}
+        manager.step_log = None
+    return rows
+
+
+def captured_graphs(manager) -> int:
+    """CUDA graphs the manager's models hold (LLM, SSMs and drafters): one captured inside a timed run
+    costs tens of milliseconds there."""
+    runners = [manager.llm, *manager.ssms]
+    return (sum(len(r.graphs.graphs) for r in runners if r.graphs is not None)
+            + sum(len(d.graphs) for d in manager._drafters.values()))
 
 
 def steps_by_tree_size(log: list[tuple[int, int, float, int]]) -> dict:
@@ -92,13 +131,9 @@ def main() -> None:
     llm = LLM(args.llm, args.ssm, engine=engine, speculation=SpeculationConfig(expansion=expansion, tree=tree))
     rows = []
     for batch in batches:
-        prompts = [held_out[i % len(held_out)] for i in range(batch)]
-        row = {"batch": batch}
-        row["incremental"] = timed_generate(llm, prompts, "incremental", args.max_new_tokens, args.repeats)
-        llm.set_speculation(SpeculationConfig(expansion=expansion, adaptive=True, tree=tree))
-        row["adaptive"] = timed_generate(llm, prompts, "tree", args.max_new_tokens, args.repeats)
-        llm.set_speculation(SpeculationConfig(expansion=expansion, adaptive=False, tree=tree))
-        row["fixed"] = timed_generate(llm, prompts, "tree", args.max_new_tokens, args.repeats)
+        prompts = [llm.encode_prompt(held_out[i % len(held_out)], use_chat_template=True) for i in range(batch)]
+        row = {"batch": batch, **timed_rows(llm, build_managers(llm, expansion, tree), prompts,
+                                            args.max_new_tokens, args.repeats)}
         base = row["incremental"]["tokens_per_s"]
         print(f"batch {batch}: incremental {base:.1f} tok/s, adaptive {row['adaptive']['tokens_per_s']:.1f} "
               f"({row['adaptive']['tokens_per_s'] / base:.2f}x), fixed {row['fixed']['tokens_per_s']:.1f} "
@@ -106,7 +141,10 @@ def main() -> None:
         print(f"  incremental: median step {row['incremental']['steps_by_tree_size'][0]['median_ms']:.2f} ms; "
               "adaptive steps by tree size (steps, share of step time, median ms): " + ", ".join(
             f"{size}: {v['steps']}, {v['time_share']:.0%}, {v['median_ms']:.2f}"
-            for size, v in row["adaptive"]["steps_by_tree_size"].items()), flush=True)
+            for size, v in row["adaptive"]["steps_by_tree_size"].items())
+            + "; graphs captured in timed runs: " + ", ".join(
+            f"{mode} {row[mode]['graphs_captured_in_timed_runs']}" for mode in MODES),
+            flush=True)
         rows.append(row)
 
     meta = {"date": datetime.date.today().isoformat(), "device": device_name(args.device), "torch": torch.__version__,
@@ -123,7 +161,7 @@ def main() -> None:
         f"{meta['date']} · {meta['device']} · torch {meta['torch']} · {meta['dtype']} · greedy · "
         f"{args.max_new_tokens} new tokens per request · SSMs: {', '.join(meta['ssms'])} · "
         f"tree {args.tree or args.expansion} · draft vocabulary: {meta['draft_vocab'] or 'the whole one'}"
-        f"{' · blocks compiled (--compile)' if args.compile else ''} · each row the median of {args.repeats} runs after one untimed run", "",
+        f"{' · blocks compiled (--compile)' if args.compile else ''} · each row the median of {args.repeats} runs after one untimed run, the modes' runs interleaved", "",
         f"Reproduce: `python benchmarks/batch_throughput.py {' '.join(sys.argv[1:])}`", "",
         "| batch | incremental tok/s | adaptive tree tok/s | vs incremental | fixed tree tok/s | vs incremental | "
         "fixed tree: tokens per request-step |",

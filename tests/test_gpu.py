@@ -106,6 +106,44 @@ def test_gpu_switching_tree_sizes_keeps_outputs_exact(tmp_path, batch):
 
 
 @pytest.mark.gpu
+def test_gpu_tree_sizes_switching_capture_no_graph_after_the_first_draft(tmp_path):
+    """Every size of the ladder in turn, for all 4 requests: every graph the run replays at their batch
+    bucket (each size's drafter, verification of whole and cut trees, plain steps) exists once the first
+    step has drafted."""
+    from specinfer.config import EngineConfig, GenerationConfig, SpeculationConfig
+    from specinfer.engine.request_manager import RequestManager
+
+    from .test_speculative import CyclingSizes
+
+    class EveryRequest(CyclingSizes):  # all requests draft, so the batch stays one bucket
+        def choose(self, request_ids):
+            size, _ = super().choose(request_ids)
+            return size, set(request_ids) if size else set()
+
+    reference = save_random_llama(tmp_path / "llm")
+    save_random_llama(tmp_path / "ssm", noise_from=reference)
+    llm = load_model(tmp_path / "llm", "cuda", torch.bfloat16)
+    ssm = load_model(tmp_path / "ssm", "cuda", torch.bfloat16)
+    manager = RequestManager(llm, [ssm], EngineConfig(max_batch_size=4, max_sequence_length=128, device="cuda"),
+                             SpeculationConfig(tree=FITTED_TREE), eos_token_ids=[])
+    manager.controller = EveryRequest(manager.ladder.sizes)
+    for prompt in PROMPTS[:4]:
+        manager.register_new_request(prompt, sampling=GenerationConfig(max_new_tokens=40))
+
+    def graphs():  # at batch bucket 4 (requests that finish early leave smaller batches at the end)
+        drafters = {(len(d.shape), b) for d in manager._drafters.values() for b in d.graphs if b == 4}
+        return {layout for layout in manager.llm.graphs.graphs if layout.batch == 4}, drafters, set(manager.ssms[0].graphs.graphs)
+
+    manager.step_log = []
+    while not any(size for _, size, _, _ in manager.step_log):
+        manager.step()
+    after_first_draft = graphs()
+    manager.run()
+    assert set(manager.controller.ran) == {0, *manager.ladder.sizes}
+    assert graphs() == after_first_draft
+
+
+@pytest.mark.gpu
 def test_gpu_device_drafter_batch_matches_host_drafting(tmp_path):
     """A batch of requests (padded to the graph's bucket) drafts in one CUDA graph exactly the trees that
     host drafting grows one request at a time: every row reads its own slot and cache length."""

@@ -260,6 +260,44 @@ def generate_switching_sizes(llm, ssms, prompts, tree=None, batch=4, max_new=20,
     return [manager.requests[i] for i in ids]
 
 
+def test_adaptive_engine_captures_every_tree_size_when_a_batch_first_drafts(random_models, monkeypatch):
+    """The controller moves between the ladder's sizes; graphs captured on first use would land in
+    whichever step first tries a size. The first step that drafts for a batch captures them all: each
+    size's drafter, and verification at every token bucket up to the whole tree's (the plain step's too)."""
+    from specinfer.spec.device_draft import DeviceTreeDrafter
+
+    llm, ssms = random_models
+    manager = RequestManager(llm, ssms[:2], EngineConfig(max_batch_size=4, max_sequence_length=128),
+                             SpeculationConfig(tree=FITTED_TREE), eos_token_ids=[])
+    captured = []
+
+    class Graphs:  # stands in for CudaGraphs on the CPU: records what is captured, serves nothing
+        batch_buckets: list[int] = []
+
+        def bucket(self, *shape):
+            return None
+
+        def capture(self, batch, num_tokens, width):
+            captured.append(("verify", batch, num_tokens, width))
+
+    manager.llm.graphs = Graphs()
+    monkeypatch.setattr(DeviceTreeDrafter, "capture",
+                        lambda drafter, batch: captured.append(("draft", len(drafter.shape) - 1, batch)))
+    for prompt in PROMPTS[:3]:
+        manager.register_new_request(prompt, sampling=GenerationConfig(max_new_tokens=20))
+    manager.step_log = []
+    while not any(size for _, size, _, _ in manager.step_log):  # prefill, a plain step, the first draft
+        manager.step()
+    assert manager.ladder.sizes == (1, 3, 7, 11)
+    whole = 1 + 2 * 11
+    assert sorted(captured) == sorted(
+        [("draft", size, 3) for size in manager.ladder.sizes for _ in range(2)]
+        + [("verify", 3, t, t) for t in (1, 2, 4, 8, 16, whole)])
+    captured.clear()
+    manager._capture_ladder(3, 3)
+    assert captured == []  # once per batch
+
+
 @pytest.mark.parametrize("num_ssms", [1, 2])
 @pytest.mark.parametrize("host_drafting", [False, True])
 def test_switching_tree_sizes_every_step_keeps_outputs_exact(random_models, num_ssms, host_drafting):

@@ -40,6 +40,12 @@ class CudaGraphs:
         w = next((x for x in TOKEN_BUCKETS if max(width, t or 0) <= x), None)
         return None if b is None or t is None or w is None else (b, t, w)
 
+    def capture(self, batch: int, num_tokens: int, width: int) -> None:
+        """Capture the bucket that would serve this shape now, if it is not yet (see `bucket`)."""
+        shape = self.bucket(batch, num_tokens, width)
+        if shape is not None and Layout(*shape) not in self.graphs:
+            self.graphs[Layout(*shape)] = self._capture(Layout(*shape))
+
     def load(self, host: HostBatch) -> DeviceBatch:
         """Copy `host` (pinned: the copy does not block the host) into its bucket's static inputs, which
         it returns (the caller may still write drafted token ids into them); `replay` runs the pass."""

@@ -19,6 +19,7 @@ from ..spec.tree import TokenTree, merge_trees
 from ..spec.verify import VerifyResult, verify_greedy_targets, verify_stochastic
 from ..tokenizer import Tokenizer
 from . import one_off
+from .cuda_graphs import TOKEN_BUCKETS
 from .gc_freeze import freeze_long_lived_objects
 from .model_runner import Chunk, ModelRunner
 from .scheduler import Scheduler
@@ -69,6 +70,7 @@ class RequestManager:
         self._drafters: dict[tuple[int, int], DeviceTreeDrafter] = {}  # (SSM, ladder size index), made on first use
         self._size_index = 0  # this step's tree in the ladder
         self._index_lists: dict[tuple, tuple] = {}  # see _verified_tree and _draft_indexes
+        self._ladder_captured: set[tuple[int, int]] = set()  # see _capture_ladder
         self.controller = SpeculationController(self.ladder.sizes) if speculation.adaptive and self.ssms else None
         # Set to a list to record every decoding step as (batch size, tree size drafted or 0, seconds,
         # tokens committed): what benchmarks/step_profile.py reads to see what the controller chose.
@@ -211,12 +213,31 @@ class RequestManager:
             self._size_index = self.ladder.sizes.index(size) if size else self._size_index
         return drafting
 
-    def _drafter(self, ssm_index: int) -> DeviceTreeDrafter:
-        """SSM `ssm_index`'s drafter of this step's tree (each size keeps its own CUDA graphs)."""
-        key = (ssm_index, self._size_index)
+    def _drafter(self, ssm_index: int, size_index: int | None = None) -> DeviceTreeDrafter:
+        """SSM `ssm_index`'s drafter of this step's tree, or of the ladder's `size_index` (each size keeps
+        its own CUDA graphs)."""
+        key = (ssm_index, self._size_index if size_index is None else size_index)
         if key not in self._drafters:
-            self._drafters[key] = DeviceTreeDrafter(self.ssms[ssm_index], self.ladder.shapes[self._size_index])
+            self._drafters[key] = DeviceTreeDrafter(self.ssms[ssm_index], self.ladder.shapes[key[1]])
         return self._drafters[key]
+
+    def _capture_ladder(self, num_drafting: int, num_requests: int) -> None:
+        """Under the adaptive controller, capture at once the CUDA graphs of every tree size of the ladder
+        (drafting and verifying, plain steps included) the first time this many requests draft. Captured
+        on first use instead, each size's first step at a batch size would capture inside whatever run
+        the controller first tries it in, a timed one after a benchmark's warm-up as likely as not. This
+        step captures them all and is not timed (`one_off`)."""
+        if self.llm.graphs is None or (num_drafting, num_requests) in self._ladder_captured:
+            return
+        self._ladder_captured.add((num_drafting, num_requests))
+        for size_index in range(len(self.ladder.sizes)):
+            for s in range(len(self.ssms)):
+                self._drafter(s, size_index).capture(num_drafting)
+        # Verification: every token bucket up to the whole tree's, for trees cut short near a request's
+        # end too (the LLM holds no speculative entries before it verifies: the tree mask is as wide).
+        whole = 1 + len(self.ssms) * self.ladder.sizes[-1]
+        for tokens in [t for t in TOKEN_BUCKETS if t < whole] + [whole]:
+            self.llm.graphs.capture(num_requests, tokens, tokens)
 
     def _speculate_greedy(
         self, requests: list[Request]
@@ -228,6 +249,8 @@ class RequestManager:
         drafting = self._choose_drafting(requests)
         if not drafting:
             return self._plain_step(requests)
+        if self.controller is not None:
+            self._capture_ladder(len(drafting), len(requests))
         shape = self.ladder.shapes[self._size_index]
         device = self.llm.device
         drafted, catch_up = [], []  # per SSM: token ids [len(drafting), len(shape)], root first; chain lengths

@@ -91,8 +91,7 @@ class DeviceTreeDrafter:
         for slot, tail in zip(slots, tails):
             self.runner.extend_speculative(slot, list(range(len(tail))) + [len(tail) - 1 + d for d in fed])
         batch = len(slots)
-        graphs = self.runner.graphs
-        bucket = next((b for b in graphs.batch_buckets if b >= batch), None) if graphs is not None else None
+        bucket = self._bucket(batch)
         rows = bucket or batch
         padding = rows - batch  # padding rows write into the scratch slot, from entry 0
         # One row per field (the chain's tokens, slot, cached entries, chain length), a column per request:
@@ -108,6 +107,17 @@ class DeviceTreeDrafter:
         graph.inputs.copy_(upload(inputs, self.device))
         graph.graph.replay()
         return graph.tokens[:batch], [len(tail) for tail in tails]
+
+    def capture(self, batch: int) -> None:
+        """Capture the graph that drafts for `batch` requests, if there is none yet (no-op without graphs)."""
+        bucket = self._bucket(batch)
+        if bucket is not None and bucket not in self.graphs:
+            self._capture(bucket)
+
+    def _bucket(self, batch: int) -> int | None:
+        """The captured batch size that serves `batch` requests, or None to draft eagerly."""
+        graphs = self.runner.graphs
+        return next((b for b in graphs.batch_buckets if b >= batch), None) if graphs is not None else None
 
     def _draft(self, inputs: torch.Tensor, kv_len: int) -> torch.Tensor:
         """`inputs` [CATCH_UP + 3, B]: the chain (padded), then slot, cached entries and chain length."""
