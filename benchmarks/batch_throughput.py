@@ -59,8 +59,11 @@ def timed_rows(llm: LLM, managers: dict[str, RequestManager], prompts: list[list
     the timed runs go incremental, adaptive, fixed, incremental, ..."""
     config = GenerationConfig(max_new_tokens=max_new_tokens)
     cuda = llm.engine_config.device.startswith("cuda")
-    for manager in managers.values():
+    warm_up_steps = {}
+    for mode, manager in managers.items():
+        manager.step_log = []
         serve(manager, prompts, config)  # warm-up
+        warm_up_steps[mode] = [(size, round(1e3 * seconds, 3)) for _, size, seconds, _ in manager.step_log]
     graphs_before = {mode: captured_graphs(m) for mode, m in managers.items()}
     runs: dict[str, list[float]] = {mode: [] for mode in managers}
     finished: dict[str, list] = {}
@@ -83,7 +86,8 @@ def timed_rows(llm: LLM, managers: dict[str, RequestManager], prompts: list[list
         rows[mode] = {"tokens": tokens, "seconds": elapsed, "runs_s": runs[mode], "tokens_per_s": tokens / elapsed,
                       "tokens_per_request_step": (accepted + steps) / max(steps, 1),
                       "steps_by_tree_size": steps_by_tree_size(manager.step_log),
-                      "graphs_captured_in_timed_runs": captured_graphs(manager) - graphs_before[mode]}
+                      "graphs_captured_in_timed_runs": captured_graphs(manager) - graphs_before[mode],
+                      "warm_up_steps": warm_up_steps[mode]}  # (tree size, ms) of each step: what the controller met
         manager.step_log = None
     return rows
 

@@ -278,9 +278,10 @@ def test_adaptive_engine_captures_every_tree_size_when_a_batch_first_drafts(rand
             return None
 
         def capture(self, batch, num_tokens, width):
-            captured.append(("verify", batch, num_tokens, width))
+            captured.append(("verify" if self is manager.llm.graphs else "catch up", batch, num_tokens, width))
 
-    manager.llm.graphs = Graphs()
+    for runner in (manager.llm, *manager.ssms):
+        runner.graphs = Graphs()
     monkeypatch.setattr(DeviceTreeDrafter, "capture",
                         lambda drafter, batch: captured.append(("draft", len(drafter.shape) - 1, batch)))
     for prompt in PROMPTS[:3]:
@@ -292,9 +293,10 @@ def test_adaptive_engine_captures_every_tree_size_when_a_batch_first_drafts(rand
     whole = 1 + 2 * 11
     assert sorted(captured) == sorted(
         [("draft", size, 3) for size in manager.ladder.sizes for _ in range(2)]
-        + [("verify", 3, t, t) for t in (1, 2, 4, 8, 16, whole)])
+        + [("verify", 3, t, t) for t in (1, 2, 4, 8, 16, whole)]
+        + [("catch up", 3, t, t) for t in (4, 8, 16) for _ in range(2)])
     captured.clear()
-    manager._capture_ladder(3, 3)
+    manager._capture_ladder(3)
     assert captured == []  # once per batch
 
 

@@ -156,9 +156,9 @@ def test_device_drafter_and_host_drafting_grow_the_same_fitted_tree(tmp_path):
 
 
 def test_catch_up_chains_run_eagerly_not_through_a_captured_graph(tmp_path):
-    """A chain fed ahead of the drafter (a prompt, the tokens of plain steps) comes in every length; a CUDA
-    graph captured for each would serve once and cost tens of milliseconds. Such passes skip the graphs;
-    the host drafter's first pass does too when a chain is long, and uses them for short ones."""
+    """A long chain fed ahead of the drafter (a prompt) comes in every length; a CUDA graph captured for
+    each would serve once and cost tens of milliseconds. Such passes skip the graphs, and short ones (the
+    tokens of a few plain steps) may replay them; the host drafter's first pass does the same."""
     from specinfer.config import GenerationConfig
     from specinfer.spec.device_draft import DeviceTreeDrafter
     from specinfer.spec.draft import DraftRequest, expand
@@ -179,8 +179,10 @@ def test_catch_up_chains_run_eagerly_not_through_a_captured_graph(tmp_path):
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     runner = ModelRunner(ssm, num_slots=2, capacity=64)
     runner.graphs = Graphs()
-    DeviceTreeDrafter(runner, shape).draft([prompt], [0])
-    assert runner.graphs.asked == []  # the 6 tokens fed ahead ran eagerly
+    DeviceTreeDrafter(runner, shape).draft([prompt * 3], [0])
+    assert runner.graphs.asked == []  # the 22 tokens fed ahead ran eagerly
+    DeviceTreeDrafter(runner, shape).draft([prompt], [1])
+    assert runner.graphs.asked == [6]  # 6 tokens may replay a captured pass
     host_runner = ModelRunner(ssm, num_slots=1, capacity=64)
     host_runner.graphs = Graphs()
     expand(host_runner, [DraftRequest(0, prompt, 8, GenerationConfig(), None)], shape)

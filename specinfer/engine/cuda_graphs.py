@@ -40,6 +40,7 @@ class CudaGraphs:
         w = next((x for x in TOKEN_BUCKETS if max(width, t or 0) <= x), None)
         return None if b is None or t is None or w is None else (b, t, w)
 
+    @torch.inference_mode()
     def capture(self, batch: int, num_tokens: int, width: int) -> None:
         """Capture the bucket that would serve this shape now, if it is not yet (see `bucket`)."""
         shape = self.bucket(batch, num_tokens, width)
@@ -79,6 +80,7 @@ class CudaGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             hidden = self.model(batch.tokens, self.cache, batch.meta)
         self.pool = graph.pool()
+        graph.replay()  # a graph's first launch uploads it: paid here, in the step that is not timed
         freeze_long_lived_objects(collect=False)  # what compiling and capturing made lives on with the graph
         return _Graph(graph, batch, hidden)
 

@@ -12,7 +12,7 @@ import torch
 
 from ..config import EngineConfig, GenerationConfig, SpeculationConfig
 from ..errors import SpecInferError
-from ..spec.device_draft import DeviceTreeDrafter
+from ..spec.device_draft import CATCH_UP, REPLAYED_CATCH_UP, DeviceTreeDrafter
 from ..spec.draft import DraftRequest, SSMDraft, expand
 from ..spec.sampling import choose_tokens, logits_to_probs
 from ..spec.tree import TokenTree, merge_trees
@@ -70,7 +70,7 @@ class RequestManager:
         self._drafters: dict[tuple[int, int], DeviceTreeDrafter] = {}  # (SSM, ladder size index), made on first use
         self._size_index = 0  # this step's tree in the ladder
         self._index_lists: dict[tuple, tuple] = {}  # see _verified_tree and _draft_indexes
-        self._ladder_captured: set[tuple[int, int]] = set()  # see _capture_ladder
+        self._ladder_captured: set[int] = set()  # batch sizes whose graphs are captured: see _capture_ladder
         self.controller = SpeculationController(self.ladder.sizes) if speculation.adaptive and self.ssms else None
         # Set to a list to record every decoding step as (batch size, tree size drafted or 0, seconds,
         # tokens committed): what benchmarks/step_profile.py reads to see what the controller chose.
@@ -221,23 +221,28 @@ class RequestManager:
             self._drafters[key] = DeviceTreeDrafter(self.ssms[ssm_index], self.ladder.shapes[key[1]])
         return self._drafters[key]
 
-    def _capture_ladder(self, num_drafting: int, num_requests: int) -> None:
+    def _capture_ladder(self, num_requests: int) -> None:
         """Under the adaptive controller, capture at once the CUDA graphs of every tree size of the ladder
-        (drafting and verifying, plain steps included) the first time this many requests draft. Captured
-        on first use instead, each size's first step at a batch size would capture inside whatever run
-        the controller first tries it in, a timed one after a benchmark's warm-up as likely as not. This
-        step captures them all and is not timed (`one_off`)."""
-        if self.llm.graphs is None or (num_drafting, num_requests) in self._ladder_captured:
+        the first time all of this many requests draft: each size's drafter, verification at every token
+        bucket up to the whole tree's (trees cut short near a request's end, plain steps), and the SSMs'
+        catch-up passes after plain steps. Captured on first use instead, each size's first step would
+        capture inside whatever run the controller first tries it in, a timed one after a benchmark's
+        warm-up as likely as not. This step captures them all and is not timed (`one_off`). (Steps where
+        only some requests draft capture what they use, on first use.)"""
+        if self.llm.graphs is None or num_requests in self._ladder_captured:
             return
-        self._ladder_captured.add((num_drafting, num_requests))
+        self._ladder_captured.add(num_requests)
         for size_index in range(len(self.ladder.sizes)):
             for s in range(len(self.ssms)):
-                self._drafter(s, size_index).capture(num_drafting)
-        # Verification: every token bucket up to the whole tree's, for trees cut short near a request's
-        # end too (the LLM holds no speculative entries before it verifies: the tree mask is as wide).
+                self._drafter(s, size_index).capture(num_requests)
+        # The LLM holds no speculative entries before it verifies, nor an SSM before it catches up: the
+        # tree mask is as wide as the tokens.
         whole = 1 + len(self.ssms) * self.ladder.sizes[-1]
         for tokens in [t for t in TOKEN_BUCKETS if t < whole] + [whole]:
             self.llm.graphs.capture(num_requests, tokens, tokens)
+        for runner in [r for r in self.ssms if r.graphs is not None]:
+            for tokens in [t for t in TOKEN_BUCKETS if CATCH_UP < t <= REPLAYED_CATCH_UP]:
+                runner.graphs.capture(num_requests, tokens, tokens)
 
     def _speculate_greedy(
         self, requests: list[Request]
@@ -249,8 +254,8 @@ class RequestManager:
         drafting = self._choose_drafting(requests)
         if not drafting:
             return self._plain_step(requests)
-        if self.controller is not None:
-            self._capture_ladder(len(drafting), len(requests))
+        if self.controller is not None and len(drafting) == len(requests):
+            self._capture_ladder(len(requests))
         shape = self.ladder.shapes[self._size_index]
         device = self.llm.device
         drafted, catch_up = [], []  # per SSM: token ids [len(drafting), len(shape)], root first; chain lengths

@@ -31,6 +31,11 @@ from .tree import TreeShape
 # LLM's own) or two (the accepted path ended on a leaf). Padding positions write entries that the tree's
 # nodes overwrite or that are never kept.
 CATCH_UP = 2
+# Longer chains are fed ahead of the drafter's graph. Those of up to this many tokens (an SSM catching up
+# on a few plain steps, when the controller probes a tree again) replay the SSM's captured passes, which
+# the adaptive engine captures up front; longer ones (a prompt) run eagerly. Eager, the short ones cost
+# about 3 ms a probe on an H200 where a step costs 1.1 to 2.2.
+REPLAYED_CATCH_UP = 16
 
 
 class DeviceTreeDrafter:
@@ -80,8 +85,9 @@ class DeviceTreeDrafter:
         new entries with the runner (the chain, then the fed tree nodes); does not wait for the device."""
         ahead = [(slot, tokens[:-CATCH_UP]) for slot, tokens in zip(slots, catch_up) if len(tokens) > CATCH_UP]
         if ahead:  # committed tokens: fed and kept now, so that the graph sees a short chain
-            # A one-off pass (chains come in every length): eager, and the step is not timed.
-            self.runner.forward([Chunk.chain(slot, tokens, logits="none") for slot, tokens in ahead], replay=False)
+            # Long chains (a prompt) come in every length: eager, one-off work, and the step is not timed.
+            replay = max(len(tokens) for _, tokens in ahead) <= REPLAYED_CATCH_UP
+            self.runner.forward([Chunk.chain(slot, tokens, logits="none") for slot, tokens in ahead], replay=replay)
             self.runner.commit_all([(slot, list(range(len(tokens)))) for slot, tokens in ahead])
         tails = [tokens[-CATCH_UP:] for tokens in catch_up]
         # Entries are laid out for every node above the deepest level; those of leaves stay unwritten
@@ -108,6 +114,7 @@ class DeviceTreeDrafter:
         graph.graph.replay()
         return graph.tokens[:batch], [len(tail) for tail in tails]
 
+    @torch.inference_mode()
     def capture(self, batch: int) -> None:
         """Capture the graph that drafts for `batch` requests, if there is none yet (no-op without graphs)."""
         bucket = self._bucket(batch)
@@ -185,6 +192,7 @@ class DeviceTreeDrafter:
         with torch.cuda.graph(graph, pool=self.pool):
             tokens = self._draft(inputs, capacity)
         self.pool = graph.pool()
+        graph.replay()  # a graph's first launch uploads it: paid here, in the step that is not timed
         freeze_long_lived_objects(collect=False)  # what compiling and capturing made lives on with the graph
         self.graphs[batch] = _DraftGraph(graph, inputs, tokens)
         return self.graphs[batch]
