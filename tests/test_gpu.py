@@ -132,7 +132,9 @@ def test_gpu_tree_sizes_switching_capture_no_graph_after_the_first_draft(tmp_pat
 
     def graphs():  # at batch bucket 4 (requests that finish early leave smaller batches at the end)
         drafters = {(len(d.shape), b) for d in manager._drafters.values() for b in d.graphs if b == 4}
-        return {layout for layout in manager.llm.graphs.graphs if layout.batch == 4}, drafters, set(manager.ssms[0].graphs.graphs)
+        llm, ssm = ({layout for layout in runner.graphs.graphs if layout.batch == 4}
+                    for runner in (manager.llm, *manager.ssms))
+        return llm, drafters, ssm
 
     manager.step_log = []
     while not any(size for _, size, _, _ in manager.step_log):

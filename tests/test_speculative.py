@@ -294,7 +294,7 @@ def test_adaptive_engine_captures_every_tree_size_when_a_batch_first_drafts(rand
     assert sorted(captured) == sorted(
         [("draft", size, 3) for size in manager.ladder.sizes for _ in range(2)]
         + [("verify", 3, t, t) for t in (1, 2, 4, 8, 16, whole)]
-        + [("catch up", 3, t, t) for t in (4, 8, 16) for _ in range(2)])
+        + [("catch up", 3, t, t) for t in (1, 2, 4, 8, 16) for _ in range(2)])
     captured.clear()
     manager._capture_ladder(3)
     assert captured == []  # once per batch

@@ -12,7 +12,7 @@ import torch
 
 from ..config import EngineConfig, GenerationConfig, SpeculationConfig
 from ..errors import SpecInferError
-from ..spec.device_draft import CATCH_UP, REPLAYED_CATCH_UP, DeviceTreeDrafter
+from ..spec.device_draft import REPLAYED_CATCH_UP, DeviceTreeDrafter
 from ..spec.draft import DraftRequest, SSMDraft, expand
 from ..spec.sampling import choose_tokens, logits_to_probs
 from ..spec.tree import TokenTree, merge_trees
@@ -241,7 +241,7 @@ class RequestManager:
         for tokens in [t for t in TOKEN_BUCKETS if t < whole] + [whole]:
             self.llm.graphs.capture(num_requests, tokens, tokens)
         for runner in [r for r in self.ssms if r.graphs is not None]:
-            for tokens in [t for t in TOKEN_BUCKETS if CATCH_UP < t <= REPLAYED_CATCH_UP]:
+            for tokens in [t for t in TOKEN_BUCKETS if t <= REPLAYED_CATCH_UP]:  # fed ahead of CATCH_UP
                 runner.graphs.capture(num_requests, tokens, tokens)
 
     def _speculate_greedy(
