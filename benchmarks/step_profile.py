@@ -15,6 +15,8 @@ served together; every run after an untimed warm-up, so CUDA graphs are captured
 - `profile`: torch.profiler tables of a few steps, incremental and tree.
 - `timeline`: where a step's wall time goes: per step, the wall time against the time the GPU was busy
   (the union of its kernels and copies), and one step's host ranges beside the GPU's busy intervals.
+- `host`: host time per stage of a step, incremental and the whole tree, nothing synchronised (the
+  read-back holds the wait for the device; the rest is time the host keeps the GPU waiting, or overlaps).
 Prints tables; writes nothing.
 """
 
@@ -40,12 +42,30 @@ from specinfer.spec.device_draft import DeviceTreeDrafter
 from specinfer.spec.tree_fit import load_tree_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from batch_throughput import timed_generate  # noqa: E402
 from engine_speed import PROMPTS, WARM_UP_PROMPTS, run_case  # noqa: E402
 
 
 def sync_for(device: str):
     return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
+def timed_generate(llm: LLM, prompts: list[str], mode: str, max_new_tokens: int, repeats: int) -> dict:
+    """Serve `prompts` together: tokens per second (the median of `repeats` timed runs after one untimed
+    run) and tokens per request and step."""
+    config = GenerationConfig(max_new_tokens=max_new_tokens)
+    sync = sync_for(llm.engine_config.device)
+    llm.generate(prompts, config, mode=mode)  # warm-up
+    runs = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        results = llm.generate(prompts, config, mode=mode)
+        sync()
+        runs.append(time.perf_counter() - start)
+    tokens = sum(len(r.output_tokens) for r in results)
+    steps = sum(r.num_llm_steps for r in results)
+    accepted = sum(r.num_accepted for r in results)
+    return {"tokens_per_s": tokens / statistics.median(runs), "tokens_per_request_step": (accepted + steps) / max(steps, 1)}
 
 
 def measure(llm: LLM, mode: str, args) -> tuple[float, float]:
@@ -251,8 +271,66 @@ def section_timeline(llm: LLM, paths: tuple, args) -> None:
         print(f"total kernels in the step: {sum(c for c, _ in kernels.values())}")
 
 
+def host_timed(cls, name: str, label, totals: dict, on: dict):
+    """Wrap `cls.name` to add its host time (no synchronisation) to totals[label(args)]; returns the original."""
+    method = getattr(cls, name)
+
+    @functools.wraps(method)
+    def wrapper(*a, **kw):
+        if not on["on"]:
+            return method(*a, **kw)
+        start = time.perf_counter()
+        try:
+            return method(*a, **kw)
+        finally:
+            totals[label(*a) if callable(label) else label] += time.perf_counter() - start
+
+    setattr(cls, name, wrapper)
+    return method
+
+
+def section_host(llm: LLM, paths: tuple, args) -> None:
+    """Host time per stage of a step, nothing synchronised: what the host spends while the GPU runs. The
+    read-back (`tolist`) holds the wait for the device; host time outside it is time the GPU may idle."""
+    llm.set_speculation(SpeculationConfig(tree=paths, adaptive=False))
+    totals: dict[str, float] = defaultdict(float)
+    on = {"on": False}
+    llm_model = llm.model
+    wrapped = [
+        (rm.RequestManager, "step", "whole step"),
+        (rm.RequestManager, "_choose_drafting", "controller choice"),
+        (DeviceTreeDrafter, "draft", "SSM drafting (launch)"),
+        (ModelRunner, "forward_rows", lambda r, *a: "LLM forward (launch)" if r.model is llm_model else "SSM catch-up"),
+        (ModelRunner, "commit_all", lambda r, *a: "LLM commit" if r.model is llm_model else "SSM commit"),
+        (torch.Tensor, "argmax", "argmax (launch)"),
+        (torch.Tensor, "tolist", "read-back (wait for the device)"),
+    ]
+    originals = [(cls, name, host_timed(cls, name, label, totals, on)) for cls, name, label in wrapped]
+    try:
+        for mode in ("incremental", "tree"):
+            for prompt in WARM_UP_PROMPTS[:2]:
+                llm.generate([prompt], GenerationConfig(max_new_tokens=args.max_new_tokens), mode=mode)
+            totals.clear()
+            manager = llm.manager_for(mode)
+            manager.step_log = []
+            on["on"] = True
+            for prompt in PROMPTS:
+                llm.generate([prompt], GenerationConfig(max_new_tokens=args.max_new_tokens), mode=mode)
+            on["on"] = False
+            steps = len(manager.step_log)
+            print(f"\nhost time per step, {mode}, {steps} steps (median step "
+                  f"{1e3 * statistics.median(s for _, _, s, _ in manager.step_log):.3f} ms; no synchronisation; prefills included)")
+            print("| stage | µs per step |\n|---|---:|")
+            for label, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
+                print(f"| {label} | {1e6 * seconds / steps:.1f} |")
+            manager.step_log = None
+    finally:
+        for cls, name, method in originals:
+            setattr(cls, name, method)
+
+
 SECTIONS = {"sizes": section_sizes, "stages": section_stages, "adaptive": section_adaptive, "profile": section_profile,
-            "timeline": section_timeline}
+            "timeline": section_timeline, "host": section_host}
 
 
 def main() -> None:
