@@ -86,7 +86,9 @@ class DeviceTreeDrafter:
         new entries with the runner (the chain, then the fed tree nodes); does not wait for the device."""
         ahead = [(slot, tokens[:-CATCH_UP]) for slot, tokens in zip(slots, catch_up) if len(tokens) > CATCH_UP]
         if ahead:  # committed tokens: fed and kept now, so that the graph sees a short chain
-            # Long chains (a prompt) come in every length: eager, one-off work, and the step is not timed.
+            # Not the tree's own cost, so the step is not timed (one-off work); long chains (a prompt) come
+            # in every length and run eagerly.
+            one_off.note()
             replay = max(len(tokens) for _, tokens in ahead) <= REPLAYED_CATCH_UP
             self.runner.forward([Chunk.chain(slot, tokens, logits="none") for slot, tokens in ahead], replay=replay)
             self.runner.commit_all([(slot, list(range(len(tokens)))) for slot, tokens in ahead])
