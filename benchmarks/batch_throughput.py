@@ -64,6 +64,7 @@ def timed_rows(llm: LLM, managers: dict[str, RequestManager], prompts: list[list
         manager.step_log = []
         serve(manager, prompts, config)  # warm-up
         warm_up_steps[mode] = [(size, round(1e3 * seconds, 3)) for _, size, seconds, _ in manager.step_log]
+        manager.step_log = None
     graphs_before = {mode: captured_graphs(m) for mode, m in managers.items()}
     runs: dict[str, list[float]] = {mode: [] for mode in managers}
     finished: dict[str, list] = {}
@@ -86,8 +87,9 @@ def timed_rows(llm: LLM, managers: dict[str, RequestManager], prompts: list[list
         rows[mode] = {"tokens": tokens, "seconds": elapsed, "runs_s": runs[mode], "tokens_per_s": tokens / elapsed,
                       "tokens_per_request_step": (accepted + steps) / max(steps, 1),
                       "steps_by_tree_size": steps_by_tree_size(manager.step_log),
-                      "graphs_captured_in_timed_runs": captured_graphs(manager) - graphs_before[mode],
-                      "warm_up_steps": warm_up_steps[mode]}  # (tree size, ms) of each step: what the controller met
+                      "graphs_captured_in_timed_runs": captured_graphs(manager) - graphs_before[mode]}
+        if manager.controller is not None:  # (tree size, ms) of each warm-up step: what the controller met
+            rows[mode]["warm_up_steps"] = warm_up_steps[mode]
         manager.step_log = None
     return rows
 

@@ -264,6 +264,8 @@ def test_adaptive_engine_captures_every_tree_size_when_a_batch_first_drafts(rand
     """The controller moves between the ladder's sizes; graphs captured on first use would land in
     whichever step first tries a size. The first step that drafts for a batch captures them all: each
     size's drafter, and verification at every token bucket up to the whole tree's (the plain step's too)."""
+    from specinfer.engine.cuda_graphs import CudaGraphs
+    from specinfer.engine.host_batch import Layout
     from specinfer.spec.device_draft import DeviceTreeDrafter
 
     llm, ssms = random_models
@@ -277,8 +279,8 @@ def test_adaptive_engine_captures_every_tree_size_when_a_batch_first_drafts(rand
         def bucket(self, *shape):
             return None
 
-        def capture(self, batch, num_tokens, width):
-            captured.append(("verify" if self is manager.llm.graphs else "catch up", batch, num_tokens, width))
+        def capture_up_to(self, batch, num_tokens):
+            captured.append(("verify" if self is manager.llm.graphs else "catch up", batch, num_tokens))
 
     for runner in (manager.llm, *manager.ssms):
         runner.graphs = Graphs()
@@ -293,8 +295,12 @@ def test_adaptive_engine_captures_every_tree_size_when_a_batch_first_drafts(rand
     whole = 1 + 2 * 11
     assert sorted(captured) == sorted(
         [("draft", size, 3) for size in manager.ladder.sizes for _ in range(2)]
-        + [("verify", 3, t, t) for t in (1, 2, 4, 8, 16, whole)]
-        + [("catch up", 3, t, t) for t in (1, 2, 4, 8, 16) for _ in range(2)])
+        + [("verify", 3, whole)] + [("catch up", 3, 16)] * 2)
+    # Verification of 1 to 23 tokens: every token bucket up to the one that serves 23, at batch bucket 4.
+    graphs = CudaGraphs(llm, manager.llm.cache, max_batch=4)
+    graphs._capture = lambda layout: layout  # records, captures nothing
+    graphs.capture_up_to(3, whole)
+    assert set(graphs.graphs) == {Layout(4, t, t) for t in (1, 2, 4, 8, 16, 32)}
     captured.clear()
     manager._capture_ladder(3)
     assert captured == []  # once per batch

@@ -19,7 +19,8 @@ from .kv_cache import KVCache
 
 # Powers of two up to 16, then every multiple of 16: a verified tree is its nodes plus the root (the
 # 64-node tree is 65 tokens), and padding it to the next power of two doubled the pass's matrix rows,
-# attention rows and cache writes. Graphs are captured on first use, so only the sizes served cost memory.
+# attention rows and cache writes. Graphs are captured on first use (the adaptive engine captures its
+# ladder's up front, `RequestManager._capture_ladder`), so only the sizes served cost memory.
 TOKEN_BUCKETS = (1, 2, 4, 8) + tuple(range(16, 257, 16))
 
 
@@ -41,11 +42,14 @@ class CudaGraphs:
         return None if b is None or t is None or w is None else (b, t, w)
 
     @torch.inference_mode()
-    def capture(self, batch: int, num_tokens: int, width: int) -> None:
-        """Capture the bucket that would serve this shape now, if it is not yet (see `bucket`)."""
-        shape = self.bucket(batch, num_tokens, width)
-        if shape is not None and Layout(*shape) not in self.graphs:
-            self.graphs[Layout(*shape)] = self._capture(Layout(*shape))
+    def capture_up_to(self, batch: int, num_tokens: int) -> None:
+        """Capture, where not yet captured, every bucket that serves `batch` rows of 1 to `num_tokens` new
+        tokens with nothing speculative before them (a tree mask as wide as the tokens)."""
+        for tokens in [t for t in TOKEN_BUCKETS if t < num_tokens] + [num_tokens]:
+            shape = self.bucket(batch, tokens, tokens)
+            layout = Layout(*shape) if shape is not None else None
+            if layout is not None and layout not in self.graphs:
+                self.graphs[layout] = self._capture(layout)
 
     def load(self, host: HostBatch) -> DeviceBatch:
         """Copy `host` (pinned: the copy does not block the host) into its bucket's static inputs, which

@@ -4,8 +4,9 @@ the tokens it missed while the engine ran plain steps.
 The adaptive controller times steps to learn what each tree size costs. A step that captured a graph
 took tens of milliseconds where the size costs one or two; on an H200 one such step made the default
 model's 64-node tree look hopeless at batch 1 for the rest of a run (0.78x where the tree itself ran
-1.18x). Steps that did such work are not timed; what they committed still counts. Graph captures
-and passes run with `ModelRunner.forward(..., replay=False)` note themselves here.
+1.18x). Steps that did such work are not timed; what they committed still counts. Graph captures,
+passes run with `ModelRunner.forward(..., replay=False)` and the device drafter's catch-up chains note
+themselves here.
 """
 
 _count = 0

@@ -19,7 +19,6 @@ from ..spec.tree import TokenTree, merge_trees
 from ..spec.verify import VerifyResult, verify_greedy_targets, verify_stochastic
 from ..tokenizer import Tokenizer
 from . import one_off
-from .cuda_graphs import TOKEN_BUCKETS
 from .gc_freeze import freeze_long_lived_objects
 from .model_runner import Chunk, ModelRunner
 from .scheduler import Scheduler
@@ -235,14 +234,10 @@ class RequestManager:
         for size_index in range(len(self.ladder.sizes)):
             for s in range(len(self.ssms)):
                 self._drafter(s, size_index).capture(num_requests)
-        # The LLM holds no speculative entries before it verifies, nor an SSM before it catches up: the
-        # tree mask is as wide as the tokens.
-        whole = 1 + len(self.ssms) * self.ladder.sizes[-1]
-        for tokens in [t for t in TOKEN_BUCKETS if t < whole] + [whole]:
-            self.llm.graphs.capture(num_requests, tokens, tokens)
+        # The LLM holds no speculative entries before it verifies, nor an SSM before it catches up.
+        self.llm.graphs.capture_up_to(num_requests, 1 + len(self.ssms) * self.ladder.sizes[-1])
         for runner in [r for r in self.ssms if r.graphs is not None]:
-            for tokens in [t for t in TOKEN_BUCKETS if t <= REPLAYED_CATCH_UP]:  # fed ahead of CATCH_UP
-                runner.graphs.capture(num_requests, tokens, tokens)
+            runner.graphs.capture_up_to(num_requests, REPLAYED_CATCH_UP)
 
     def _speculate_greedy(
         self, requests: list[Request]

@@ -31,11 +31,11 @@ from .tree import TreeShape
 # LLM's own) or two (the accepted path ended on a leaf). Padding positions write entries that the tree's
 # nodes overwrite or that are never kept.
 CATCH_UP = 2
-# Longer chains are fed ahead of the drafter's graph, all but their last CATCH_UP tokens. Parts fed ahead of
-# up to this many tokens (an SSM catching up on a few plain steps, when the controller probes a tree
-# again) replay the SSM's captured passes, which
-# the adaptive engine captures up front; longer ones (a prompt) run eagerly. Eager, the short ones cost
-# about 3 ms a probe on an H200 where a step costs 1.1 to 2.2.
+# Longer chains are fed ahead of the drafter's graph, all but their last CATCH_UP tokens. Parts fed ahead
+# of up to this many tokens (an SSM catching up on a few plain steps, when the controller probes a tree
+# again) replay the SSM's captured passes, which the adaptive engine captures up front; longer ones (a
+# prompt) run eagerly. Eager, the short ones cost about 3 ms a probe on an H200, where a step costs 1.1
+# to 2.2 ms.
 REPLAYED_CATCH_UP = 16
 
 
