@@ -345,3 +345,34 @@ def test_reusing_a_plain_choice_serves_as_fast_as_weighing_every_step(monkeypatc
     monkeypatch.setattr(speculation_controller, "PLAIN_REUSE", 0)  # weigh every step
     weighed = [noisy_rate(ratios, batch, seed) for ratios, batch, seed in cases]
     assert all(abs(a - b) <= 0.01 * b for a, b in zip(reused, weighed)), (reused, weighed)
+
+
+def test_a_request_back_from_plain_steps_probes_the_size_that_pays_for_its_peers():
+    """Costs as measured on an H200 at batch 1 (2026-12-02), where the 15-node tree pays most for the
+    average request. A request whose first drafts failed runs plain steps; its probe must draft that tree
+    (which measures every smaller one too), not the 1-node tree, whose probes rarely pay at a speculative
+    step's fixed cost."""
+    sizes = (1, 3, 7, 15)
+    controller = SpeculationController(sizes)
+    for _ in range(3):
+        controller.record_step(0.0012, 1, 0)
+        for size, ratio in {1: 1.22, 3: 1.28, 7: 1.38, 15: 1.54}.items():
+            controller.record_step(0.0012 * ratio, 1, size)
+    for peer in range(8):  # earlier requests: the 15-node tree commits 2.1 tokens a step, 1.36x plain speed
+        for _ in range(8):
+            controller.record_request(peer, {1: 1.45, 3: 1.65, 7: 1.87, 15: 2.1})
+        controller.forget(peer)
+    drafted, steps = [], []
+    for _ in range(60):
+        size, chosen = controller.choose([99])
+        steps.append(size)
+        controller.record_step(0.0012 * ({0: 1.0, 1: 1.22, 3: 1.28, 7: 1.38, 15: 1.54}[size]), 1, size)
+        if chosen:
+            drafted.append(size)
+            # Its first five drafts commit nothing beyond the LLM's own token; later ones, what its peers' do.
+            fails = len(drafted) <= 5
+            controller.record_request(99, {s: 1 if fails else g for s, g in
+                                           {1: 1.45, 3: 1.65, 7: 1.87, 15: 2.1}.items() if s <= size})
+    sixth = [i for i, size in enumerate(steps) if size][5]  # the first draft after the failures
+    assert steps[sixth - 1] == 0 and steps[sixth] == 15, steps  # plain steps, then a probe of the peers' tree
+    assert drafted[-10:] == [15] * 10, drafted

@@ -14,7 +14,8 @@ it takes the one with the most tokens per unit of time,
 and a plain step (B tokens at ratio 1) where no size beats it, down to plain incremental decoding. Every
 step with the tree of n nodes measures the gains of all smaller trees too, exactly under greedy
 verification, since the smaller trees are parts of it. Larger trees are re-measured by probes: a request
-whose best measured size is below the whole tree (or nothing) probes the next size up after a back-off
+whose best measured size is below the whole tree probes the next size up (one that runs plain steps, the
+size that pays most by the gains pooled over all requests, where one does) after a back-off
 that grows while probes keep failing (at batch sizes up to OPTIMISTIC_BATCH, only while the loss is beyond
 what one standard error of the measured gain could explain). Probes fall on steps that are multiples of the back-off, so at a
 large batch they share a few steps instead of each one making the whole batch pay. A draft that yields
@@ -367,10 +368,21 @@ class SpeculationController:
         return best if best and rates[best] > 1.0 else 0
 
     def _probe_size(self, state: _RequestState, batch_size: int) -> int:
-        """The size a probe of this request tries: one above its best (0 where it drafts the whole tree)."""
+        """The size a probe of this request tries: one above its best (0 where it drafts the whole tree);
+        from plain steps, the size that pays most for the average request (by the pooled gains) where one
+        does. A request whose drafts failed for a while (an answer's opening, a stretch of numbers) then
+        re-tests the tree that pays for its peers, which measures every smaller size too, instead of
+        climbing back one size per back-off from the 1-node tree, whose probes rarely pay at a step's fixed
+        cost (batch 1 on an H200: 35 plain steps of a 128-token request)."""
         best = self._best_size(state, batch_size)
         larger = [s for s in self.sizes if s > best]
-        return larger[0] if larger else 0
+        if not larger:
+            return 0
+        if best == 0:
+            pooled = self._best_size(_RequestState(), batch_size)  # no own gains: the pooled ones alone
+            if pooled:
+                return pooled
+        return larger[0]
 
     def _cheapest_ratio(self, batch_size: int) -> float | None:
         """The cost ratio of the cheapest speculative step timed at this batch size (None: too few timed)."""
