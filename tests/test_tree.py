@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from specinfer.engine.model_runner import Chunk, ModelRunner
@@ -257,17 +263,36 @@ def test_two_stage_top_k_picks_the_same_tokens_in_the_same_order(columns, k):
     assert set(top_k_indices(scores, max(k, 2))[0, 0, :2].tolist()) == {7, columns - 3}
 
 
-def test_cache_moves_copy_every_layer_head_and_slot():
+def check_cache_moves(device: str) -> None:
     """`KVCache.move_entries` (the commit's compaction) against the same copy spelled out per slot."""
     from types import SimpleNamespace
 
     from specinfer.engine.kv_cache import KVCache
 
-    cache = KVCache(SimpleNamespace(num_layers=3, num_kv_heads=2, head_dim=4), 3, 10, "cpu", torch.float32)
-    cache.data.copy_(torch.randn_like(cache.data))
-    expected = cache.data.clone()
-    moves = [(0, [2, 5, 7], 1), (2, [0, 1], 0), (1, [4, 9], 3), (3, [6, 8], 5)]  # slot 3: scratch
-    for slot, entries, start in moves:
-        expected[:, :, slot, :, start : start + len(entries)] = expected[:, :, slot, :, entries].clone()
-    cache.move_entries(moves)
-    assert torch.equal(cache.data, expected)
+    cache = KVCache(SimpleNamespace(num_layers=3, num_kv_heads=2, head_dim=4), 3, 10, device, torch.float32)
+    for moves in ([(0, [2, 5, 7], 1), (2, [0, 1], 0), (1, [4, 9], 3), (3, [6, 8], 5)],  # slot 3: scratch
+                  [(0, [1, 2], 2), (1, [3], 0)]):  # one moves up (overlapping): not a commit, still copied
+        cache.data.copy_(torch.randn_like(cache.data))
+        expected = cache.data.clone()
+        for slot, entries, start in moves:
+            expected[:, :, slot, :, start : start + len(entries)] = expected[:, :, slot, :, entries].clone()
+        cache.move_entries(moves)
+        assert torch.equal(cache.data, expected), moves
+
+
+def test_cache_moves_copy_every_layer_head_and_slot():
+    check_cache_moves("cpu")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_cache_moves_in_triton_interpreter():
+    """The GPU's one-kernel compaction (engine/cache_moves_triton.py), run by Triton's CPU interpreter."""
+    code = "from tests.test_tree import check_cache_moves; check_cache_moves('cpu')"
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent,
+                            env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_cache_moves_on_gpu():
+    check_cache_moves("cuda")
