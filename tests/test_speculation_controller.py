@@ -376,3 +376,16 @@ def test_a_request_back_from_plain_steps_probes_the_size_that_pays_for_its_peers
     sixth = [i for i, size in enumerate(steps) if size][5]  # the first draft after the failures
     assert steps[sixth - 1] == 0 and steps[sixth] == 15, steps  # plain steps, then a probe of the peers' tree
     assert drafted[-10:] == [15] * 10, drafted
+
+
+def test_one_stalled_step_does_not_price_a_size_above_a_larger_settled_one():
+    """On an H200 a 31-node tree's first step took 5.7 ms where its later ones, and the 64-node tree's
+    settled median, took about 2: a nested tree costs no more than a larger one."""
+    controller = SpeculationController((1, 31, 64))
+    for _ in range(3):
+        controller.record_step(0.001, 1, 0)
+        controller.record_step(0.002, 1, 64)
+    controller.record_step(0.0057, 1, 31)
+    assert controller.cost_ratio(1, 31) == pytest.approx(2.0)
+    controller.record_step(0.0015, 1, 1)  # a cheaper measurement stands
+    assert controller.cost_ratio(1, 1) == pytest.approx(1.5)

@@ -224,10 +224,11 @@ class RequestManager:
         """Under the adaptive controller, capture at once the CUDA graphs of every tree size of the ladder
         the first time all of this many requests draft: each size's drafter, verification at every token
         bucket up to the whole tree's (trees cut short near a request's end, plain steps), and the SSMs'
-        catch-up passes after plain steps. Captured on first use instead, each size's first step would
-        capture inside whatever run the controller first tries it in, a timed one after a benchmark's
-        warm-up as likely as not. This step captures them all and is not timed (`one_off`). (Steps where
-        only some requests draft capture what they use, on first use.)"""
+        catch-up passes after plain steps; and run the LLM's eager logits at each size's row count once.
+        Captured on first use instead, each size's first step would capture inside whatever run the
+        controller first tries it in, a timed one after a benchmark's warm-up as likely as not. This step
+        captures them all and is not timed (`one_off`). (Steps where only some requests draft capture what
+        they use, on first use.)"""
         if self.llm.graphs is None or num_requests in self._ladder_captured:
             return
         self._ladder_captured.add(num_requests)
@@ -238,6 +239,8 @@ class RequestManager:
         self.llm.graphs.capture_up_to(num_requests, 1 + len(self.ssms) * self.ladder.sizes[-1])
         for runner in [r for r in self.ssms if r.graphs is not None]:
             runner.graphs.capture_up_to(num_requests, REPLAYED_CATCH_UP)
+        # The logits of each size's verification (every node of every request's tree) are computed eagerly.
+        self.llm.warm_logits([num_requests * (1 + len(self.ssms) * size) for size in self.ladder.sizes])
 
     def _speculate_greedy(
         self, requests: list[Request]
