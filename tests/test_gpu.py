@@ -107,18 +107,13 @@ def test_gpu_switching_tree_sizes_keeps_outputs_exact(tmp_path, batch):
 
 @pytest.mark.gpu
 def test_gpu_tree_sizes_switching_capture_no_graph_after_the_first_draft(tmp_path):
-    """Every size of the ladder in turn, for all 4 requests: every graph the run replays at their batch
-    bucket (each size's drafter, verification of whole and cut trees, plain steps) exists once the first
-    step has drafted."""
+    """Every size of the ladder in turn, for all 4 requests or every other one: every graph the run
+    replays while the 4 requests decode (each size's drafter at batch buckets 2 and 4, verification of
+    whole and cut trees, plain steps, the SSM's catch-ups) exists once the first step has drafted."""
     from specinfer.config import EngineConfig, GenerationConfig, SpeculationConfig
     from specinfer.engine.request_manager import RequestManager
 
     from .test_speculative import CyclingSizes
-
-    class EveryRequest(CyclingSizes):  # all requests draft, so the batch stays one bucket
-        def choose(self, request_ids):
-            size, _ = super().choose(request_ids)
-            return size, set(request_ids) if size else set()
 
     reference = save_random_llama(tmp_path / "llm")
     save_random_llama(tmp_path / "ssm", noise_from=reference)
@@ -126,23 +121,25 @@ def test_gpu_tree_sizes_switching_capture_no_graph_after_the_first_draft(tmp_pat
     ssm = load_model(tmp_path / "ssm", "cuda", torch.bfloat16)
     manager = RequestManager(llm, [ssm], EngineConfig(max_batch_size=4, max_sequence_length=128, device="cuda"),
                              SpeculationConfig(tree=FITTED_TREE), eos_token_ids=[])
-    manager.controller = EveryRequest(manager.ladder.sizes)
+    manager.controller = CyclingSizes(manager.ladder.sizes)  # the first draft is for every request
     for prompt in PROMPTS[:4]:
         manager.register_new_request(prompt, sampling=GenerationConfig(max_new_tokens=40))
 
-    def graphs():  # at batch bucket 4 (requests that finish early leave smaller batches at the end)
-        drafters = {(len(d.shape), b) for d in manager._drafters.values() for b in d.graphs if b == 4}
-        llm, ssm = ({layout for layout in runner.graphs.graphs if layout.batch == 4}
-                    for runner in (manager.llm, *manager.ssms))
+    def graphs():
+        drafters = {(len(d.shape), b) for d in manager._drafters.values() for b in d.graphs}
+        llm, ssm = (set(runner.graphs.graphs) for runner in (manager.llm, *manager.ssms))
         return llm, drafters, ssm
 
     manager.step_log = []
     while not any(size for _, size, _, _ in manager.step_log):
         manager.step()
     after_first_draft = graphs()
-    manager.run()
+    # While all 4 decode (requests that finish early leave smaller batches, captured when they first draft).
+    while len([r for r in manager.scheduler.running if r.num_remaining > 1]) == 4:
+        manager.step()
+        assert graphs() == after_first_draft
     assert set(manager.controller.ran) == {0, *manager.ladder.sizes}
-    assert graphs() == after_first_draft
+    assert {b for _, b in after_first_draft[1]} == {1, 2, 4}
 
 
 @pytest.mark.gpu

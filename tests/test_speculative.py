@@ -263,7 +263,8 @@ def generate_switching_sizes(llm, ssms, prompts, tree=None, batch=4, max_new=20,
 def test_adaptive_engine_captures_every_tree_size_when_a_batch_first_drafts(random_models, monkeypatch):
     """The controller moves between the ladder's sizes; graphs captured on first use would land in
     whichever step first tries a size. The first step that drafts for a batch captures them all: each
-    size's drafter, and verification at every token bucket up to the whole tree's (the plain step's too)."""
+    size's drafter and the SSMs' catch-up passes at every batch bucket up to the batch (steps where some
+    requests draft), and verification at every token bucket up to the whole tree's (the plain step's too)."""
     from specinfer.engine.cuda_graphs import CudaGraphs
     from specinfer.engine.host_batch import Layout
     from specinfer.spec.device_draft import DeviceTreeDrafter
@@ -274,7 +275,8 @@ def test_adaptive_engine_captures_every_tree_size_when_a_batch_first_drafts(rand
     captured = []
 
     class Graphs:  # stands in for CudaGraphs on the CPU: records what is captured, serves nothing
-        batch_buckets: list[int] = []
+        batch_buckets: list[int] = []  # the SSMs' drafters then run eagerly
+        graphs: dict = {}
 
         def bucket(self, *shape):
             return None
@@ -284,6 +286,7 @@ def test_adaptive_engine_captures_every_tree_size_when_a_batch_first_drafts(rand
 
     for runner in (manager.llm, *manager.ssms):
         runner.graphs = Graphs()
+    manager.llm.graphs.batch_buckets = [1, 2, 4]
     monkeypatch.setattr(DeviceTreeDrafter, "capture",
                         lambda drafter, batch: captured.append(("draft", len(drafter.shape) - 1, batch)))
     for prompt in PROMPTS[:3]:
@@ -294,8 +297,8 @@ def test_adaptive_engine_captures_every_tree_size_when_a_batch_first_drafts(rand
     assert manager.ladder.sizes == (1, 3, 7, 11)
     whole = 1 + 2 * 11
     assert sorted(captured) == sorted(
-        [("draft", size, 3) for size in manager.ladder.sizes for _ in range(2)]
-        + [("verify", 3, whole)] + [("catch up", 3, 16)] * 2)
+        [("draft", size, batch) for batch in (1, 2, 3) for size in manager.ladder.sizes for _ in range(2)]
+        + [("verify", 3, whole)] + [("catch up", batch, 16) for batch in (1, 2, 3)] * 2)
     # Verification of 1 to 23 tokens: every token bucket up to the one that serves 23, at batch bucket 4.
     graphs = CudaGraphs(llm, manager.llm.cache, max_batch=4)
     graphs._capture = lambda layout: layout  # records, captures nothing

@@ -195,6 +195,58 @@ def test_catch_up_chains_run_eagerly_not_through_a_captured_graph(tmp_path):
     assert 8 not in host_runner.graphs.asked and host_runner.graphs.asked  # the level passes may replay
 
 
+def test_replayed_passes_take_logits_at_few_row_counts_all_warmed_ahead(tmp_path):
+    """A replayed pass's LM head runs eagerly at the number of logit rows asked for, which steps where some
+    requests draft vary without end; each new count's first product stalls on a GPU. With graphs the rows
+    are padded to a bucket (at most an eighth more), `warm_logits` runs every bucket ahead, and the
+    logits asked for are those of the unpadded pass."""
+    from specinfer.engine.cuda_graphs import CudaGraphs
+    from specinfer.engine.host_batch import DeviceBatch
+    from specinfer.engine.model_runner import logit_rows_bucket
+
+    assert [logit_rows_bucket(r) for r in (1, 8, 9, 17, 65, 81, 129, 4160)] == [1, 8, 9, 18, 72, 88, 144, 4608]
+    assert all(r <= logit_rows_bucket(r) <= r * 9 / 8 for r in range(1, 10000))
+    # A captured layout's whole batch (power-of-two rows times a token bucket) is a bucket itself.
+    assert all(logit_rows_bucket(b * t) == b * t for b in (1, 2, 4, 8, 16, 32, 64) for t in (1, 2, 4, 8, *range(16, 257, 16)))
+
+    class ReplayedEagerly(CudaGraphs):  # the graph path's bookkeeping on the CPU: "replays" run the model
+        def load(self, host):
+            self.graphs[host.layout] = batch = DeviceBatch(host.layout, host.buffer, host.kv_len)
+            return batch
+
+        def replay(self, layout):
+            batch = self.graphs[layout]
+            return self.model(batch.tokens, self.cache, batch.meta)
+
+    save_random_llama(tmp_path)
+    model = load_model(tmp_path)
+    rows_seen = []
+    compute_logits = model.compute_logits
+    model.compute_logits = lambda hidden: rows_seen.append(hidden.shape[0]) or compute_logits(hidden)
+    eager, replayed = (ModelRunner(model, num_slots=4, capacity=64) for _ in range(2))
+    replayed.graphs = ReplayedEagerly(model, replayed.cache, max_batch=4)
+    # Three requests: two plain, one verifying a 17-node tree: 19 logit rows, padded to 20; then 20.
+    parents = [-1] + [(node - 1) // 2 for node in range(1, 17)]
+    tree = TokenTree(tokens=[5 + node for node in range(17)], parents=parents)
+    for runner in (eager, replayed):
+        runner.forward([Chunk.chain(slot, [3, 1, 4, 1 + slot], logits="none") for slot in range(3)])
+        runner.commit_all([(slot, [0, 1, 2, 3]) for slot in range(3)])
+    for extra in (0, 1):
+        chunks = [Chunk(0, [2], [-1], [0]), Chunk(1, [7], [-1], [0]),
+                  Chunk(2, tree.tokens + [30] * extra, tree.parents + [16] * extra, list(range(17 + extra)))]
+        rows_seen.clear()
+        expected = eager.forward_rows(chunks)
+        got = replayed.forward_rows(chunks)
+        assert rows_seen == [19 + extra, 20] and got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        for runner in (eager, replayed):
+            for slot in range(3):
+                runner.commit(slot, [])
+    rows_seen.clear()
+    replayed.warm_logits(19)
+    assert 20 in rows_seen and max(rows_seen) == 20 and len(rows_seen) == len(set(rows_seen))
+
+
 def test_greedy_verification_keeps_the_deeper_of_two_side_by_side_paths():
     """Two SSMs' trees under one root, both starting with token 7: the second's path runs deeper."""
     from specinfer.spec.verify import verify_greedy_targets

@@ -118,17 +118,28 @@ class ModelRunner:
             hidden = self.model(batch.tokens, self.cache, batch.meta)  # [B, T, hidden]
         else:
             hidden = self.graphs.replay(host.layout)
-        if not host.num_logit_rows:
+        n = host.num_logit_rows
+        if not n:
             return None
-        rows = batch.logit_rows[: host.num_logit_rows]
-        return self.model.compute_logits(hidden.reshape(-1, hidden.shape[-1])[rows])
+        # With graphs, the LM head (eager) runs at a bucketed row count: each new count's first product
+        # stalls (see `warm_logits`), and steps where some requests draft come in every count. Padding
+        # rows repeat logit row 0 (the buffer's padding) and are cut off.
+        padded = min(logit_rows_bucket(n), batch.logit_rows.shape[0]) if shape is not None else n
+        rows = batch.logit_rows[:padded]
+        logits = self.model.compute_logits(hidden.reshape(-1, hidden.shape[-1])[rows])
+        return logits if padded == n else logits[:n]
 
     @torch.inference_mode()
-    def warm_logits(self, num_rows: list[int]) -> None:
-        """Run the LM head and the argmax after it, which stay eager, once at each of these row counts: a
-        shape's first matrix product loads its kernel (lazily: on an H200 a tree size's first step took
-        4.8-5.9 ms against 1.9-2.4 ms after), which would otherwise fall in a timed step."""
-        for rows in sorted(set(num_rows)):
+    def warm_logits(self, max_rows: int) -> None:
+        """Run the LM head and the argmax after it, which stay eager, once at every row count a replayed
+        pass of up to `max_rows` logit rows uses (`logit_rows_bucket`, or a captured layout's whole
+        batch): a shape's first matrix product loads its kernel lazily (on an H200 a tree size's first
+        step took 4.8-5.9 ms against 1.9-2.4 ms after), which would otherwise fall in a timed step."""
+        if self.graphs is None:
+            return
+        counts = {logit_rows_bucket(rows) for rows in range(1, max_rows + 1)}
+        counts |= {layout.batch * layout.tokens for layout in self.graphs.graphs}
+        for rows in sorted(r for r in counts if r <= logit_rows_bucket(max_rows)):
             hidden = torch.zeros(rows, self.model.config.hidden_size, device=self.device, dtype=self.cache.data.dtype)
             self.model.compute_logits(hidden).argmax(-1)
 
@@ -212,6 +223,15 @@ class ModelRunner:
         depth_list = depths.tolist()
         for state in states:
             state.depths, state.ancestors = depth_list, ancestors
+
+
+def logit_rows_bucket(rows: int) -> int:
+    """`rows` rounded up to 8 to 15 times a power of two (1 to 8 stay as they are): at most 1/8 more rows
+    than asked, and about 8 counts an octave."""
+    if rows <= 8:
+        return rows
+    step = 1 << (rows.bit_length() - 4)  # an eighth of the octave's lower end
+    return -(-rows // step) * step
 
 
 @functools.lru_cache(maxsize=256)

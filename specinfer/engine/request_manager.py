@@ -223,24 +223,29 @@ class RequestManager:
     def _capture_ladder(self, num_requests: int) -> None:
         """Under the adaptive controller, capture at once the CUDA graphs of every tree size of the ladder
         the first time all of this many requests draft: each size's drafter, verification at every token
-        bucket up to the whole tree's (trees cut short near a request's end, plain steps), and the SSMs'
-        catch-up passes after plain steps; and run the LLM's eager logits at each size's row count once.
-        Captured on first use instead, each size's first step would capture inside whatever run the
-        controller first tries it in, a timed one after a benchmark's warm-up as likely as not. This step
-        captures them all and is not timed (`one_off`). (Steps where only some requests draft capture what
-        they use, on first use.)"""
+        bucket up to the whole tree's (trees cut short near a request's end, plain steps, steps where some
+        requests draft), and the SSMs' catch-up passes after plain steps; drafters and catch-ups at every
+        smaller batch bucket too, for steps where only some of the requests draft (the controller drafts
+        for those a tree pays for, and probes a few); and run the LLM's eager logits once at every row
+        count these passes produce. Captured on first use instead, each size's first step would capture
+        inside whatever run the controller first tries it in, a timed one after a benchmark's warm-up as
+        likely as not (on an H200, 19 graphs were captured inside the timed runs at batch 4). This step
+        captures them all and is not timed (`one_off`)."""
         if self.llm.graphs is None or num_requests in self._ladder_captured:
             return
         self._ladder_captured.add(num_requests)
-        for size_index in range(len(self.ladder.sizes)):
-            for s in range(len(self.ssms)):
-                self._drafter(s, size_index).capture(num_requests)
-        # The LLM holds no speculative entries before it verifies, nor an SSM before it catches up.
-        self.llm.graphs.capture_up_to(num_requests, 1 + len(self.ssms) * self.ladder.sizes[-1])
-        for runner in [r for r in self.ssms if r.graphs is not None]:
-            runner.graphs.capture_up_to(num_requests, REPLAYED_CATCH_UP)
-        # The logits of each size's verification (every node of every request's tree) are computed eagerly.
-        self.llm.warm_logits([num_requests * (1 + len(self.ssms) * size) for size in self.ladder.sizes])
+        batches = [b for b in self.llm.graphs.batch_buckets if b < num_requests] + [num_requests]
+        for batch in batches:
+            for size_index in range(len(self.ladder.sizes)):
+                for s in range(len(self.ssms)):
+                    self._drafter(s, size_index).capture(batch)
+            for runner in [r for r in self.ssms if r.graphs is not None]:
+                runner.graphs.capture_up_to(batch, REPLAYED_CATCH_UP)
+        # The LLM verifies for every request of the step, drafting or not, and holds no speculative
+        # entries before it does.
+        whole_tree = 1 + len(self.ssms) * self.ladder.sizes[-1]
+        self.llm.graphs.capture_up_to(num_requests, whole_tree)
+        self.llm.warm_logits(num_requests * whole_tree)
 
     def _speculate_greedy(
         self, requests: list[Request]
