@@ -15,7 +15,8 @@ and a plain step (B tokens at ratio 1) where no size beats it, down to plain inc
 step with the tree of n nodes measures the gains of all smaller trees too, exactly under greedy
 verification, since the smaller trees are parts of it. Larger trees are re-measured by probes: a request
 whose best measured size is below the whole tree probes the next size up (one that runs plain steps at a small batch, the
-size that pays most by the gains pooled over all requests, where one does) after a back-off
+size that pays most by the gains pooled over all requests, or a larger one that costs little more than the
+cheapest size) after a back-off
 that grows while probes keep failing (at batch sizes up to OPTIMISTIC_BATCH, only while the loss is beyond
 what one standard error of the measured gain could explain). Probes fall on steps that are multiples of the back-off, so at a
 large batch they share a few steps instead of each one making the whole batch pay. A draft that yields
@@ -55,6 +56,8 @@ PROBE_MARGIN = 0.05  # a probe pays only this much above the size it would repla
 SPREAD = 0.8  # typical spread (standard deviation) of one step's committed tokens: how sure a measured gain is
 OPTIMISTIC_BATCH = 2  # up to this batch size, a size that lost within one standard error is re-measured soon:
 # a probe there costs the few requests that learn from it (at batch 16, the optimism cost 5% of plain speed)
+CHEAP_PROBE = 0.25  # from plain steps at those batch sizes, a probe drafts the largest size within this
+# share of the cheapest one's cost
 HOPELESS = 0.5  # gain below this share of the cheapest speculative step's cost ratio: longest back-off at once
 PLAIN_MARGIN = 0.05  # a plain choice is reused while no size came within this share of paying ...
 PLAIN_REUSE = 8  # ... for at most this many steps (step times drift)
@@ -360,9 +363,10 @@ class SpeculationController:
 
     def _optimistic_rate(self, state: _RequestState, size: int, batch_size: int) -> float:
         """`_rate` with the gain one standard error higher: the steps measured so far (the request's own,
-        and up to as many pooled ones as the pooled average remembers) cannot rule out this much."""
+        or as many pooled ones as the pooled average remembers, which hold its own) cannot rule out this much."""
         own, pooled = state.gains.get(size), self.prior_gains.get(size)
-        samples = (own.count if own else 0) + min(pooled.count if pooled else 0, round(1 / POOLED_SMOOTHING))
+        # The pooled average holds the request's own steps too: they are not counted twice.
+        samples = max(own.count if own else 0, min(pooled.count if pooled else 0, round(1 / POOLED_SMOOTHING)))
         return (self._gain(state, size) + SPREAD / math.sqrt(max(samples, 1))) / self.cost_ratio(batch_size, size)
 
     def _best_size(self, state: _RequestState, batch_size: int) -> int:
@@ -375,7 +379,8 @@ class SpeculationController:
     def _probe_size(self, state: _RequestState, batch_size: int) -> int:
         """The size a probe of this request tries: one above its best (0 where it drafts the whole tree);
         from plain steps at batch sizes up to OPTIMISTIC_BATCH, the size that pays most for the average
-        request (by the pooled gains) where one does. (At larger batches the whole batch pays for a probe:
+        request (by the pooled gains) where one does, or the largest that costs within CHEAP_PROBE of the
+        cheapest size, if larger. (At larger batches the whole batch pays for a probe:
         in the one H200 run with the pooled best probed at every batch size, 36 of 127 steps at batch 16
         drafted 3 nodes at 1.7 plain steps each for about 1.5 tokens per request, 0.80x; there probes stay
         one size up, as before.) A request whose drafts failed for a while (an answer's opening, a stretch of numbers) then
@@ -387,9 +392,16 @@ class SpeculationController:
         if not larger:
             return 0
         if best == 0 and batch_size <= OPTIMISTIC_BATCH:  # larger batches: every request pays for the probe
-            pooled = self._best_size(_RequestState(), batch_size)  # no own gains: the pooled ones alone
-            if pooled:
-                return pooled
+            peers = _RequestState()  # no own gains: the pooled ones alone
+            pooled = self._best_size(peers, batch_size)
+            # That, or a larger size that costs little more than the cheapest one, as it measures every
+            # smaller size too. On a GPU a step's cost is mostly fixed (an H200 at batch
+            # 1: 1.6 plain steps for 1 node, 1.9 for 64), and probing the 1-node tree alone left the larger
+            # trees' first, unlucky estimates standing for good (in simulation 9 of 40 batch-1 runs went
+            # plain, 0.98x, where the trees pay 1.3x); on a CPU, where each node costs, the smallest.
+            ratios = {size: self.cost_ratio(batch_size, size) for size in self.sizes}
+            cheap = [size for size in self.sizes if ratios[size] <= (1 + CHEAP_PROBE) * min(ratios.values())]
+            return max(pooled, cheap[-1])
         return larger[0]
 
     def _cheapest_ratio(self, batch_size: int) -> float | None:
