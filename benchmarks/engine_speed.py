@@ -216,6 +216,12 @@ def main() -> None:
     llm = LLM(args.llm, args.ssm, engine=engine, speculation=SpeculationConfig(expansion=expansions[0], adaptive=False))
     rows = [run_case(llm, "incremental", prompts, args.max_new_tokens)]
     rows[0]["label"] = "incremental"
+    manager = llm.manager_for("incremental")
+    if manager.overlap:  # what queueing plain steps ahead of their read-back gains (engine/in_flight.py)
+        manager.overlap = False
+        rows.append(run_case(llm, "incremental", prompts, args.max_new_tokens))
+        rows[-1]["label"] = "incremental, each step read back before the next is queued"
+        manager.overlap = True
     for expansion in expansions:
         llm.set_speculation(SpeculationConfig(expansion=expansion, adaptive=False))
         for mode in ("sequence", "tree") if expansion == expansions[0] else ("tree",):

@@ -37,6 +37,7 @@ from specinfer import LLM, EngineConfig, GenerationConfig, SpeculationConfig
 from specinfer.boost.prompts import build_prompts
 from specinfer.config import parse_expansion
 from specinfer.engine import request_manager as rm
+from specinfer.engine.in_flight import InFlightStep
 from specinfer.engine.model_runner import ModelRunner
 from specinfer.spec.device_draft import DeviceTreeDrafter
 from specinfer.spec.tree_fit import load_tree_file
@@ -304,6 +305,7 @@ def section_host(llm: LLM, paths: tuple, args) -> None:
         (ModelRunner, "commit_all", lambda r, *a: "LLM commit" if r.model is llm_model else "SSM commit"),
         (torch.Tensor, "argmax", "argmax (launch)"),
         (torch.Tensor, "tolist", "read-back (wait for the device)"),
+        (InFlightStep, "tokens", "read-back of a plain step in flight (wait for it)"),
     ]
     originals = [(cls, name, host_timed(cls, name, label, totals, on)) for cls, name, label in wrapped]
     try:

@@ -76,6 +76,9 @@ def add_engine_arguments(p: argparse.ArgumentParser, max_sequence_length: int) -
     run.add_argument("--compile", action="store_true",
                      help="fuse each layer's small kernels with torch.compile (GPU: faster small-batch steps, "
                           "a slower start)")
+    run.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                     help="queue each plain greedy step before the one ahead of it is read back, so that the "
+                          "host's work between steps overlaps the device's (default: on with CUDA)")
     spec.add_argument("--draft-vocab", type=int, metavar="N",
                       help="SSMs score only the N most used tokens, a fraction of their LM head's work; the LLM "
                            "still verifies with the whole vocabulary (default: 16384 for the default model's "
@@ -89,7 +92,8 @@ def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, SpeculationC
     engine = EngineConfig(args.max_batch_size, args.max_sequence_length, args.device, args.dtype,
                           args.tensor_parallel_size, None if args.quantization == "none" else args.quantization,
                           args.quant_group_size, args.gpu_memory_gb, args.pinned_memory_gb, args.compile,
-                          draft_vocab_size=args.draft_vocab, draft_vocab_file=args.draft_vocab_file)
+                          draft_vocab_size=args.draft_vocab, draft_vocab_file=args.draft_vocab_file,
+                          overlap_plain_steps=args.overlap)
     from .spec.tree_fit import load_tree_file
 
     tree = args.tree or (default_tree(args.llm, args.ssms, args.device) if args.expansion is None else None)

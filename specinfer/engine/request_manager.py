@@ -20,6 +20,7 @@ from ..spec.verify import VerifyResult, verify_greedy_targets, verify_stochastic
 from ..tokenizer import Tokenizer
 from . import one_off
 from .gc_freeze import freeze_long_lived_objects
+from .in_flight import InFlightStep
 from .model_runner import Chunk, ModelRunner
 from .scheduler import Scheduler
 from .sequence import Request, RequestStatus
@@ -75,6 +76,12 @@ class RequestManager:
         # tokens committed): what benchmarks/step_profile.py reads to see what the controller chose.
         self.step_log: list[tuple[int, int, float, int]] | None = None
         self.tp = getattr(llm, "tp", None)  # tensor parallelism: the LLM's process group, or None
+        # Plain greedy steps queued ahead of their read-back (engine/in_flight.py); ranks under tensor
+        # parallelism stay in lockstep, step for step.
+        overlap = engine.overlap_plain_steps
+        self.overlap = (self.llm.device.type == "cuda" if overlap is None else overlap) and self.tp is None
+        self._in_flight: InFlightStep | None = None  # a plain step queued, its tokens not yet read
+        self._chosen_ahead: tuple[list[int], int, set[int]] | None = None  # see _chain
         self.scheduler = Scheduler(engine.max_batch_size)
         self.requests: dict[int, Request] = {}
         self._next_id = 0
@@ -142,10 +149,13 @@ class RequestManager:
         return request
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._in_flight is not None
 
     def step(self) -> list[Request]:
-        """One engine step; returns the requests that finished in it."""
+        """One engine step; returns the requests that finished in it. A plain greedy step may be left in
+        flight (`overlap`): its tokens arrive with the next call, which queues the step after it first."""
+        if self._in_flight is not None:
+            return self._land(self._in_flight)
         admitted = self.scheduler.admit()
         if admitted:
             self._prefill(admitted)
@@ -153,31 +163,103 @@ class RequestManager:
         decoding = [r for r in self.scheduler.running if r.id not in newcomers and r.status is RequestStatus.RUNNING]
         if decoding:
             one_offs, start = one_off.count(), time.perf_counter()
-            if any(r.sampling.do_sample for r in decoding):
-                trees, drafts = self._draft(decoding)
-                results = self._verify(decoding, trees)
+            sampled = any(r.sampling.do_sample for r in decoding)
+            drafting = None if sampled else self._choose_drafting(decoding)
+            if drafting == [] and self.overlap:
+                self._in_flight = self._queue_plain(decoding, one_offs, start)
             else:
-                trees, drafts, results = self._speculate_greedy(decoding)
-            drafted = self._commit(decoding, trees, drafts, results)
-            if self.step_log is not None:
-                tree_size = self.ladder.sizes[self._size_index] if any(len(t) > 1 for t in trees) else 0
-                self.step_log.append((len(decoding), tree_size, time.perf_counter() - start,
-                                      sum(len(r.accepted) for r in results)))
-            if self.controller is not None:
-                seconds = time.perf_counter() - start
-                if self.tp is not None:  # ranks must speculate alike, so they all take the slowest rank's time
-                    seconds = self.tp.max_over_ranks(seconds)
-                # The step's time first: a request's verdict then weighs its tokens against this step too.
-                # Not that of a step that captured a graph or caught an SSM up: the next ones will not.
-                size = self.ladder.sizes[self._size_index] if drafted else 0
-                if one_off.count() == one_offs:
-                    self.controller.record_step(seconds, len(decoding), size)
-                for request_id, tokens in drafted:
-                    self.controller.record_request(request_id, tokens, len(decoding))
+                if sampled:
+                    trees, drafts = self._draft(decoding)
+                    results = self._verify(decoding, trees)
+                else:
+                    trees, drafts, results = self._speculate_greedy(decoding, drafting)
+                drafted = self._commit(decoding, trees, drafts, results)
+                self._record(decoding, trees, drafted, results, one_offs, start)
+        return self._retire()
+
+    def _record(self, requests: list[Request], trees: list[TokenTree], drafted: list[tuple[int, dict[int, int]]],
+                results: list[VerifyResult], one_offs: int, start: float) -> None:
+        """The step's log entry, and its time and each drafting request's tokens for the controller."""
+        if self.step_log is not None:
+            tree_size = self.ladder.sizes[self._size_index] if any(len(t) > 1 for t in trees) else 0
+            self.step_log.append((len(requests), tree_size, time.perf_counter() - start,
+                                  sum(len(r.accepted) for r in results)))
+        if self.controller is not None:
+            seconds = time.perf_counter() - start
+            if self.tp is not None:  # ranks must speculate alike, so they all take the slowest rank's time
+                seconds = self.tp.max_over_ranks(seconds)
+            # The step's time first: a request's verdict then weighs its tokens against this step too.
+            # Not that of a step that captured a graph or caught an SSM up: the next ones will not.
+            size = self.ladder.sizes[self._size_index] if drafted else 0
+            if one_off.count() == one_offs:
+                self.controller.record_step(seconds, len(requests), size)
+            for request_id, tokens in drafted:
+                self.controller.record_request(request_id, tokens, len(requests))
+
+    def _retire(self) -> list[Request]:
         finished = self.scheduler.retire_finished()
         for request in finished:
             self._release(request)
         return finished
+
+    # --- plain steps in flight (engine/in_flight.py) ----------------------------------------------
+
+    def _queue_plain(self, requests: list[Request], one_offs: int, start: float,
+                     device_tokens: torch.Tensor | None = None) -> InFlightStep:
+        """Queue a plain greedy step (from the requests' last tokens, or from `device_tokens` [B, 1], the
+        step before's, not yet on the host) and return it in flight."""
+        parents, rows = [-1], [0]
+        chunks = [Chunk(r.slot, [r.last_token if device_tokens is None else 0], parents, rows) for r in requests]
+        targets = self.llm.forward_rows(chunks, device_tokens).argmax(-1)
+        # A plain step's one new entry is kept whatever its token turns out to be: committed now, so that
+        # the next step can be queued behind it.
+        self.llm.commit_all([(r.slot, [0]) for r in requests])
+        return InFlightStep(requests, targets, one_offs, start)
+
+    def _land(self, step: InFlightStep) -> list[Request]:
+        """Read `step` back and commit its tokens, having queued the step after it where that one follows on."""
+        self._in_flight = None
+        following = self._chain(step)
+        live = 0
+        for r, token in zip(step.requests, step.tokens()):
+            if r.status is not RequestStatus.RUNNING:
+                continue  # ended a step ago (EOS) or aborted since: one token too many
+            r.stats.num_llm_steps += 1
+            r.append([token], self.eos_token_ids)
+            live += 1
+        seconds = time.perf_counter() - step.start
+        if self.step_log is not None:
+            self.step_log.append((len(step.requests), 0, seconds, live))
+        if self.controller is not None and one_off.count() == step.one_offs:
+            self.controller.record_step(seconds, len(step.requests), 0)
+        finished = self._retire()
+        if following is not None:
+            following.start = time.perf_counter()  # until now the device was busy with `step`
+            self._in_flight = following
+        return finished
+
+    def _chain(self, step: InFlightStep) -> InFlightStep | None:
+        """Queue the plain step after `step` from its device tokens, where one follows: the same requests
+        running, each with a token to go after `step`'s, nobody waiting for a free slot, and no draft due
+        (the controller's choice for that step is made here and kept for it)."""
+        requests, running = step.requests, self.scheduler.running
+        if self.scheduler.waiting and self.scheduler.free_slots:
+            return None
+        if len(running) != len(requests) or any(a is not b for a, b in zip(running, requests)):
+            return None
+        if any(r.num_remaining < 2 for r in requests):
+            return None
+        one_offs, start = one_off.count(), time.perf_counter()
+        # Those that may draft once `step`'s token is in (as `_choose_drafting` will see them).
+        eligible = [r.id for r in requests if self.ssms and r.num_remaining > 2]
+        if eligible:
+            if self.controller is None:
+                return None  # a fixed tree drafts whenever it can
+            size, chosen = self.controller.choose(eligible)
+            if size:
+                self._chosen_ahead = (eligible, size, chosen)
+                return None
+        return self._queue_plain(requests, one_offs, start, step.targets[:, None])
 
     def _release(self, request: Request) -> None:
         self.llm.release(request.slot)
@@ -207,7 +289,9 @@ class RequestManager:
         drafting = [i for i, r in enumerate(requests) if self.ssms and r.num_remaining > 1]
         self._size_index = len(self.ladder.sizes) - 1 if self.ladder else 0
         if self.controller is not None and drafting:
-            size, chosen = self.controller.choose([requests[i].id for i in drafting])
+            ids = [requests[i].id for i in drafting]
+            ahead, self._chosen_ahead = self._chosen_ahead, None
+            size, chosen = ahead[1:] if ahead is not None and ahead[0] == ids else self.controller.choose(ids)
             drafting = [i for i in drafting if requests[i].id in chosen] if size else []
             self._size_index = self.ladder.sizes.index(size) if size else self._size_index
         return drafting
@@ -248,13 +332,13 @@ class RequestManager:
         self.llm.warm_logits(num_requests * whole_tree)
 
     def _speculate_greedy(
-        self, requests: list[Request]
+        self, requests: list[Request], drafting: list[int]
     ) -> tuple[list[TokenTree], list[list[SSMDraft]], list[VerifyResult]]:
         """Draft (every SSM a full top-k tree, on the device), verify and read back with one host sync.
 
         The SSMs' trees are verified side by side under the shared root, not merged: merging needs the
-        tokens on the host. A token both SSMs proposed is verified twice, which changes nothing but cost."""
-        drafting = self._choose_drafting(requests)
+        tokens on the host. A token both SSMs proposed is verified twice, which changes nothing but cost.
+        `drafting`: the requests that draft (`_choose_drafting`)."""
         if not drafting:
             return self._plain_step(requests)
         if self.controller is not None and len(drafting) == len(requests):
