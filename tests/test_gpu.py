@@ -166,3 +166,21 @@ def test_gpu_device_drafter_batch_matches_host_drafting(tmp_path):
             runner.release(slot)
         got = drafter.draft(prompts, slots)[0].tolist()
         assert drafter.graphs and got == expected
+
+
+@pytest.mark.gpu
+def test_gpu_plain_steps_in_flight_give_the_tokens_of_steps_read_back_one_by_one(tmp_path):
+    """On the GPU (CUDA graphs, the pinned copy of each step's tokens, its event): plain steps queued
+    ahead of their read-back, with requests joining, ending at EOS a step before the host knows, and by
+    length, give bit for bit what steps read back one by one give (the same passes, the same shapes)."""
+    from .test_in_flight import serve
+
+    save_random_llama(tmp_path / "llm")
+    llm = load_model(tmp_path / "llm", "cuda", torch.bfloat16)
+    reference, _ = serve(llm, [], overlap=False)
+    eos = reference[1].output_tokens[4]
+    reference, _ = serve(llm, [], overlap=False, eos=[eos])
+    got, chained = serve(llm, [], overlap=True, eos=[eos])
+    assert chained > 10
+    assert [g.output_tokens for g in got] == [r.output_tokens for r in reference]
+    assert [g.finish_reason for g in got] == [r.finish_reason for r in reference]
