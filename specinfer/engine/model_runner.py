@@ -75,6 +75,7 @@ class ModelRunner:
             use_cuda_graphs = self.device.type == "cuda" and getattr(model, "streamer", None) is None
         self.graphs = CudaGraphs(model, self.cache, max_batch=num_slots) if use_cuda_graphs else None
         self.host_batches = HostBatchPool(self.cache.scratch_slot, pinned=self.device.type == "cuda")
+        self._deferred_moves: list[list[tuple[int, list[int], int]]] = []  # see commit_all
 
     def num_cached(self, slot: int) -> int:
         return self.slots[slot].num_cached
@@ -104,6 +105,7 @@ class ModelRunner:
     def forward_rows(self, chunks: list[Chunk], device_tokens: torch.Tensor | None = None,
                      replay: bool = True) -> torch.Tensor | None:
         """`forward`, its logits in one tensor [rows, vocab], chunk after chunk (None: no rows asked for)."""
+        self._move_deferred()
         num_tokens = max(len(c.tokens) for c in chunks)
         width = max(self.slots[c.slot].num_speculative + len(c.tokens) for c in chunks)
         if not replay:
@@ -154,8 +156,10 @@ class ModelRunner:
         """Keep speculative entries `keep` (a chain hanging off the prefix) as committed; drop the rest."""
         self.commit_all([(slot, keep)])
 
-    def commit_all(self, commits: list[tuple[int, list[int]]]) -> None:
-        """`commit` for several slots at once: one cache move for all of them."""
+    def commit_all(self, commits: list[tuple[int, list[int]]], defer_moves: bool = False) -> None:
+        """`commit` for several slots at once: one cache move for all of them. `defer_moves`: the move is
+        queued on the device just before the next pass instead of now (after an SSM's draft launched
+        meanwhile, say: the host's work for it then overlaps the device's instead of delaying it)."""
         moves = []
         for slot, keep in commits:
             state = self.slots[slot]
@@ -165,7 +169,17 @@ class ModelRunner:
                     moves.append((slot, [state.num_cached + i for i in keep], state.num_cached))
             state.num_cached += len(keep)
             state.depths, state.ancestors = None, None
-        self.cache.move_entries(moves)
+        if defer_moves:
+            self._deferred_moves.append(moves)
+        else:
+            self._move_deferred()
+            self.cache.move_entries(moves)
+
+    def _move_deferred(self) -> None:
+        """Queue the cache moves of deferred commits, in their order."""
+        for moves in self._deferred_moves:
+            self.cache.move_entries(moves)
+        self._deferred_moves.clear()
 
     def _prepare(self, chunks: list[Chunk], layout: Layout) -> HostBatch:
         """Host inputs for `chunks`, padded to `layout`; reads entries up to the longest row's end."""
