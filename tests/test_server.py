@@ -269,6 +269,46 @@ def test_client_disconnect_cancels_and_frees_its_slot(server):
     assert _complete(server.url, "after a disconnect")["choices"][0]["finish_reason"] in ("length", "stop")
 
 
+def test_incremental_server_with_steps_in_flight_answers_as_the_tree_server(server, model_dir, token_ids):
+    """`--overlap` (on by default with CUDA; here forced on the CPU): plain steps queued ahead of their
+    read-back, under load, with stop strings, a sampled neighbour and a client that disconnects."""
+    alone = [_complete(server.url, ids)["choices"][0]["token_ids"] for ids in token_ids]
+    overlapped = ServerProcess(model_dir, "--mode", "incremental", "--overlap", "--max-batch-size", "4")
+    try:
+        body = {"model": MODEL, "prompt": "Go on and on", "max_tokens": CONTEXT - 10, "temperature": 0, "stream": True}
+        with httpx.stream("POST", overlapped.url + "/v1/completions", json=body, timeout=60) as reply:
+            assert next(line for line in reply.iter_lines() if line.startswith("data:"))  # then it disconnects
+
+        async def run() -> list[tuple[int, list[int]]]:
+            client = openai.AsyncOpenAI(base_url=overlapped.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+            async def one(i: int) -> tuple[int, list[int]]:
+                k = i % len(PROMPTS)
+                if i % 7 == 3:  # sampled requests ride along
+                    await client.completions.create(model=MODEL, prompt=token_ids[k], max_tokens=8, temperature=1.0, n=2)
+                    return -1, []
+                reply = await client.completions.create(model=MODEL, prompt=token_ids[k], max_tokens=16, temperature=0,
+                                                        extra_body={"return_token_ids": True})
+                return k, reply.choices[0].model_extra["token_ids"]
+
+            results = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(40))), timeout=600)
+            await client.close()
+            return results
+
+        results = asyncio.run(run())
+        model = load_model(model_dir / "llm", torch.device("cpu"), torch.float32)
+        for k, ids in results:
+            if k >= 0:
+                _same_or_tie(model, token_ids[k], alone[k], ids)
+        full = _complete(overlapped.url, "Why is the sky blue?", 24)["choices"][0]["text"]
+        stop = full[len(full) // 2 : len(full) // 2 + 3]
+        cut = _complete(overlapped.url, "Why is the sky blue?", 24, stop=[stop])["choices"][0]
+        assert cut["text"] == full[: full.index(stop)] and cut["finish_reason"] == "stop"
+        assert httpx.get(overlapped.url + "/health").json()["outstanding_requests"] == 0
+    finally:
+        overlapped.stop()
+
+
 def test_full_server_sheds_load_and_drains_on_sigterm(model_dir):
     s = ServerProcess(model_dir, "--max-batch-size", "2", "--max-queued-requests", "2")
     try:
