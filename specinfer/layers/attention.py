@@ -63,8 +63,12 @@ def cached_attention(
 ) -> torch.Tensor:  # [B, H, T, D]
     if q.dtype == cache_k.dtype and tree_attention.supported(q):
         return tree_attention.tree_attention(q, cache_k, cache_v, meta.read_slots, meta.prefix_lens, meta.tree_mask)
-    keys = cache_k[meta.read_slots, :, : meta.kv_len]  # [B, Hkv, L, D]
-    values = cache_v[meta.read_slots, :, : meta.kv_len]
+    if meta.read_slots.shape[0] == 1 and not q.is_cuda:  # one row (batch-1 decoding on a CPU): a view, not a copy
+        slot = int(meta.read_slots[0])
+        keys, values = cache_k[slot : slot + 1, :, : meta.kv_len], cache_v[slot : slot + 1, :, : meta.kv_len]
+    else:
+        keys = cache_k[meta.read_slots, :, : meta.kv_len]  # [B, Hkv, L, D]
+        values = cache_v[meta.read_slots, :, : meta.kv_len]
     if meta.dense_mask is None:
         meta.dense_mask = dense_mask(meta)
     return F.scaled_dot_product_attention(
