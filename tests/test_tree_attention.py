@@ -73,3 +73,25 @@ def test_kernel_matches_sdpa_in_triton_interpreter():
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 4e-3)])
 def test_kernel_matches_sdpa_on_gpu(dtype, tolerance):
     check_against_sdpa("cuda", dtype, tolerance)
+
+
+@pytest.mark.parametrize("slots", [[0, 1, 2], [4, 2, 3], [1], [0, 2, 3], [5, 1, 3, 2]],
+                         ids=["run", "permuted-run", "one", "gap", "permuted-gap"])
+def test_cpu_attention_over_slots_in_any_order(slots):
+    """The CPU path reads a contiguous run of slots as a view (rows reordered to slot order and back),
+    any other set of slots as a gathered copy: both as SDPA over each row's own slot."""
+    from specinfer.layers.attention import cached_attention
+
+    torch.manual_seed(1)
+    batch, heads, kv_heads, tokens, head_dim, width = len(slots), 6, 3, 4, 16, 5
+    cache_k = torch.randn(7, kv_heads, 64, head_dim)
+    cache_v = torch.randn_like(cache_k)
+    q = torch.randn(batch, heads, tokens, head_dim)
+    read_slots, prefix_lens = torch.tensor(slots), torch.tensor([9, 30, 0, 17, 4][:batch])
+    tree_mask = torch.rand(batch, tokens, width) < 0.5
+    tree_mask[:, :, 0] = True
+    kv_len = int((prefix_lens + width).max())
+    meta = AttentionMetadata(None, None, None, read_slots, prefix_lens, tree_mask, kv_len)
+    out = cached_attention(q, cache_k, cache_v, meta)
+    expected = reference(q, cache_k, cache_v, read_slots, prefix_lens, tree_mask)
+    assert (out.double() - expected).abs().max().item() < 1e-5
