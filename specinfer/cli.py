@@ -52,6 +52,11 @@ def add_engine_arguments(p: argparse.ArgumentParser, max_sequence_length: int) -
     spec.add_argument("--tree-nodes", type=int, metavar="N",
                       help="use the first N nodes of the tree (a fitted tree lists its nodes in growth order, so "
                            "every prefix is the fitted tree of that size)")
+    spec.add_argument("--sampled-children", action=argparse.BooleanOptionalAction, default=False,
+                      help="sampled requests draft children drawn from each SSM's distribution (host drafting, "
+                           "multi-step speculative sampling) instead of each SSM's top-k tokens (drafted on "
+                           "the device like greedy trees, the LLM's token drawn at every node); both sample "
+                           "exactly the LLM's distribution")
     spec.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
                       help="draft, step by step, the part of the tree (1, 3, 7, ... nodes) that is measured to pay "
                            "most at the running batch size, or nothing")
@@ -101,7 +106,7 @@ def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, SpeculationC
         raise SpecInferError("--tree-nodes cuts a tree: pass --tree (or no --expansion with the default model)")
     expansion = parse_expansion(args.expansion) if args.expansion else DEFAULT_EXPANSION
     paths = load_tree_file(tree, args.tree_nodes) if tree else None
-    return engine, SpeculationConfig(args.mode, expansion, args.adaptive, paths)
+    return engine, SpeculationConfig(args.mode, expansion, args.adaptive, paths, args.sampled_children)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,6 +48,12 @@ class SpeculationConfig:
     # Draft only as much as is measured to pay (engine/speculation_controller.py).
     adaptive: bool = True
     tree: tuple[tuple[int, ...], ...] | None = None  # rank paths, e.g. ((0,), (1,), (0, 0))
+    # How sampled requests draft. False: each SSM's top-k tokens, drafted on the device like greedy trees
+    # and verified by drawing the LLM's token at every node and descending where the draw is a child (a
+    # top-k child is a point mass); no distribution leaves the device. True: draws from each SSM's own
+    # sampling distribution, drafted on the host and verified by multi-step speculative sampling. Either
+    # way the output follows exactly the LLM's sampling distribution (spec/verify.py).
+    sampled_children: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -29,14 +29,16 @@ def assert_greedy_equivalent(llm, prompt, got, expected, bound=ROUNDING_BOUND):
 
 
 def generate(llm, ssms, prompts, mode="tree", expansion=(1, 1, 3, 1, 1), batch=4, max_new=20, eos=(), device="cpu",
-             tree=None, sampled_neighbour=False):
-    """Serve `prompts` greedily. `sampled_neighbour`: one sampled request rides along, which sends the
-    whole batch through host drafting (spec/draft.py) instead of the device drafter."""
+             tree=None, sampled_neighbour=False, top_k_neighbour=False):
+    """Serve `prompts` greedily. `sampled_neighbour`: one sampled request rides along, drafting sampled
+    children, which sends the whole batch through host drafting (spec/draft.py) instead of the device
+    drafter. `top_k_neighbour`: one rides along drafting top-k children, on the device with the rest."""
     manager = RequestManager(llm, ssms, EngineConfig(max_batch_size=batch, max_sequence_length=128, device=device),
-                             SpeculationConfig(mode=mode, expansion=expansion, adaptive=False, tree=tree),
+                             SpeculationConfig(mode=mode, expansion=expansion, adaptive=False, tree=tree,
+                                               sampled_children=sampled_neighbour),
                              eos_token_ids=list(eos))
     ids = [manager.register_new_request(p, sampling=GenerationConfig(max_new_tokens=max_new)) for p in prompts]
-    if sampled_neighbour:
+    if sampled_neighbour or top_k_neighbour:
         manager.register_new_request(prompts[0], sampling=GenerationConfig(do_sample=True, max_new_tokens=max_new))
     manager.run()
     return [manager.requests[i] for i in ids]
@@ -60,11 +62,14 @@ FITTED_TREE = ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 1, 0), (
 
 
 @pytest.mark.parametrize("num_ssms", [1, 2])
-@pytest.mark.parametrize("host_drafting", [False, True])
-def test_fitted_tree_greedy_equals_incremental(random_models, num_ssms, host_drafting):
+@pytest.mark.parametrize("neighbour", ["none", "host-drafting", "top-k"])
+def test_fitted_tree_greedy_equals_incremental(random_models, num_ssms, neighbour):
+    """Greedy requests alone, beside a sampled one that sends the batch through host drafting, and beside
+    one drafting top-k children on the device with them (its rows draw, theirs take the argmax)."""
     llm, ssms = random_models
     expected = generate(llm, [], PROMPTS, mode="incremental")
-    got = generate(llm, ssms[:num_ssms], PROMPTS, tree=FITTED_TREE, batch=5, sampled_neighbour=host_drafting)
+    got = generate(llm, ssms[:num_ssms], PROMPTS, tree=FITTED_TREE, batch=5,
+                   sampled_neighbour=neighbour == "host-drafting", top_k_neighbour=neighbour == "top-k")
     for prompt, g, e in zip(PROMPTS, got, expected):
         assert len(g.output_tokens) == 20
         assert_greedy_equivalent(llm, prompt, g.output_tokens, e.output_tokens)
@@ -250,7 +255,8 @@ class CyclingSizes:
 
 def generate_switching_sizes(llm, ssms, prompts, tree=None, batch=4, max_new=20, device="cpu", sampled_neighbour=False):
     manager = RequestManager(llm, ssms, EngineConfig(max_batch_size=batch, max_sequence_length=128, device=device),
-                             SpeculationConfig(expansion=(1, 1, 3, 1, 1), tree=tree), eos_token_ids=[])
+                             SpeculationConfig(expansion=(1, 1, 3, 1, 1), tree=tree, sampled_children=sampled_neighbour),
+                             eos_token_ids=[])
     manager.controller = CyclingSizes(manager.ladder.sizes)
     ids = [manager.register_new_request(p, sampling=GenerationConfig(max_new_tokens=max_new)) for p in prompts]
     if sampled_neighbour:

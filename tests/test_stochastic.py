@@ -77,16 +77,21 @@ def tiny_models(tmp_path_factory):
     return load_model(root / "llm"), [load_model(root / "ssm0"), load_model(root / "ssm1")]
 
 
-def sample_sequences(llm, ssms, config: GenerationConfig, num: int, tree=None) -> dict:
+def sample_sequences(llm, ssms, config: GenerationConfig, num: int, tree=None, sampled_children=True,
+                     extra_tokens: int = 0) -> dict:
+    """Counts of the first NEW_TOKENS tokens of `num` seeded generations of NEW_TOKENS + `extra_tokens`
+    (with extra tokens, the step after the prefill may draft a tree as deep as 1 + extra_tokens), and the
+    tokens accepted."""
     manager = RequestManager(llm, ssms, EngineConfig(max_batch_size=256, max_sequence_length=16),
-                             SpeculationConfig(expansion=(2, 2), adaptive=False, tree=tree), eos_token_ids=[])
+                             SpeculationConfig(expansion=(2, 2), adaptive=False, tree=tree,
+                                               sampled_children=sampled_children), eos_token_ids=[])
     ids = [manager.register_new_request(PROMPT, sampling=GenerationConfig(
         do_sample=True, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-        seed=seed, max_new_tokens=NEW_TOKENS)) for seed in range(num)]
+        seed=seed, max_new_tokens=NEW_TOKENS + extra_tokens)) for seed in range(num)]
     manager.run()
     counts: dict = {}
     for i in ids:
-        seq = tuple(manager.requests[i].output_tokens)
+        seq = tuple(manager.requests[i].output_tokens[:NEW_TOKENS])
         counts[seq] = counts.get(seq, 0) + 1
     accepted = sum(manager.requests[i].stats.num_accepted for i in ids)
     return counts, accepted
@@ -177,3 +182,38 @@ def test_sampling_with_a_draft_vocabulary_matches_llm_distribution(tiny_models):
     assert any(t % 2 for seq in counts for t in seq)  # the LLM's own tokens cover the other half
     p_value = chi_square_p_value(counts, exact_sequence_probs(llm, config), num)
     assert p_value > ALPHA, f"speculative samples differ from the LLM's distribution (p = {p_value:.2e})"
+
+
+def _own_draws(tree, draws):
+    """Wrong on purpose: every node keeps its own draw, so a path both SSMs drafted gets two chances."""
+    return draws
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_top_k_trees_drafted_on_the_device_sample_the_llm_distribution(tiny_models, name, monkeypatch):
+    """Sampled requests drafting top-k children (the default): every SSM's greedy tree from the device
+    drafter, side by side under the root, the LLM's token drawn at every node and descended into where it
+    is a child (rule 3), a node that repeats another's path sharing its draw."""
+    import specinfer.engine.request_manager as request_manager
+
+    llm, ssms = tiny_models
+    config = CONFIGS[name]
+    exact = exact_sequence_probs(llm, config)
+    num = 6000
+    counts, accepted = sample_sequences(llm, ssms, config, num, sampled_children=False, extra_tokens=1)
+    assert accepted > num // 4, "the drafts must be accepted often for the test to mean anything"
+    p_value = chi_square_p_value(counts, exact, num)
+    assert p_value > ALPHA, f"speculative samples differ from the LLM's distribution (p = {p_value:.2e})"
+    if name == "temperature-1":
+        # The same SSM twice: every drafted path twice over, each copy's subtree a second chance unless
+        # the copies share their draws.
+        # the copies share their draws. One token more, so that the step after the prefill drafts two
+        # levels (the copies' subtrees), of which the first NEW_TOKENS tokens are judged.
+        twice = [ssms[1], ssms[1]]
+        counts, _ = sample_sequences(llm, twice, config, num, sampled_children=False, extra_tokens=1)
+        p_value = chi_square_p_value(counts, exact, num)
+        assert p_value > ALPHA, f"speculative samples differ from the LLM's distribution (p = {p_value:.2e})"
+        monkeypatch.setattr(request_manager, "shared_draws", _own_draws)
+        wrong_counts, _ = sample_sequences(llm, twice, config, num, sampled_children=False, extra_tokens=1)
+        wrong_p = chi_square_p_value(wrong_counts, exact, num)
+        assert wrong_p < ALPHA, f"the test failed to reject a biased verifier (p = {wrong_p:.2e})"

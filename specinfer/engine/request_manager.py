@@ -14,9 +14,9 @@ from ..config import EngineConfig, GenerationConfig, SpeculationConfig
 from ..errors import SpecInferError
 from ..spec.device_draft import REPLAYED_CATCH_UP, DeviceTreeDrafter
 from ..spec.draft import DraftRequest, SSMDraft, expand
-from ..spec.sampling import choose_tokens, logits_to_probs
+from ..spec.sampling import choose_tokens, draw_tokens, logits_to_probs
 from ..spec.tree import TokenTree, merge_trees
-from ..spec.verify import VerifyResult, verify_greedy_targets, verify_stochastic
+from ..spec.verify import VerifyResult, shared_draws, verify_greedy_targets, verify_stochastic
 from ..tokenizer import Tokenizer
 from . import one_off
 from .gc_freeze import freeze_long_lived_objects
@@ -164,11 +164,12 @@ class RequestManager:
         if decoding:
             one_offs, start = one_off.count(), time.perf_counter()
             sampled = any(r.sampling.do_sample for r in decoding)
-            drafting = None if sampled else self._choose_drafting(decoding)
-            if drafting == [] and self.overlap:
+            host_drafting = sampled and self.speculation.sampled_children
+            drafting = None if host_drafting else self._choose_drafting(decoding)
+            if drafting == [] and self.overlap and not sampled:
                 self._in_flight = self._queue_plain(decoding, one_offs, start)
             else:
-                if sampled:
+                if host_drafting:
                     trees, drafts = self._draft(decoding)
                     results = self._verify(decoding, trees)
                 else:
@@ -381,7 +382,7 @@ class RequestManager:
             index = torch.tensor([g + [0] * (width - len(g)) for g in gather])
             device_tokens = torch.cat(sources)[upload(index, device)]
         logits = self.llm.forward_rows(chunks, device_tokens)  # one LLM pass over every node of every tree
-        targets = logits.argmax(-1)
+        targets = self._node_targets(logits, requests, [len(chunk.tokens) for chunk in chunks])
         readback = torch.cat([targets, *[tokens.flatten() for tokens in drafted]]).tolist()  # the step's one host sync
         targets, tokens = readback[: len(targets)], readback[len(targets) :]
 
@@ -398,9 +399,25 @@ class RequestManager:
             tree = TokenTree(tree_tokens, chunk.parents)
             trees.append(tree)
             drafts.append(ssm_drafts)
-            results.append(verify_greedy_targets(tree, targets[offset : offset + len(tree)]))
+            own_targets = targets[offset : offset + len(tree)]
+            if r.sampling.do_sample and num_ssms > 1:
+                own_targets = shared_draws(tree, own_targets)
+            results.append(verify_greedy_targets(tree, own_targets))
             offset += len(tree)
         return trees, drafts, results
+
+    @staticmethod
+    def _node_targets(logits: torch.Tensor, requests: list[Request], rows: list[int]) -> torch.Tensor:
+        """The LLM's token at each of every request's `rows` nodes, on the device: its argmax, or for a
+        sampled request a draw from its sampling distribution at one uniform per node from the request's
+        generator. Verification then descends where a node's token is a child's (for top-k children, a
+        draw from p at every node is exactly rule 3 of spec/verify.py: each visited node's draw is an
+        independent draw from its p)."""
+        if not any(r.sampling.do_sample for r in requests):
+            return logits.argmax(-1)
+        uniforms = torch.cat([torch.rand(n, generator=r.generator) if r.sampling.do_sample else torch.zeros(n)
+                              for r, n in zip(requests, rows)])
+        return draw_tokens(logits, [(r.sampling, n) for r, n in zip(requests, rows)], uniforms)
 
     # Index lists that depend only on this step's tree and a request's cut of it, the same for most requests
     # of most steps: built once (read-only; at batch 64, 20 nodes, they were a tenth of the step's host work).
@@ -440,7 +457,7 @@ class RequestManager:
         roots = [r.last_token for r in requests]
         parents, rows = [-1], [0]  # one list for every chunk: the runner sees at once that all rows are alike
         logits = self.llm.forward_rows([Chunk(r.slot, [token], parents, rows) for r, token in zip(requests, roots)])
-        targets = logits.argmax(-1).tolist()  # the step's one host sync
+        targets = self._node_targets(logits, requests, [1] * len(requests)).tolist()  # the step's one host sync
         trees = [TokenTree([token], [-1]) for token in roots]
         return trees, [[] for _ in requests], [VerifyResult([0], target, []) for target in targets]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..config import GenerationConfig
+from ..engine.upload import upload
 
 
 def logits_to_probs(logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
@@ -36,17 +37,30 @@ def choose_tokens(
     argmax for greedy rows, a draw from the row's distribution for sampled rows. Each draw inverts the
     row's CDF at a uniform from the request's own (CPU) generator, so a seed fixes the draw wherever it
     runs, and no per-row distribution has to reach the host."""
+    uniforms = [float(torch.rand((), generator=g)) if c.do_sample else 0.0 for c, g in zip(configs, generators)]
+    return draw_tokens(logits, [(c, 1) for c in configs], torch.tensor(uniforms)).tolist()
+
+
+def draw_tokens(logits: torch.Tensor, runs: list[tuple[GenerationConfig, int]], uniforms: torch.Tensor) -> torch.Tensor:
+    """Tokens for logits [N, V] on their device, without a host sync: rows come in runs of (config, rows)
+    in order; greedy runs take the argmax, sampled ones invert each row's CDF (after the config's
+    temperature, top-k and top-p) at its uniform in `uniforms` [N] (on the host)."""
     tokens = logits.argmax(-1)
     groups: dict[tuple, list[int]] = {}
-    for i, config in enumerate(configs):
+    start = 0
+    for config, rows in runs:
         if config.do_sample:
-            groups.setdefault((config.temperature, config.top_k, config.top_p), []).append(i)
-    for rows in groups.values():
-        probs = logits_to_probs(logits[rows], configs[rows[0]])
-        uniforms = torch.tensor([float(torch.rand((), generator=generators[i])) for i in rows])
+            groups.setdefault((config.temperature, config.top_k, config.top_p), []).extend(range(start, start + rows))
+        start += rows
+    for key, rows in groups.items():
+        config = GenerationConfig(do_sample=True, temperature=key[0], top_k=key[1], top_p=key[2])
+        index = torch.tensor(rows)
+        # (Both through pinned staging: a plain copy from pageable memory would wait for the device.)
+        row_uniforms, index = upload(uniforms[index].float(), logits.device), upload(index, logits.device)
+        probs = logits_to_probs(logits[index], config)
         cdf = probs.cumsum(-1)
-        targets = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
+        targets = (row_uniforms * cdf[:, -1]).unsqueeze(-1)
         # right=True: the first token whose CDF exceeds the target, so zero-probability tokens never win.
         drawn = torch.searchsorted(cdf, targets, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
-        tokens[rows] = drawn
-    return tokens.tolist()
+        tokens[index] = drawn
+    return tokens

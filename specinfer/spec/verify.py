@@ -63,6 +63,22 @@ def verify_greedy_targets(tree: TokenTree, targets: list[int]) -> VerifyResult:
     return VerifyResult(tree.path_to(deepest), targets[deepest], matched)
 
 
+def shared_draws(tree: TokenTree, draws: list[int]) -> list[int]:
+    """`draws` (the LLM's token drawn at every node) with each node that repeats an earlier one's path (the
+    same token under the same parent path: several SSMs' trees side by side under one root) given that
+    node's draw. The walk then meets one draw per distinct context, as on the merged tree; with a draw of
+    its own, a repeated path would give its subtree a second chance, and keeping the deeper of two
+    matches would favour the tokens drafted below."""
+    parents, tokens = tree.parents, tree.tokens
+    first: dict[tuple[int, int], int] = {}
+    canonical = [0] * len(tokens)
+    shared = list(draws)
+    for node in range(1, len(tokens)):
+        c = canonical[node] = first.setdefault((canonical[parents[node]], tokens[node]), node)
+        shared[node] = draws[c]
+    return shared
+
+
 def verify_stochastic(tree: TokenTree, probs: torch.Tensor, generator: torch.Generator | None) -> VerifyResult:
     """probs [N, V]: the LLM's sampling distribution at every tree node (on the CPU, like `generator`)."""
     node, accepted = 0, [0]
