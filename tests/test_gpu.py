@@ -184,3 +184,33 @@ def test_gpu_plain_steps_in_flight_give_the_tokens_of_steps_read_back_one_by_one
     assert chained > 10
     assert [g.output_tokens for g in got] == [r.output_tokens for r in reference]
     assert [g.finish_reason for g in got] == [r.finish_reason for r in reference]
+
+
+@pytest.mark.gpu
+def test_gpu_sampled_requests_draw_on_the_device_the_tokens_incremental_sampling_draws(tmp_path):
+    """Sampled requests through the device path (top-k trees, the LLM's tokens drawn at every node on the
+    GPU, no distribution copied to the host): with the same seeds, the tokens of incremental sampling
+    (fp32, where rounding moves a draw only at a CDF step's very edge)."""
+    import dataclasses
+
+    from specinfer.config import EngineConfig, GenerationConfig, SpeculationConfig
+    from specinfer.engine.request_manager import RequestManager
+
+    reference = save_random_llama(tmp_path / "llm")
+    save_random_llama(tmp_path / "ssm", noise_from=reference)
+    llm = load_model(tmp_path / "llm", "cuda", torch.float32)
+    ssm = load_model(tmp_path / "ssm", "cuda", torch.float32)
+    config = GenerationConfig(do_sample=True, temperature=0.8, top_p=0.95, max_new_tokens=24)
+
+    def serve(ssms, speculation):
+        manager = RequestManager(llm, ssms, EngineConfig(max_batch_size=4, max_sequence_length=128, device="cuda"),
+                                 speculation, eos_token_ids=[])
+        ids = [manager.register_new_request(p, sampling=dataclasses.replace(config, seed=seed))
+               for seed, p in enumerate(PROMPTS * 2)]
+        manager.run()
+        return [manager.requests[i] for i in ids]
+
+    incremental = serve([], SpeculationConfig(mode="incremental"))
+    tree = serve([ssm], SpeculationConfig(tree=FITTED_TREE, adaptive=False))
+    assert [r.output_tokens for r in tree] == [r.output_tokens for r in incremental]
+    assert sum(r.stats.num_accepted for r in tree) > 0

@@ -209,7 +209,8 @@ def test_adaptive_engine_drafts_the_size_that_pays_and_stays_exact(tmp_path, hos
     save_random_llama(tmp_path / "ssm")
     llm, ssm = load_model(tmp_path / "llm"), load_model(tmp_path / "ssm")
     manager = RequestManager(llm, [ssm], EngineConfig(max_batch_size=5, max_sequence_length=128),
-                             SpeculationConfig(expansion=(1, 1, 3, 1, 1)), eos_token_ids=[])
+                             SpeculationConfig(expansion=(1, 1, 3, 1, 1), sampled_children=host_drafting),
+                             eos_token_ids=[])
     sizes = manager.ladder.sizes
     assert sizes == (1, 3, 7, 11)
     manager.controller = SpeculationController(sizes, fixed_cost_ratio={1: 1.05, 3: 1.1, 7: 2.5, 11: 6.0})
@@ -222,7 +223,7 @@ def test_adaptive_engine_drafts_the_size_that_pays_and_stays_exact(tmp_path, hos
 
     manager.controller.record_request = spy
     ids = [manager.register_new_request(p, sampling=GenerationConfig(max_new_tokens=60)) for p in PROMPTS]
-    if host_drafting:  # a sampled request sends the batch through host drafting
+    if host_drafting:  # a sampled request drafting drawn children sends the batch through host drafting
         manager.register_new_request(PROMPTS[0], sampling=GenerationConfig(do_sample=True, max_new_tokens=60))
     before = {}
     manager.run()

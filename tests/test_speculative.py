@@ -326,3 +326,32 @@ def test_switching_tree_sizes_every_step_keeps_outputs_exact(random_models, num_
         assert len(g.output_tokens) == 30
         assert_greedy_equivalent(llm, prompt, g.output_tokens, e.output_tokens)
     assert sum(r.stats.num_accepted for r in got) > 0
+
+
+@pytest.mark.parametrize("config", [GenerationConfig(do_sample=True, temperature=1.0, max_new_tokens=24),
+                                    GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=24)],
+                         ids=["temperature-1", "temperature-0.7-top-p"])
+def test_a_seed_samples_the_same_tokens_with_or_without_speculation(random_models, config):
+    """Output token i of a sampled request is drawn at its generator's i-th uniform, however the steps
+    fall: incremental decoding, a fixed tree and trees switching size every step (every request or every
+    other) give the same tokens for the same seeds (the draws' distributions agree up to rounding, which
+    moves a draw only where a uniform falls on a CDF step's edge)."""
+    import dataclasses
+
+    llm, ssms = random_models
+
+    def serve(manager):
+        ids = [manager.register_new_request(p, sampling=dataclasses.replace(config, seed=seed))
+               for seed, p in enumerate(PROMPTS * 2)]
+        manager.run()
+        return [manager.requests[i].output_tokens for i in ids]
+
+    engine = EngineConfig(max_batch_size=4, max_sequence_length=128)
+    incremental = serve(RequestManager(llm, [], engine, SpeculationConfig(mode="incremental"), eos_token_ids=[]))
+    fixed_manager = RequestManager(llm, ssms[:2], engine, SpeculationConfig(tree=FITTED_TREE, adaptive=False), eos_token_ids=[])
+    fixed = serve(fixed_manager)
+    switching_manager = RequestManager(llm, ssms[:1], engine, SpeculationConfig(tree=FITTED_TREE), eos_token_ids=[])
+    switching_manager.controller = CyclingSizes(switching_manager.ladder.sizes)
+    switching = serve(switching_manager)
+    assert fixed == incremental and switching == incremental
+    assert sum(fixed_manager.requests[i].stats.num_accepted for i in fixed_manager.requests) > 0

@@ -184,17 +184,19 @@ def test_sampling_with_a_draft_vocabulary_matches_llm_distribution(tiny_models):
     assert p_value > ALPHA, f"speculative samples differ from the LLM's distribution (p = {p_value:.2e})"
 
 
-def _own_draws(tree, draws):
-    """Wrong on purpose: every node keeps its own draw, so a path both SSMs drafted gets two chances."""
-    return draws
+def _one_uniform_a_step(request, count):
+    """Wrong on purpose: one uniform for every output position a step may fill, so the tokens of one
+    step are drawn together, not independently."""
+    return [float(torch.rand((), generator=request.generator))] * count
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_top_k_trees_drafted_on_the_device_sample_the_llm_distribution(tiny_models, name, monkeypatch):
     """Sampled requests drafting top-k children (the default): every SSM's greedy tree from the device
-    drafter, side by side under the root, the LLM's token drawn at every node and descended into where it
-    is a child (rule 3), a node that repeats another's path sharing its draw."""
-    import specinfer.engine.request_manager as request_manager
+    drafter, side by side under the root, the LLM's token drawn at every node at the uniform of its output
+    position and descended into where it is a child (rule 3). One token more than judged, so that the
+    step after the prefill drafts two levels."""
+    from specinfer.engine.sequence import Request
 
     llm, ssms = tiny_models
     config = CONFIGS[name]
@@ -205,15 +207,12 @@ def test_top_k_trees_drafted_on_the_device_sample_the_llm_distribution(tiny_mode
     p_value = chi_square_p_value(counts, exact, num)
     assert p_value > ALPHA, f"speculative samples differ from the LLM's distribution (p = {p_value:.2e})"
     if name == "temperature-1":
-        # The same SSM twice: every drafted path twice over, each copy's subtree a second chance unless
-        # the copies share their draws.
-        # the copies share their draws. One token more, so that the step after the prefill drafts two
-        # levels (the copies' subtrees), of which the first NEW_TOKENS tokens are judged.
+        # The same SSM twice: every drafted path twice over, which must not give a path two chances.
         twice = [ssms[1], ssms[1]]
         counts, _ = sample_sequences(llm, twice, config, num, sampled_children=False, extra_tokens=1)
         p_value = chi_square_p_value(counts, exact, num)
         assert p_value > ALPHA, f"speculative samples differ from the LLM's distribution (p = {p_value:.2e})"
-        monkeypatch.setattr(request_manager, "shared_draws", _own_draws)
-        wrong_counts, _ = sample_sequences(llm, twice, config, num, sampled_children=False, extra_tokens=1)
+        monkeypatch.setattr(Request, "position_uniforms", _one_uniform_a_step)
+        wrong_counts, _ = sample_sequences(llm, ssms, config, num, sampled_children=False, extra_tokens=1)
         wrong_p = chi_square_p_value(wrong_counts, exact, num)
         assert wrong_p < ALPHA, f"the test failed to reject a biased verifier (p = {wrong_p:.2e})"

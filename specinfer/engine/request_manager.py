@@ -279,7 +279,8 @@ class RequestManager:
     def _prefill(self, requests: list[Request]) -> None:
         chunks = [Chunk.chain(r.slot, r.prompt_tokens) for r in requests]
         logits = self.llm.forward(chunks)
-        tokens = choose_tokens(torch.cat(logits), [r.sampling for r in requests], [r.generator for r in requests])
+        roots = [[0] if r.sampling.do_sample else 1 for r in requests]  # one token each: a root's (depth 0)
+        tokens = self._node_targets(torch.cat(logits), requests, roots).tolist()
         self.llm.commit_all([(r.slot, list(range(len(chunk.tokens)))) for r, chunk in zip(requests, chunks)])
         for r, token in zip(requests, tokens):
             r.append([token], self.eos_token_ids)
@@ -382,7 +383,8 @@ class RequestManager:
             index = torch.tensor([g + [0] * (width - len(g)) for g in gather])
             device_tokens = torch.cat(sources)[upload(index, device)]
         logits = self.llm.forward_rows(chunks, device_tokens)  # one LLM pass over every node of every tree
-        targets = self._node_targets(logits, requests, [len(chunk.tokens) for chunk in chunks])
+        nodes = [_depths(chunk.parents) if r.sampling.do_sample else len(chunk.tokens) for r, chunk in zip(requests, chunks)]
+        targets = self._node_targets(logits, requests, nodes)
         readback = torch.cat([targets, *[tokens.flatten() for tokens in drafted]]).tolist()  # the step's one host sync
         targets, tokens = readback[: len(targets)], readback[len(targets) :]
 
@@ -407,17 +409,26 @@ class RequestManager:
         return trees, drafts, results
 
     @staticmethod
-    def _node_targets(logits: torch.Tensor, requests: list[Request], rows: list[int]) -> torch.Tensor:
-        """The LLM's token at each of every request's `rows` nodes, on the device: its argmax, or for a
-        sampled request a draw from its sampling distribution at one uniform per node from the request's
-        generator. Verification then descends where a node's token is a child's (for top-k children, a
-        draw from p at every node is exactly rule 3 of spec/verify.py: each visited node's draw is an
-        independent draw from its p)."""
+    def _node_targets(logits: torch.Tensor, requests: list[Request], nodes: list[int | list[int]]) -> torch.Tensor:
+        """The LLM's token at every node of every request, on the device (`logits` [nodes, V], request
+        after request): its argmax, or for a sampled request (whose `nodes` entry lists its nodes' depths;
+        a greedy one's is their count) a draw from its sampling distribution at the uniform of the output
+        position the node's token would take (`Request.position_uniforms`). Verification then descends where
+        a node's token is a child's: for top-k children that is rule 3 of spec/verify.py (each visited
+        node's draw is a fresh draw from its distribution; the nodes of one depth, of which the walk visits
+        one, share a uniform), and a sampled request's tokens are those incremental sampling would draw."""
         if not any(r.sampling.do_sample for r in requests):
             return logits.argmax(-1)
-        uniforms = torch.cat([torch.rand(n, generator=r.generator) if r.sampling.do_sample else torch.zeros(n)
-                              for r, n in zip(requests, rows)])
-        return draw_tokens(logits, [(r.sampling, n) for r, n in zip(requests, rows)], uniforms)
+        uniforms, runs = [], []
+        for r, entry in zip(requests, nodes):
+            if r.sampling.do_sample:
+                at = r.position_uniforms(max(entry) + 1)
+                uniforms += [at[depth] for depth in entry]
+                runs.append((r.sampling, len(entry)))
+            else:
+                uniforms += [0.0] * entry
+                runs.append((r.sampling, entry))
+        return draw_tokens(logits, runs, torch.tensor(uniforms))
 
     # Index lists that depend only on this step's tree and a request's cut of it, the same for most requests
     # of most steps: built once (read-only; at batch 64, 20 nodes, they were a tenth of the step's host work).
@@ -457,7 +468,8 @@ class RequestManager:
         roots = [r.last_token for r in requests]
         parents, rows = [-1], [0]  # one list for every chunk: the runner sees at once that all rows are alike
         logits = self.llm.forward_rows([Chunk(r.slot, [token], parents, rows) for r, token in zip(requests, roots)])
-        targets = self._node_targets(logits, requests, [1] * len(requests)).tolist()  # the step's one host sync
+        # The step's one host sync:
+        targets = self._node_targets(logits, requests, [[0] if r.sampling.do_sample else 1 for r in requests]).tolist()
         trees = [TokenTree([token], [-1]) for token in roots]
         return trees, [[] for _ in requests], [VerifyResult([0], target, []) for target in targets]
 
@@ -542,3 +554,11 @@ class RequestManager:
                         for d, own in zip(ssm_drafts, owns) if node in own)
             matched.append((place, depth))
         return self.ladder.tokens_by_size(self._size_index, matched)
+
+
+def _depths(parents: list[int]) -> list[int]:
+    """Each node's depth in a tree given as parent indexes (-1: the root)."""
+    depths = [0] * len(parents)
+    for node in range(1, len(parents)):
+        depths[node] = depths[parents[node]] + 1
+    return depths

@@ -46,6 +46,7 @@ class Request:
     slot: int = -1
     stats: RequestStats = field(default_factory=RequestStats)
     _max_output: int = field(init=False, repr=False)  # output tokens allowed: by length and max_new_tokens
+    _uniforms: list[float] = field(default_factory=list, repr=False)  # see position_uniforms
 
     def __post_init__(self) -> None:
         self._max_output = self.max_sequence_length - len(self.prompt_tokens)
@@ -65,6 +66,17 @@ class Request:
     def num_remaining(self) -> int:
         """How many more tokens this request may produce."""
         return self._max_output - len(self.output_tokens)
+
+    def position_uniforms(self, count: int) -> list[float]:
+        """The uniforms that draw this (sampled) request's next `count` output tokens: the i-th output token
+        is drawn at the generator's i-th uniform, however the steps that produce it fall (plain or
+        speculative, any tree). A seed then gives the same tokens with or without speculation, and a
+        step's draws at nodes of one depth may share a uniform: the walk visits one of them."""
+        start = len(self.output_tokens)
+        missing = start + count - len(self._uniforms)
+        if missing > 0:
+            self._uniforms.extend(torch.rand(missing, generator=self.generator).tolist())
+        return self._uniforms[start : start + count]
 
     def append(self, new_tokens: list[int], eos_token_ids: list[int]) -> None:
         """Commit tokens, cut at the first EOS or the length budget, and finish if either is hit."""

@@ -66,9 +66,10 @@ def verify_greedy_targets(tree: TokenTree, targets: list[int]) -> VerifyResult:
 def shared_draws(tree: TokenTree, draws: list[int]) -> list[int]:
     """`draws` (the LLM's token drawn at every node) with each node that repeats an earlier one's path (the
     same token under the same parent path: several SSMs' trees side by side under one root) given that
-    node's draw. The walk then meets one draw per distinct context, as on the merged tree; with a draw of
-    its own, a repeated path would give its subtree a second chance, and keeping the deeper of two
-    matches would favour the tokens drafted below."""
+    node's draw. The walk then meets one draw per distinct context, as on the merged tree; a repeated path
+    with a draw of its own would get a second chance, and keeping the deeper of two matches would favour
+    the tokens drafted below it. (The engine draws the nodes of one depth at one uniform, so repeated
+    paths draw alike already but for rounding: their logits come from different cache entries.)"""
     parents, tokens = tree.parents, tree.tokens
     first: dict[tuple[int, int], int] = {}
     canonical = [0] * len(tokens)
