@@ -82,7 +82,7 @@ def add_engine_arguments(p: argparse.ArgumentParser, max_sequence_length: int) -
                      help="fuse each layer's small kernels with torch.compile (GPU: faster small-batch steps, "
                           "a slower start)")
     run.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
-                     help="queue each plain greedy step before the one ahead of it is read back, so that the "
+                     help="queue each plain step before the one ahead of it is read back, so that the "
                           "host's work between steps overlaps the device's (default: on with CUDA)")
     spec.add_argument("--draft-vocab", type=int, metavar="N",
                       help="SSMs score only the N most used tokens, a fraction of their LM head's work; the LLM "

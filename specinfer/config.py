@@ -130,7 +130,7 @@ class EngineConfig:
     # Which tokens: a ranking from `specinfer fit-tree` (draft_vocab.json); None: the one shipped for the
     # default model, or token ids in order for any other.
     draft_vocab_file: str | None = None
-    # Queue each plain greedy step (incremental decoding, the adaptive engine's plain steps) before the
+    # Queue each plain step (incremental decoding, the adaptive engine's plain steps) before the
     # step ahead of it is read back (engine/in_flight.py). None: on a GPU, where the host's work between
     # passes otherwise leaves the device idle.
     overlap_plain_steps: bool | None = None

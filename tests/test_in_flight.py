@@ -79,3 +79,24 @@ def test_a_request_aborted_while_its_step_is_in_flight_leaves_the_others_unchang
             assert r.output_tokens[: len(g.output_tokens)] == g.output_tokens
         else:
             assert g.output_tokens == r.output_tokens
+
+
+def test_sampled_plain_steps_in_flight_draw_the_same_tokens(random_models):
+    """Sampled requests' plain steps go in flight too: each token is drawn on the device at the uniform of
+    its output position, which the host knows ahead, so a seed gives the same tokens either way."""
+    llm, _ = random_models
+
+    def run(overlap: bool):
+        manager = RequestManager(llm, [], EngineConfig(max_batch_size=3, max_sequence_length=128, overlap_plain_steps=overlap),
+                                 SpeculationConfig(mode="incremental"), eos_token_ids=[])
+        chained = []
+        chain = manager._chain
+        manager._chain = lambda step: chained.append(chain(step)) or chained[-1]
+        ids = [manager.register_new_request(p, sampling=GenerationConfig(
+            do_sample=i % 2 == 0, temperature=0.8, top_p=0.9, seed=i, max_new_tokens=n))
+            for i, (p, n) in enumerate(zip(MORE_PROMPTS, MAX_NEW))]
+        manager.run()
+        return [manager.requests[i].output_tokens for i in ids], sum(step is not None for step in chained)
+
+    (reference, _), (got, chained) = run(False), run(True)
+    assert got == reference and chained > 10

@@ -184,7 +184,7 @@ def test_sampling_with_a_draft_vocabulary_matches_llm_distribution(tiny_models):
     assert p_value > ALPHA, f"speculative samples differ from the LLM's distribution (p = {p_value:.2e})"
 
 
-def _one_uniform_a_step(request, count):
+def _one_uniform_a_step(request, count, ahead=0):
     """Wrong on purpose: one uniform for every output position a step may fill, so the tokens of one
     step are drawn together, not independently."""
     return [float(torch.rand((), generator=request.generator))] * count

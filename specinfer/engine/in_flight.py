@@ -1,7 +1,8 @@
-"""A plain greedy step whose tokens are still on their way to the host.
+"""A plain step whose tokens are still on their way to the host.
 
-In a greedy plain step (incremental decoding, or the adaptive engine's plain steps) each request's next
-input is the argmax of this step's logits, which is already on the device. The engine therefore queues
+In a plain step (incremental decoding, or the adaptive engine's plain steps) each request's next input is
+this step's token, already on the device: the argmax of its logits, or for a sampled request a draw made
+there at a uniform the host knows ahead (`Request.position_uniforms`). The engine therefore queues
 step t + 1 straight from step t's device tokens and reads step t back afterwards: the host's work between
 two passes (reading back, appending tokens, retiring requests, the controller, preparing and launching
 the next pass) then runs while the device computes, instead of leaving it idle. On an H200 that work

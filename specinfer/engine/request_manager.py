@@ -76,7 +76,7 @@ class RequestManager:
         # tokens committed): what benchmarks/step_profile.py reads to see what the controller chose.
         self.step_log: list[tuple[int, int, float, int]] | None = None
         self.tp = getattr(llm, "tp", None)  # tensor parallelism: the LLM's process group, or None
-        # Plain greedy steps queued ahead of their read-back (engine/in_flight.py); ranks under tensor
+        # Plain steps queued ahead of their read-back (engine/in_flight.py); ranks under tensor
         # parallelism stay in lockstep, step for step.
         overlap = engine.overlap_plain_steps
         self.overlap = (self.llm.device.type == "cuda" if overlap is None else overlap) and self.tp is None
@@ -152,7 +152,7 @@ class RequestManager:
         return self.scheduler.has_work or self._in_flight is not None
 
     def step(self) -> list[Request]:
-        """One engine step; returns the requests that finished in it. A plain greedy step may be left in
+        """One engine step; returns the requests that finished in it. A plain step may be left in
         flight (`overlap`): its tokens arrive with the next call, which queues the step after it first."""
         if self._in_flight is not None:
             return self._land(self._in_flight)
@@ -166,14 +166,14 @@ class RequestManager:
             sampled = any(r.sampling.do_sample for r in decoding)
             host_drafting = sampled and self.speculation.sampled_children
             drafting = None if host_drafting else self._choose_drafting(decoding)
-            if drafting == [] and self.overlap and not sampled:
+            if drafting == [] and self.overlap:
                 self._in_flight = self._queue_plain(decoding, one_offs, start)
             else:
                 if host_drafting:
                     trees, drafts = self._draft(decoding)
                     results = self._verify(decoding, trees)
                 else:
-                    trees, drafts, results = self._speculate_greedy(decoding, drafting)
+                    trees, drafts, results = self._speculate_top_k(decoding, drafting)
                 drafted = self._commit(decoding, trees, drafts, results)
                 self._record(decoding, trees, drafted, results, one_offs, start)
         return self._retire()
@@ -207,11 +207,14 @@ class RequestManager:
 
     def _queue_plain(self, requests: list[Request], one_offs: int, start: float,
                      device_tokens: torch.Tensor | None = None) -> InFlightStep:
-        """Queue a plain greedy step (from the requests' last tokens, or from `device_tokens` [B, 1], the
+        """Queue a plain step (from the requests' last tokens, or from `device_tokens` [B, 1], the
         step before's, not yet on the host) and return it in flight."""
         parents, rows = [-1], [0]
         chunks = [Chunk(r.slot, [r.last_token if device_tokens is None else 0], parents, rows) for r in requests]
-        targets = self.llm.forward_rows(chunks, device_tokens).argmax(-1)
+        logits = self.llm.forward_rows(chunks, device_tokens)
+        # Sampled requests draw at the uniform of the position after the token still in flight, if any.
+        roots = [[0] if r.sampling.do_sample else 1 for r in requests]
+        targets = self._node_targets(logits, requests, roots, ahead=int(device_tokens is not None))
         # A plain step's one new entry is kept whatever its token turns out to be: committed now, so that
         # the next step can be queued behind it.
         self.llm.commit_all([(r.slot, [0]) for r in requests])
@@ -333,10 +336,11 @@ class RequestManager:
         self.llm.graphs.capture_up_to(num_requests, whole_tree)
         self.llm.warm_logits(num_requests * whole_tree)
 
-    def _speculate_greedy(
+    def _speculate_top_k(
         self, requests: list[Request], drafting: list[int]
     ) -> tuple[list[TokenTree], list[list[SSMDraft]], list[VerifyResult]]:
-        """Draft (every SSM a full top-k tree, on the device), verify and read back with one host sync.
+        """Draft (every SSM a full top-k tree, on the device), verify and read back with one host sync:
+        greedy requests take the LLM's argmax at every node, sampled ones a draw (`_node_targets`).
 
         The SSMs' trees are verified side by side under the shared root, not merged: merging needs the
         tokens on the host. A token both SSMs proposed is verified twice, which changes nothing but cost.
@@ -409,7 +413,8 @@ class RequestManager:
         return trees, drafts, results
 
     @staticmethod
-    def _node_targets(logits: torch.Tensor, requests: list[Request], nodes: list[int | list[int]]) -> torch.Tensor:
+    def _node_targets(logits: torch.Tensor, requests: list[Request], nodes: list[int | list[int]],
+                      ahead: int = 0) -> torch.Tensor:
         """The LLM's token at every node of every request, on the device (`logits` [nodes, V], request
         after request): its argmax, or for a sampled request (whose `nodes` entry lists its nodes' depths;
         a greedy one's is their count) a draw from its sampling distribution at the uniform of the output
@@ -422,7 +427,7 @@ class RequestManager:
         uniforms, runs = [], []
         for r, entry in zip(requests, nodes):
             if r.sampling.do_sample:
-                at = r.position_uniforms(max(entry) + 1)
+                at = r.position_uniforms(max(entry) + 1, ahead)
                 uniforms += [at[depth] for depth in entry]
                 runs.append((r.sampling, len(entry)))
             else:
@@ -462,8 +467,8 @@ class RequestManager:
         return self._index_lists[key]
 
     def _plain_step(self, requests: list[Request]) -> tuple[list[TokenTree], list[list[SSMDraft]], list[VerifyResult]]:
-        """One greedy token per request, nothing drafted: incremental decoding, and the controller's plain
-        steps. Host work here is every plain step's overhead on top of the LLM's pass, so none is spent
+        """One token per request (the argmax, or a draw), nothing drafted: incremental decoding, and the
+        controller's plain steps. Host work here is every plain step's overhead on top of the LLM's pass, so none is spent
         on trees."""
         roots = [r.last_token for r in requests]
         parents, rows = [-1], [0]  # one list for every chunk: the runner sees at once that all rows are alike

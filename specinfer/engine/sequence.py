@@ -67,12 +67,13 @@ class Request:
         """How many more tokens this request may produce."""
         return self._max_output - len(self.output_tokens)
 
-    def position_uniforms(self, count: int) -> list[float]:
-        """The uniforms that draw this (sampled) request's next `count` output tokens: the i-th output token
-        is drawn at the generator's i-th uniform, however the steps that produce it fall (plain or
-        speculative, any tree). A seed then gives the same tokens with or without speculation, and a
-        step's draws at nodes of one depth may share a uniform: the walk visits one of them."""
-        start = len(self.output_tokens)
+    def position_uniforms(self, count: int, ahead: int = 0) -> list[float]:
+        """The uniforms that draw this (sampled) request's next `count` output tokens, after `ahead` more
+        still on their way (a plain step in flight): the i-th output token is drawn at the generator's
+        i-th uniform, however the steps that produce it fall (plain or speculative, any tree). A seed then
+        gives the same tokens with or without speculation, and a step's draws at nodes of one depth may
+        share a uniform: the walk visits one of them."""
+        start = len(self.output_tokens) + ahead
         missing = start + count - len(self._uniforms)
         if missing > 0:
             self._uniforms.extend(torch.rand(missing, generator=self.generator).tolist())
