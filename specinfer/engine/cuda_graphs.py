@@ -79,7 +79,7 @@ class CudaGraphs:
             for _ in range(2):
                 self.model(batch.tokens, self.cache, batch.meta)
         torch.cuda.current_stream(device).wait_stream(stream)
-        batch.meta.dense_mask = None  # built inside the graph, so that replays rebuild it
+        batch.meta.dense_mask = batch.meta.sdpa_rows = None  # built inside the graph, so that replays rebuild it
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             hidden = self.model(batch.tokens, self.cache, batch.meta)

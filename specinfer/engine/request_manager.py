@@ -15,7 +15,7 @@ from ..errors import SpecInferError
 from ..spec.device_draft import REPLAYED_CATCH_UP, DeviceTreeDrafter
 from ..spec.draft import DraftRequest, SSMDraft, expand
 from ..spec.sampling import choose_tokens, draw_tokens, logits_to_probs
-from ..spec.tree import TokenTree, merge_trees
+from ..spec.tree import TokenTree, depths_of, merge_trees
 from ..spec.verify import VerifyResult, shared_draws, verify_greedy_targets, verify_stochastic
 from ..tokenizer import Tokenizer
 from . import one_off
@@ -26,6 +26,9 @@ from .scheduler import Scheduler
 from .sequence import Request, RequestStatus
 from .speculation_controller import SpeculationController
 from .upload import upload
+
+
+_ROOT, _ROOT_ROWS = [-1], [0]  # a chunk of one token hanging off the prefix, its logits wanted
 
 
 class RequestManager:
@@ -209,12 +212,7 @@ class RequestManager:
                      device_tokens: torch.Tensor | None = None) -> InFlightStep:
         """Queue a plain step (from the requests' last tokens, or from `device_tokens` [B, 1], the
         step before's, not yet on the host) and return it in flight."""
-        parents, rows = [-1], [0]
-        chunks = [Chunk(r.slot, [r.last_token if device_tokens is None else 0], parents, rows) for r in requests]
-        logits = self.llm.forward_rows(chunks, device_tokens)
-        # Sampled requests draw at the uniform of the position after the token still in flight, if any.
-        roots = [[0] if r.sampling.do_sample else 1 for r in requests]
-        targets = self._node_targets(logits, requests, roots, ahead=int(device_tokens is not None))
+        targets = self._plain_pass(requests, device_tokens)
         # A plain step's one new entry is kept whatever its token turns out to be: committed now, so that
         # the next step can be queued behind it.
         self.llm.commit_all([(r.slot, [0]) for r in requests])
@@ -282,8 +280,7 @@ class RequestManager:
     def _prefill(self, requests: list[Request]) -> None:
         chunks = [Chunk.chain(r.slot, r.prompt_tokens) for r in requests]
         logits = self.llm.forward(chunks)
-        roots = [[0] if r.sampling.do_sample else 1 for r in requests]  # one token each: a root's (depth 0)
-        tokens = self._node_targets(torch.cat(logits), requests, roots).tolist()
+        tokens = self._node_targets(torch.cat(logits), requests, [_ROOT] * len(requests)).tolist()
         self.llm.commit_all([(r.slot, list(range(len(chunk.tokens)))) for r, chunk in zip(requests, chunks)])
         for r, token in zip(requests, tokens):
             r.append([token], self.eos_token_ids)
@@ -387,8 +384,7 @@ class RequestManager:
             index = torch.tensor([g + [0] * (width - len(g)) for g in gather])
             device_tokens = torch.cat(sources)[upload(index, device)]
         logits = self.llm.forward_rows(chunks, device_tokens)  # one LLM pass over every node of every tree
-        nodes = [_depths(chunk.parents) if r.sampling.do_sample else len(chunk.tokens) for r, chunk in zip(requests, chunks)]
-        targets = self._node_targets(logits, requests, nodes)
+        targets = self._node_targets(logits, requests, [chunk.parents for chunk in chunks])
         readback = torch.cat([targets, *[tokens.flatten() for tokens in drafted]]).tolist()  # the step's one host sync
         targets, tokens = readback[: len(targets)], readback[len(targets) :]
 
@@ -413,27 +409,27 @@ class RequestManager:
         return trees, drafts, results
 
     @staticmethod
-    def _node_targets(logits: torch.Tensor, requests: list[Request], nodes: list[int | list[int]],
+    def _node_targets(logits: torch.Tensor, requests: list[Request], trees: list[list[int]],
                       ahead: int = 0) -> torch.Tensor:
-        """The LLM's token at every node of every request, on the device (`logits` [nodes, V], request
-        after request): its argmax, or for a sampled request (whose `nodes` entry lists its nodes' depths;
-        a greedy one's is their count) a draw from its sampling distribution at the uniform of the output
-        position the node's token would take (`Request.position_uniforms`). Verification then descends where
-        a node's token is a child's: for top-k children that is rule 3 of spec/verify.py (each visited
-        node's draw is a fresh draw from its distribution; the nodes of one depth, of which the walk visits
-        one, share a uniform), and a sampled request's tokens are those incremental sampling would draw."""
+        """The LLM's token at every node of every request's tree (`trees`: their parent lists; `logits`
+        [nodes, V], request after request), on the device: its argmax, or for a sampled request a draw from
+        its sampling distribution at the uniform of the output position the node's token would take
+        (`Request.position_uniforms`, `ahead` positions on). Verification then descends where a node's
+        token is a child's: for top-k children that is rule 3 of spec/verify.py (each visited node's draw
+        is a fresh draw from its distribution; the nodes of one depth, of which the walk visits one, share
+        a uniform), and a sampled request's tokens are those incremental sampling would draw."""
         if not any(r.sampling.do_sample for r in requests):
             return logits.argmax(-1)
-        uniforms, runs = [], []
-        for r, entry in zip(requests, nodes):
+        uniforms = []
+        for r, parents in zip(requests, trees):
             if r.sampling.do_sample:
-                at = r.position_uniforms(max(entry) + 1, ahead)
-                uniforms += [at[depth] for depth in entry]
-                runs.append((r.sampling, len(entry)))
+                depths = depths_of(parents)
+                at = r.position_uniforms(max(depths) + 1, ahead)
+                uniforms += [at[depth] for depth in depths]
             else:
-                uniforms += [0.0] * entry
-                runs.append((r.sampling, entry))
-        return draw_tokens(logits, runs, torch.tensor(uniforms))
+                uniforms += [0.0] * len(parents)
+        return draw_tokens(logits, [(r.sampling, len(parents)) for r, parents in zip(requests, trees)],
+                           torch.tensor(uniforms))
 
     # Index lists that depend only on this step's tree and a request's cut of it, the same for most requests
     # of most steps: built once (read-only; at batch 64, 20 nodes, they were a tenth of the step's host work).
@@ -466,15 +462,22 @@ class RequestManager:
                                       {m: o for o, m in enumerate(merged)})
         return self._index_lists[key]
 
+    def _plain_pass(self, requests: list[Request], device_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """One LLM pass over each request's last token (or `device_tokens` [B, 1], a step in flight's, not
+        yet on the host); returns each request's next token on the device."""
+        tokens = [[r.last_token] for r in requests] if device_tokens is None else [[0]] * len(requests)
+        # One parent list for every chunk: the runner sees at once that all rows are alike.
+        logits = self.llm.forward_rows([Chunk(r.slot, t, _ROOT, _ROOT_ROWS) for r, t in zip(requests, tokens)],
+                                       device_tokens)
+        # Sampled requests draw at the uniform of the position after the token still in flight, if any.
+        return self._node_targets(logits, requests, [_ROOT] * len(requests), ahead=int(device_tokens is not None))
+
     def _plain_step(self, requests: list[Request]) -> tuple[list[TokenTree], list[list[SSMDraft]], list[VerifyResult]]:
         """One token per request (the argmax, or a draw), nothing drafted: incremental decoding, and the
         controller's plain steps. Host work here is every plain step's overhead on top of the LLM's pass, so none is spent
         on trees."""
         roots = [r.last_token for r in requests]
-        parents, rows = [-1], [0]  # one list for every chunk: the runner sees at once that all rows are alike
-        logits = self.llm.forward_rows([Chunk(r.slot, [token], parents, rows) for r, token in zip(requests, roots)])
-        # The step's one host sync:
-        targets = self._node_targets(logits, requests, [[0] if r.sampling.do_sample else 1 for r in requests]).tolist()
+        targets = self._plain_pass(requests).tolist()  # the step's one host sync
         trees = [TokenTree([token], [-1]) for token in roots]
         return trees, [[] for _ in requests], [VerifyResult([0], target, []) for target in targets]
 
@@ -560,10 +563,3 @@ class RequestManager:
             matched.append((place, depth))
         return self.ladder.tokens_by_size(self._size_index, matched)
 
-
-def _depths(parents: list[int]) -> list[int]:
-    """Each node's depth in a tree given as parent indexes (-1: the root)."""
-    depths = [0] * len(parents)
-    for node in range(1, len(parents)):
-        depths[node] = depths[parents[node]] + 1
-    return depths

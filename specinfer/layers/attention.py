@@ -34,6 +34,7 @@ class AttentionMetadata:
     tree_mask: torch.Tensor  # [B, T, W] bool: token t sees entry prefix + j where True
     kv_len: int  # no row reads past entry kv_len - 1 (the SDPA path reads this many)
     dense_mask: torch.Tensor | None = None  # [B, 1, T, kv_len], built on first use by the SDPA path
+    sdpa_rows: "_SdpaRows | None" = None  # how the SDPA path reads the cache, worked out on first use
 
 
 def write_kv(
@@ -63,38 +64,51 @@ def cached_attention(
 ) -> torch.Tensor:  # [B, H, T, D]
     if q.dtype == cache_k.dtype and tree_attention.supported(q):
         return tree_attention.tree_attention(q, cache_k, cache_v, meta.read_slots, meta.prefix_lens, meta.tree_mask)
-    if meta.dense_mask is None:
+    if meta.sdpa_rows is None:  # once per pass, for every layer
         meta.dense_mask = dense_mask(meta)
-    mask, order = meta.dense_mask, None
-    first = _slot_range_start(meta.read_slots) if not q.is_cuda else None
-    if first is not None:
-        # The rows' slots are a contiguous run (as the scheduler hands them out): the cache read as a view
-        # of it, rows taken in slot order. Gathering a copy of every row's prefix, every layer, cost a
-        # CPU 2 to 4 times the attention itself (batch 1 to 16, 150 to 400 entries).
-        end = first + q.shape[0]
-        keys, values = cache_k[first:end, :, : meta.kv_len], cache_v[first:end, :, : meta.kv_len]
-        order = meta.read_slots - first  # row b sits at place order[b] of the run
-        if torch.equal(order, torch.arange(q.shape[0])):
-            order = None
-        else:
-            by_slot = torch.empty_like(order)
-            by_slot[order] = torch.arange(q.shape[0])  # the run's place i holds row by_slot[i]
-            q, mask = q[by_slot], mask[by_slot]
-    else:
+        meta.sdpa_rows = _SdpaRows.of(meta, on_host=not q.is_cuda)
+    rows = meta.sdpa_rows
+    if rows.first is None:
         keys = cache_k[meta.read_slots, :, : meta.kv_len]  # [B, Hkv, L, D]
         values = cache_v[meta.read_slots, :, : meta.kv_len]
+    else:
+        end = rows.first + q.shape[0]
+        keys, values = cache_k[rows.first : end, :, : meta.kv_len], cache_v[rows.first : end, :, : meta.kv_len]
+        if rows.by_slot is not None:
+            q = q[rows.by_slot]
     out = F.scaled_dot_product_attention(
-        q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, enable_gqa=keys.shape[1] != q.shape[1]
+        q, keys.to(q.dtype), values.to(q.dtype), attn_mask=rows.mask, enable_gqa=keys.shape[1] != q.shape[1]
     )
-    return out if order is None else out[order]
+    return out if rows.order is None else out[rows.order]
 
 
-def _slot_range_start(slots: torch.Tensor) -> int | None:
-    """The first slot where `slots` (on the host) are a run of consecutive distinct slots, else None."""
-    first, last = int(slots.min()), int(slots.max())
-    if last - first + 1 != slots.shape[0]:
-        return None
-    return first if slots.unique().shape[0] == slots.shape[0] else None
+@dataclass(slots=True)
+class _SdpaRows:
+    """How the SDPA path reads a pass's rows from the cache. Where the rows' slots are a contiguous run
+    (as the scheduler hands them out) and the slots are on the host: as a view of the run (`first`, rows
+    taken in slot order, `by_slot`, and put back, `order`; None where already in order). Gathering a copy
+    of every row's prefix, every layer, cost a CPU 2 to 4 times the attention itself (batch 1 to 16, 150
+    to 400 entries). Otherwise (`first` None) a gathered copy."""
+
+    mask: torch.Tensor  # the dense mask, rows in the order the cache is read
+    first: int | None = None
+    by_slot: torch.Tensor | None = None  # the run's place i holds row by_slot[i]
+    order: torch.Tensor | None = None  # row b sits at place order[b] of the run
+
+    @classmethod
+    def of(cls, meta: AttentionMetadata, on_host: bool) -> "_SdpaRows":
+        slots, mask = meta.read_slots, meta.dense_mask
+        if not on_host:  # (reading slots would wait for the device, and break a graph's capture)
+            return cls(mask)
+        first, last = int(slots.min()), int(slots.max())
+        if last - first + 1 != slots.shape[0] or slots.unique().shape[0] != slots.shape[0]:
+            return cls(mask)
+        order = slots - first
+        if torch.equal(order, torch.arange(slots.shape[0])):
+            return cls(mask, first)
+        by_slot = torch.empty_like(order)
+        by_slot[order] = torch.arange(slots.shape[0])
+        return cls(mask[by_slot], first, by_slot, order)
 
 
 def dense_mask(meta: AttentionMetadata) -> torch.Tensor:

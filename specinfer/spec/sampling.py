@@ -46,14 +46,14 @@ def draw_tokens(logits: torch.Tensor, runs: list[tuple[GenerationConfig, int]], 
     in order; greedy runs take the argmax, sampled ones invert each row's CDF (after the config's
     temperature, top-k and top-p) at its uniform in `uniforms` [N] (on the host)."""
     tokens = logits.argmax(-1)
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[tuple, tuple[GenerationConfig, list[int]]] = {}
     start = 0
     for config, rows in runs:
         if config.do_sample:
-            groups.setdefault((config.temperature, config.top_k, config.top_p), []).extend(range(start, start + rows))
+            key = (config.temperature, config.top_k, config.top_p)
+            groups.setdefault(key, (config, []))[1].extend(range(start, start + rows))
         start += rows
-    for key, rows in groups.items():
-        config = GenerationConfig(do_sample=True, temperature=key[0], top_k=key[1], top_p=key[2])
+    for config, rows in groups.values():
         index = torch.tensor(rows)
         # (Both through pinned staging: a plain copy from pageable memory would wait for the device.)
         row_uniforms, index = upload(uniforms[index].float(), logits.device), upload(index, logits.device)

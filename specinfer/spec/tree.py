@@ -62,10 +62,7 @@ class TokenTree:
         return None
 
     def depths(self) -> list[int]:
-        depths: list[int] = []
-        for p in self.parents:
-            depths.append(0 if p < 0 else depths[p] + 1)
-        return depths
+        return depths_of(self.parents)
 
     def path_to(self, node: int) -> list[int]:
         """Nodes from the root down to `node`, both included."""
@@ -74,6 +71,14 @@ class TokenTree:
             path.append(node)
             node = self.parents[node]
         return path[::-1]
+
+
+def depths_of(parents: list[int]) -> list[int]:
+    """Each node's depth in a tree given as parent indexes (-1: a root), parents before children."""
+    depths: list[int] = []
+    for p in parents:
+        depths.append(0 if p < 0 else depths[p] + 1)
+    return depths
 
 
 def ancestor_mask(parents: list[int]) -> torch.Tensor:
