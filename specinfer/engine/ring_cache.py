@@ -4,12 +4,18 @@ Pinned host memory costs tens of microseconds to take, so the buffers a step fil
 device (a pass's inputs, staged uploads) are kept and reused. Handing a key's buffers out in turn lets one
 be filled while the copy out of the previous one may still be queued; bounding the keys keeps memory flat
 while shapes vary (prefills come in every length, ragged index tensors in many widths).
+
+Objects are made outside inference mode even when asked for inside it: a buffer first used by a pass under
+`torch.inference_mode` (say, a cache move deferred into the next forward) is refilled in place later by
+code that runs outside it (a commit), and an inference tensor refuses in-place updates there.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from typing import Callable, Generic, Hashable, TypeVar
+
+import torch
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -32,6 +38,7 @@ class RingCache(Generic[K, V]):
         turn = self._turns.get(key, 0)
         self._turns[key] = (turn + 1) % self.depth
         if turn == len(ring):
-            ring.append(self.make(key))
+            with torch.inference_mode(False):
+                ring.append(self.make(key))
             return ring[turn], True
         return ring[turn], False
