@@ -2,8 +2,9 @@
 
     python benchmarks/sampled_drafts.py [--device cuda] [--compile] [--temperatures 0.7,1.0]
 
-Batch 1, the engine_speed prompts, each row after an untimed pass over other prompts; the two ways of
-drafting and incremental decoding alternate, `--repeats` times. Both sample exactly the LLM's
+Batch 1, the engine_speed prompts; the two ways of drafting and incremental decoding alternate, `--repeats`
+times, each timed run after an untimed pass over as many other prompts (switching the way rebuilds the
+engine, whose first pass captures its CUDA graphs). Both sample exactly the LLM's
 distribution (tests/test_stochastic.py), so what differs is the tokens per step and the time a step costs.
 Writes JSON and Markdown (device, torch version, date) to docs/benchmarks/.
 """
@@ -68,11 +69,12 @@ def main() -> None:
                 if sampled_children is not None:
                     llm.set_speculation(dataclasses.replace(base, sampled_children=sampled_children))
                 mode = "incremental" if sampled_children is None else "tree"
-                if repeat == 0:
-                    for prompt in WARM_UP_PROMPTS[: len(PROMPTS)]:
-                        llm.generate([prompt], config, mode=mode)
-                    continue
-                runs[way].append(timed(llm, config, mode, cuda))
+                # `set_speculation` rebuilt the engine (caches, CUDA graphs, the controller): its first
+                # pass captures graphs, so every timed run comes after an untimed one of its own.
+                for prompt in WARM_UP_PROMPTS[: len(PROMPTS)]:
+                    llm.generate([prompt], config, mode=mode)
+                if repeat:
+                    runs[way].append(timed(llm, config, mode, cuda))
         base_rate = statistics.median(r for r, _ in runs["incremental"])
         for way, measured in runs.items():
             rate = statistics.median(r for r, _ in measured)
@@ -93,7 +95,7 @@ def main() -> None:
         f"# Sampled requests: top-k children against drawn children, default model, {tag.upper()}", "",
         f"{meta['date']} · {meta['device']} · torch {meta['torch']} · {meta['dtype']} · batch 1 · "
         f"{len(PROMPTS)} prompts × up to {args.max_new_tokens} new tokens · SSMs: {', '.join(meta['ssms'])} · "
-        f"adaptive tree · median of {args.repeats} runs after an untimed one, the ways alternating"
+        f"adaptive tree · median of {args.repeats} runs, each after an untimed pass over as many other prompts, the ways alternating"
         f"{' · blocks compiled (--compile)' if args.compile else ''}", "",
         f"Reproduce: `python benchmarks/sampled_drafts.py {' '.join(sys.argv[1:])}`", "",
         "| temperature | drafting | tokens/s | vs incremental | tokens per LLM step |",

@@ -7,12 +7,14 @@ speed-up those costs project with the acceptance measured on the real default mo
 Sections (all timed through our ModelRunner, host work and the step's read-back included, median of
 repeats after warm-up, CUDA graphs on where the engine uses them):
 - bandwidth: device copy bandwidth (bytes read + written) and pinned host-to-device bandwidth;
-- incremental: one decode step per batch size, against the floor (weights + KV bytes / copy bandwidth);
+- incremental: one decode step per batch size, against the floor (weights + KV bytes / copy bandwidth):
+  a step read back before the next is launched, and steps in flight as the engine decodes (each queued
+  from the last one's tokens on the device before the host reads that one back, `engine/in_flight.py`);
 - verify: one tree verification against tree size (nodes) and batch size, relative to a decode step;
 - draft: one SSM expansion (68M- and 160M-shaped SSMs) of the tree `--expansion`, per batch size;
 - projection: speed-up = tokens per step x decode step / (draft + verification), with the tokens per
   step given by --accepted (measured on the default model: docs/benchmarks/engine_speed_gpu*.md);
-- quant: the decode step at batch 1 with int8 and int4 weights against the unquantized one;
+- quant: the decode step at batch 1 with int8 and int4 weights against the unquantized one (both ways);
 - offload: the decode step and a tree verification with the weights streamed from pinned host memory
   (`--offload-gb` device budget), the host-to-device bandwidth reached, and the projected speed-up;
 - profile: device time per kernel of a batch-1 decode step and of a verification of the tree (printed).
@@ -32,6 +34,7 @@ import torch
 
 from specinfer.spec.tree_fit import load_tree_file
 from specinfer.config import parse_expansion
+from specinfer.engine.in_flight import InFlightStep
 from specinfer.engine.model_runner import Chunk, ModelRunner
 from specinfer.models.compile import compile_blocks
 from specinfer.models.fuse import fuse_projections
@@ -121,6 +124,33 @@ def step_time(runner: ModelRunner, batch: int, parents: list[int]) -> float:
     return timed(lambda: step_time_once(runner, batch, parents))
 
 
+IN_FLIGHT_STEPS = 16  # decode steps chained per timed run
+
+
+def in_flight_step_time(runner: ModelRunner, batch: int) -> float:
+    """Seconds per decode step when steps go in flight as the engine's plain steps do: each step is
+    queued from the previous step's tokens on the device, and only then is the previous one read back,
+    so the host's work between passes overlaps the device's. Each run chains `IN_FLIGHT_STEPS` steps
+    and commits their entries (the cache grows by that many per run; `prefilled_runner` leaves room)."""
+    chunks = [Chunk(slot, [0], [-1], [0]) for slot in range(batch)]
+
+    def run() -> None:
+        tokens, pending = None, None
+        for _ in range(IN_FLIGHT_STEPS):
+            logits = runner.forward_rows(chunks, tokens)
+            step = InFlightStep([], logits.argmax(-1), 0)
+            runner.commit_all([(slot, [0]) for slot in range(batch)])
+            if pending is not None:
+                pending.tokens()
+            pending, tokens = step, step.targets[:, None]
+        pending.tokens()
+
+    return timed(run, repeats=5, warmup=2) / IN_FLIGHT_STEPS
+
+
+IN_FLIGHT_ROOM = 7 * IN_FLIGHT_STEPS  # cache entries the in-flight runs commit (warm-up and repeats)
+
+
 def draft_time(ssm, shape: TreeShape, batch: int = 1) -> float:
     """One SSM step of `batch` requests: a 2-token catch-up chain, then the tree expanded on the device."""
     runner = prefilled_runner(ssm, batch, len(shape))
@@ -207,7 +237,7 @@ def main() -> None:
         results["llm_weight_GB"] = wbytes / 1e9
         inc, ver = {}, {}
         for batch in batches:
-            runner = prefilled_runner(llm, batch, max(sizes + [len(shape)]))
+            runner = prefilled_runner(llm, batch, max(sizes + [len(shape)]) + IN_FLIGHT_ROOM)
             inc[batch] = step_time(runner, batch, [-1])
             floor = (wbytes + batch * PREFIX * kv_per_token) / (bandwidth * 1e9) if bandwidth else None
             print(f"incremental batch {batch}: {inc[batch] * 1e3:.2f} ms" +
@@ -219,6 +249,14 @@ def main() -> None:
                     print(f"  verify batch {batch}, {n} nodes: {ver[(batch, n)] * 1e3:.2f} ms = "
                           f"{ver[(batch, n)] / inc[batch]:.2f} decode steps")
                     results.setdefault("verify", {}).setdefault(batch, {})[n] = ver[(batch, n)] * 1e3
+            if "incremental" in sections:  # last: it grows the cache the verifications read
+                flying = in_flight_step_time(runner, batch)
+                # The cache grew meanwhile: the floor at the mean cached length of the timed steps.
+                cached = PREFIX + 4.5 * IN_FLIGHT_STEPS
+                floor_flying = (wbytes + batch * cached * kv_per_token) / (bandwidth * 1e9) if bandwidth else None
+                print(f"  in flight: {flying * 1e3:.2f} ms" +
+                      (f", floor {floor_flying * 1e3:.2f} ms ({floor_flying / flying:.0%})" if floor else ""))
+                results["incremental"][batch].update(in_flight_ms=flying * 1e3, in_flight_floor_ms=floor_flying and floor_flying * 1e3)
             del runner
             torch.cuda.empty_cache()
 
@@ -240,15 +278,23 @@ def main() -> None:
         if "quant" in sections:
             from specinfer.quant.linear import quantize_model
 
-            base = inc[1] if 1 in inc else step_time(prefilled_runner(llm, 1, 8), 1, [-1])
-            results["quant"] = {args.dtype: base * 1e3}
+            base_runner = prefilled_runner(llm, 1, 8 + IN_FLIGHT_ROOM)
+            base = step_time(base_runner, 1, [-1])
+            base_flying = in_flight_step_time(base_runner, 1)
+            del base_runner
+            results["quant"] = {args.dtype: base * 1e3, f"{args.dtype}_in_flight": base_flying * 1e3}
             for mode in ("int8", "int4"):
                 del llm
                 torch.cuda.empty_cache()
                 llm = fuse(quantize_model(random_llama(args.llm_shape, device, dtype), mode, 128 if mode == "int4" else 64))
-                t_q = step_time(prefilled_runner(llm, 1, 8), 1, [-1])
+                q_runner = prefilled_runner(llm, 1, 8 + IN_FLIGHT_ROOM)
+                t_q = step_time(q_runner, 1, [-1])
+                t_q_flying = in_flight_step_time(q_runner, 1)
+                del q_runner
                 results["quant"][mode] = t_q * 1e3
-                print(f"quant {mode}: {t_q * 1e3:.2f} ms, {base / t_q:.2f}x faster than {args.dtype}")
+                results["quant"][f"{mode}_in_flight"] = t_q_flying * 1e3
+                print(f"quant {mode}: {t_q * 1e3:.2f} ms, {base / t_q:.2f}x faster than {args.dtype}; in flight "
+                      f"{t_q_flying * 1e3:.2f} ms against {base_flying * 1e3:.2f} ({base_flying / t_q_flying:.2f}x)")
         del llm
         torch.cuda.empty_cache()
 
