@@ -100,3 +100,36 @@ def test_sampled_plain_steps_in_flight_draw_the_same_tokens(random_models):
 
     (reference, _), (got, chained) = run(False), run(True)
     assert got == reference and chained > 10
+
+
+class RecordingSizes(CyclingSizes):
+    """CyclingSizes that keeps what the engine tells it of each step: ("plain" | "refill", size)."""
+
+    def __init__(self, sizes):
+        super().__init__(sizes)
+        self.records = []
+
+    def record_step(self, seconds, batch_size, size):
+        self.records.append(("step", size))
+
+    def record_refill(self, seconds, batch_size, size):
+        self.records.append(("refill", size))
+
+
+def test_a_plain_step_queued_after_a_draft_is_charged_to_the_draft(random_models):
+    """With plain steps in flight, the plain step right after a speculative one starts with nothing queued
+    ahead of it: its time goes to the controller as that tree size's refill, not as a plain step's."""
+    llm, ssms = random_models
+    manager = RequestManager(llm, ssms[:1], EngineConfig(max_batch_size=1, max_sequence_length=128, overlap_plain_steps=True),
+                             SpeculationConfig(tree=FITTED_TREE), eos_token_ids=[])
+    full = manager.ladder.sizes[-1]
+    # A plain step, then the whole tree twice (a draft right after plain steps has the SSM catch up on
+    # their tokens, one-off work that is not timed; the second is timed).
+    manager.controller = RecordingSizes((0, full, full))
+    manager.register_new_request(PROMPTS[0], sampling=GenerationConfig(max_new_tokens=40))
+    manager.run()
+    records = manager.controller.records
+    refills = [i for i, (kind, _) in enumerate(records) if kind == "refill"]
+    assert len(refills) >= 3
+    assert all(records[i] == ("refill", full) and records[i - 1] == ("step", full) for i in refills)
+    assert not any(a == ("step", full) and b == ("step", 0) for a, b in zip(records, records[1:]))

@@ -439,3 +439,19 @@ def test_at_batch_1_on_a_gpu_unlucky_first_drafts_do_not_leave_the_trees_written
     assert 1.28 < best < 1.32
     # 0.98 at worst and 1.15 on average before; 1.11 and 1.20 after.
     assert min(speeds) >= 1.05 and sum(speeds) / len(speeds) >= 0.9 * best, (min(speeds), sum(speeds) / len(speeds))
+
+
+def test_a_refill_after_a_draft_is_charged_to_that_tree_size():
+    controller = SpeculationController((1, 3))
+    for _ in range(3):
+        controller.record_step(0.001, 1, 0)
+    controller.record_step(0.002, 1, 3)
+    assert controller.cost_ratio(1, 3) == pytest.approx(2.0)
+    controller.record_refill(0.0015, 1, 3)  # 0.5 ms more than a plain step chained in flight
+    assert controller.cost_ratio(1, 3) == pytest.approx(2.5)
+    assert controller.times[0].plain_s == pytest.approx(0.001)  # plain times stay the chained steps'
+    controller.record_refill(0.0009, 1, 3)  # faster than the median: nothing charged
+    assert controller.cost_ratio(1, 3) == pytest.approx(2.5)
+    fresh = SpeculationController((1, 3))
+    fresh.record_refill(0.0012, 1, 3)  # nothing speculative timed yet: a plain step
+    assert fresh.times[0].plain_s == pytest.approx(0.0012)

@@ -246,6 +246,9 @@ class CyclingSizes:
     def record_step(self, *args):
         pass
 
+    def record_refill(self, *args):
+        pass
+
     def record_request(self, *args):
         pass
 

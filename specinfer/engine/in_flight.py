@@ -35,6 +35,7 @@ class InFlightStep:
     targets: torch.Tensor  # [B] int64 on the device: each request's next token
     one_offs: int  # `one_off.count()` when the step was queued
     start: float = field(default_factory=time.perf_counter)  # from when its time counts
+    refills: int = 0  # the tree size of the speculative step it follows (0: it follows a plain step)
     _host: torch.Tensor | None = None
     _copied: torch.cuda.Event | None = None
 

@@ -85,6 +85,9 @@ class RequestManager:
         self.overlap = (self.llm.device.type == "cuda" if overlap is None else overlap) and self.tp is None
         self._in_flight: InFlightStep | None = None  # a plain step queued, its tokens not yet read
         self._chosen_ahead: tuple[list[int], int, set[int]] | None = None  # see _chain
+        # The requests and tree size of the step just run, where it drafted: the plain step queued after it
+        # refills the pipeline (see `_land`).
+        self._last_draft: tuple[list[int], int] | None = None
         self.scheduler = Scheduler(engine.max_batch_size)
         self.requests: dict[int, Request] = {}
         self._next_id = 0
@@ -170,7 +173,8 @@ class RequestManager:
             host_drafting = sampled and self.speculation.sampled_children
             drafting = None if host_drafting else self._choose_drafting(decoding)
             if drafting == [] and self.overlap:
-                self._in_flight = self._queue_plain(decoding, one_offs, start)
+                refills = self._last_draft[1] if self._last_draft and self._last_draft[0] == [r.id for r in decoding] else 0
+                self._in_flight = self._queue_plain(decoding, one_offs, start, refills=refills)
             else:
                 if host_drafting:
                     trees, drafts = self._draft(decoding)
@@ -195,6 +199,7 @@ class RequestManager:
             # The step's time first: a request's verdict then weighs its tokens against this step too.
             # Not that of a step that captured a graph or caught an SSM up: the next ones will not.
             size = self.ladder.sizes[self._size_index] if drafted else 0
+            self._last_draft = ([r.id for r in requests], size) if size else None
             if one_off.count() == one_offs:
                 self.controller.record_step(seconds, len(requests), size)
             for request_id, tokens in drafted:
@@ -209,14 +214,15 @@ class RequestManager:
     # --- plain steps in flight (engine/in_flight.py) ----------------------------------------------
 
     def _queue_plain(self, requests: list[Request], one_offs: int, start: float,
-                     device_tokens: torch.Tensor | None = None) -> InFlightStep:
+                     device_tokens: torch.Tensor | None = None, refills: int = 0) -> InFlightStep:
         """Queue a plain step (from the requests' last tokens, or from `device_tokens` [B, 1], the
-        step before's, not yet on the host) and return it in flight."""
+        step before's, not yet on the host) and return it in flight. `refills`: the tree size of the
+        speculative step just before, for the same requests (0: none)."""
         targets = self._plain_pass(requests, device_tokens)
         # A plain step's one new entry is kept whatever its token turns out to be: committed now, so that
         # the next step can be queued behind it.
         self.llm.commit_all([(r.slot, [0]) for r in requests])
-        return InFlightStep(requests, targets, one_offs, start)
+        return InFlightStep(requests, targets, one_offs, start, refills=refills)
 
     def _land(self, step: InFlightStep) -> list[Request]:
         """Read `step` back and commit its tokens, having queued the step after it where that one follows on."""
@@ -233,7 +239,12 @@ class RequestManager:
         if self.step_log is not None:
             self.step_log.append((len(step.requests), 0, seconds, live))
         if self.controller is not None and one_off.count() == step.one_offs:
-            self.controller.record_step(seconds, len(step.requests), 0)
+            if step.refills:
+                # Queued after a speculative step, with nothing ahead of it on the device: it takes longer
+                # than the plain steps chained in flight, and the difference is the speculative step's.
+                self.controller.record_refill(seconds, len(step.requests), step.refills)
+            else:
+                self.controller.record_step(seconds, len(step.requests), 0)
         finished = self._retire()
         if following is not None:
             following.start = time.perf_counter()  # until now the device was busy with `step`

@@ -301,6 +301,22 @@ class SpeculationController:
             self._nearest.clear()  # a first time of its kind at this bucket: the nearest timed buckets move
         times.add(size, seconds)
 
+    def record_refill(self, seconds: float, batch_size: int, size: int) -> None:
+        """The time of a plain step queued straight after a speculative one with the tree of `size`
+        nodes, where plain steps go in flight (engine/in_flight.py): nothing was queued ahead of it, so
+        it takes longer than a plain step chained behind another. The excess over the plain median is
+        charged to that speculative step (switching to a tree and back costs it, not plain decoding);
+        the plain times stay those of chained steps. Without a plain or speculative time to charge, it
+        counts as a plain step."""
+        times = self._times_at(batch_size)
+        recent = times.speculative.get(size)
+        if times.plain_s is None or not recent:
+            self.record_step(seconds, batch_size, 0)
+            return
+        self._ratios.clear()
+        recent[-1] += max(0.0, seconds - times.plain_s)
+        times._medians.pop(size, None)
+
     def forget(self, request_id: int) -> None:
         self.requests.pop(request_id, None)
 
