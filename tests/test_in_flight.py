@@ -81,14 +81,16 @@ def test_a_request_aborted_while_its_step_is_in_flight_leaves_the_others_unchang
             assert g.output_tokens == r.output_tokens
 
 
-def test_sampled_plain_steps_in_flight_draw_the_same_tokens(random_models):
+@pytest.mark.parametrize("sampled_children", [False, True])
+def test_sampled_plain_steps_in_flight_draw_the_same_tokens(random_models, sampled_children):
     """Sampled requests' plain steps go in flight too: each token is drawn on the device at the uniform of
-    its output position, which the host knows ahead, so a seed gives the same tokens either way."""
+    its output position, which the host knows ahead, so a seed gives the same tokens either way. With
+    nothing to draft (incremental decoding), children drawn on the host change nothing: there are none."""
     llm, _ = random_models
 
     def run(overlap: bool):
         manager = RequestManager(llm, [], EngineConfig(max_batch_size=3, max_sequence_length=128, overlap_plain_steps=overlap),
-                                 SpeculationConfig(mode="incremental"), eos_token_ids=[])
+                                 SpeculationConfig(mode="incremental", sampled_children=sampled_children), eos_token_ids=[])
         chained = []
         chain = manager._chain
         manager._chain = lambda step: chained.append(chain(step)) or chained[-1]
@@ -103,7 +105,7 @@ def test_sampled_plain_steps_in_flight_draw_the_same_tokens(random_models):
 
 
 class RecordingSizes(CyclingSizes):
-    """CyclingSizes that keeps what the engine tells it of each step: ("plain" | "refill", size)."""
+    """CyclingSizes that keeps what the engine tells it of each step: ("step" | "refill", size)."""
 
     def __init__(self, sizes):
         super().__init__(sizes)

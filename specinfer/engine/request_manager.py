@@ -170,7 +170,7 @@ class RequestManager:
         if decoding:
             one_offs, start = one_off.count(), time.perf_counter()
             sampled = any(r.sampling.do_sample for r in decoding)
-            host_drafting = sampled and self.speculation.sampled_children
+            host_drafting = sampled and self.speculation.sampled_children and bool(self.ssms)
             drafting = None if host_drafting else self._choose_drafting(decoding)
             if drafting == [] and self.overlap:
                 refills = self._last_draft[1] if self._last_draft and self._last_draft[0] == [r.id for r in decoding] else 0
