@@ -237,6 +237,14 @@ def main() -> None:
         row["label"] = f"fitted tree {name} ({len(tree)} nodes)"
         rows.append(row)
         write_report(llm, args, prompts, rows)
+        manager = llm.manager_for("tree")
+        if manager.overlap:  # what launching each next draft before the read-back gains (overlap_tree_steps)
+            manager.overlap_trees = True
+            row = run_case(llm, "tree", prompts, args.max_new_tokens)
+            row["label"] = f"fitted tree {name}, next draft launched before the read-back"
+            row["next_drafts_taken"], row["next_draft_misses"] = manager.next_drafts_taken, manager.next_draft_misses
+            rows.append(row)
+            write_report(llm, args, prompts, rows)
     adaptive = [(f"tree {','.join(map(str, expansions[0]))}, adaptive", SpeculationConfig(expansion=expansions[0]))]
     adaptive += [(f"fitted tree {name}, adaptive", SpeculationConfig(tree=tree)) for name, tree in trees]
     for label, speculation in adaptive:

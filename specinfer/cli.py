@@ -84,6 +84,9 @@ def add_engine_arguments(p: argparse.ArgumentParser, max_sequence_length: int) -
     run.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                      help="queue each plain step before the one ahead of it is read back, so that the "
                           "host's work between steps overlaps the device's (default: on with CUDA)")
+    run.add_argument("--overlap-trees", action="store_true",
+                     help="greedy steps of a fixed tree (--no-adaptive): launch each next draft from the "
+                          "accepted path found on the device, before the step is read back (experimental)")
     spec.add_argument("--draft-vocab", type=int, metavar="N",
                       help="SSMs score only the N most used tokens, a fraction of their LM head's work; the LLM "
                            "still verifies with the whole vocabulary (default: 16384 for the default model's "
@@ -98,7 +101,7 @@ def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, SpeculationC
                           args.tensor_parallel_size, None if args.quantization == "none" else args.quantization,
                           args.quant_group_size, args.gpu_memory_gb, args.pinned_memory_gb, args.compile,
                           draft_vocab_size=args.draft_vocab, draft_vocab_file=args.draft_vocab_file,
-                          overlap_plain_steps=args.overlap)
+                          overlap_plain_steps=args.overlap, overlap_tree_steps=args.overlap_trees)
     from .spec.tree_fit import load_tree_file
 
     tree = args.tree or (default_tree(args.llm, args.ssms, args.device) if args.expansion is None else None)

@@ -184,3 +184,19 @@ def test_draft_vocabulary_from_a_ranking_file(model_dirs, tmp_path, capsys):
                             "--draft-vocab-file", str(tmp_path / "bad.json"), "--prompt", "hi",
                             "--max-sequence-length", "128"], capsys)
     assert code != 0 and "draft vocabulary file" in err and "Traceback" not in err
+
+
+def test_overlapped_tree_steps_give_the_same_output(model_dirs, capsys, tmp_path):
+    """`--overlap-trees` (each next draft launched from the device before the read-back) with a fixed tree,
+    through the CLI: the same tokens as without."""
+    outputs = {}
+    for flags in ([], ["--overlap-trees"]):
+        out = tmp_path / f"{len(flags)}.jsonl"
+        code, _, err = run_cli([
+            "--llm", str(model_dirs / "llm"), "--ssm", str(model_dirs / "ssm"), "--no-adaptive",
+            "--prompt-file", str(model_dirs / "prompts.json"), "--max-new-tokens", "40",
+            "--max-sequence-length", "128", "--output", str(out), "--quiet", "--no-compare", *flags,
+        ], capsys)
+        assert code == 0, err
+        outputs[len(flags)] = [json.loads(line)["tokens"] for line in out.read_text().splitlines()]
+    assert outputs[1] == outputs[0] and all(len(t) == 40 for t in outputs[1])

@@ -7,11 +7,13 @@ between steps (continuous batching); each keeps its own tree size, length budget
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
 from ..config import EngineConfig, GenerationConfig, SpeculationConfig
 from ..errors import SpecInferError
+from ..spec.device_accept import GreedyPaths
 from ..spec.device_draft import REPLAYED_CATCH_UP, DeviceTreeDrafter
 from ..spec.draft import DraftRequest, SSMDraft, expand
 from ..spec.sampling import choose_tokens, draw_tokens, logits_to_probs
@@ -29,6 +31,18 @@ from .upload import upload
 
 
 _ROOT, _ROOT_ROWS = [-1], [0]  # a chunk of one token hanging off the prefix, its logits wanted
+
+
+@dataclass(slots=True)
+class _NextDraft:
+    """A draft launched from the device for the step after this one (`EngineConfig.overlap_tree_steps`)."""
+
+    request_ids: list[int]
+    size_index: int
+    tokens: list[torch.Tensor]  # per SSM [B, tree nodes] on the device
+    bases: list[list[int]]  # per SSM, each slot's cached entries the chains follow
+    device_lengths: torch.Tensor  # [B] chain lengths, as the device found them
+    lengths: list[int] | None = None  # the same, from the host's verification (once read back)
 
 
 class RequestManager:
@@ -88,6 +102,11 @@ class RequestManager:
         # The requests and tree size of the step just run, where it drafted: the plain step queued after it
         # refills the pipeline (see `_land`).
         self._last_draft: tuple[list[int], int] | None = None
+        self.overlap_trees = engine.overlap_tree_steps and self.tp is None
+        self._next_draft: _NextDraft | None = None  # the next step's draft, launched from the device
+        self._drafting_ahead = False  # this step launched the next one's draft (its SSM commits keep the chain only)
+        self._paths: dict[tuple, GreedyPaths] = {}  # by verified tree (parents)
+        self.next_drafts_taken = self.next_draft_misses = 0  # drafts launched ahead, taken or not by the step after
         self.scheduler = Scheduler(engine.max_batch_size)
         self.requests: dict[int, Request] = {}
         self._next_id = 0
@@ -167,6 +186,8 @@ class RequestManager:
             self._prefill(admitted)
         newcomers = {r.id for r in admitted}
         decoding = [r for r in self.scheduler.running if r.id not in newcomers and r.status is RequestStatus.RUNNING]
+        # A draft launched ahead serves the step right after the one that launched it, or none.
+        ahead, self._next_draft = self._next_draft, None
         if decoding:
             one_offs, start = one_off.count(), time.perf_counter()
             sampled = any(r.sampling.do_sample for r in decoding)
@@ -180,7 +201,7 @@ class RequestManager:
                     trees, drafts = self._draft(decoding)
                     results = self._verify(decoding, trees)
                 else:
-                    trees, drafts, results = self._speculate_top_k(decoding, drafting)
+                    trees, drafts, results = self._speculate_top_k(decoding, drafting, ahead)
                 drafted = self._commit(decoding, trees, drafts, results)
                 self._record(decoding, trees, drafted, results, one_offs, start)
         return self._retire()
@@ -309,12 +330,14 @@ class RequestManager:
             self._size_index = self.ladder.sizes.index(size) if size else self._size_index
         return drafting
 
-    def _drafter(self, ssm_index: int, size_index: int | None = None) -> DeviceTreeDrafter:
+    def _drafter(self, ssm_index: int, size_index: int | None = None, catch_up: int | None = None) -> DeviceTreeDrafter:
         """SSM `ssm_index`'s drafter of this step's tree, or of the ladder's `size_index` (each size keeps
-        its own CUDA graphs)."""
-        key = (ssm_index, self._size_index if size_index is None else size_index)
+        its own CUDA graphs); `catch_up`: chain tokens it feeds in its graph (default: the drafter's)."""
+        key = (ssm_index, self._size_index if size_index is None else size_index, catch_up)
         if key not in self._drafters:
-            self._drafters[key] = DeviceTreeDrafter(self.ssms[ssm_index], self.ladder.shapes[key[1]])
+            shape = self.ladder.shapes[key[1]]
+            self._drafters[key] = (DeviceTreeDrafter(self.ssms[ssm_index], shape) if catch_up is None
+                                   else DeviceTreeDrafter(self.ssms[ssm_index], shape, catch_up))
         return self._drafters[key]
 
     def _capture_ladder(self, num_requests: int) -> None:
@@ -345,22 +368,24 @@ class RequestManager:
         self.llm.warm_logits(num_requests * whole_tree)
 
     def _speculate_top_k(
-        self, requests: list[Request], drafting: list[int]
+        self, requests: list[Request], drafting: list[int], ahead: "_NextDraft | None" = None
     ) -> tuple[list[TokenTree], list[list[SSMDraft]], list[VerifyResult]]:
         """Draft (every SSM a full top-k tree, on the device), verify and read back with one host sync:
         greedy requests take the LLM's argmax at every node, sampled ones a draw (`_node_targets`).
 
         The SSMs' trees are verified side by side under the shared root, not merged: merging needs the
         tokens on the host. A token both SSMs proposed is verified twice, which changes nothing but cost.
-        `drafting`: the requests that draft (`_choose_drafting`)."""
+        `drafting`: the requests that draft (`_choose_drafting`); `ahead`: a draft launched for this step
+        by the one before (`_draft_ahead`)."""
         if not drafting:
             return self._plain_step(requests)
         if self.controller is not None and len(drafting) == len(requests):
             self._capture_ladder(len(requests))
         shape = self.ladder.shapes[self._size_index]
         device = self.llm.device
-        drafted, catch_up = [], []  # per SSM: token ids [len(drafting), len(shape)], root first; chain lengths
-        for s, runner in enumerate(self.ssms):
+        # per SSM: token ids [len(drafting), len(shape)], root first; chain lengths
+        drafted, catch_up = self._take_next_draft(requests, drafting, ahead) or ([], [])
+        for s, runner in enumerate(self.ssms if not drafted else []):
             slots = [requests[i].slot for i in drafting]
             chains = [requests[i].tokens[runner.num_cached(slot) :] for i, slot in zip(drafting, slots)]
             tokens, chain_lengths = self._drafter(s).draft(chains, slots)
@@ -396,7 +421,12 @@ class RequestManager:
             device_tokens = torch.cat(sources)[upload(index, device)]
         logits = self.llm.forward_rows(chunks, device_tokens)  # one LLM pass over every node of every tree
         targets = self._node_targets(logits, requests, [chunk.parents for chunk in chunks])
-        readback = torch.cat([targets, *[tokens.flatten() for tokens in drafted]]).tolist()  # the step's one host sync
+        launched = self._draft_ahead(requests, drafting, keeps, device_tokens, targets, chunks[0].parents, catch_up)
+        self._next_draft = launched
+        readback = torch.cat([targets, *[tokens.flatten() for tokens in drafted]]
+                             + ([launched.device_lengths] if launched else [])).tolist()  # the step's one host sync
+        if launched:
+            readback, device_lengths = readback[: -len(requests)], readback[-len(requests) :]
         targets, tokens = readback[: len(targets)], readback[len(targets) :]
 
         trees, drafts, results, offset = [], [], [], 0
@@ -417,7 +447,64 @@ class RequestManager:
                 own_targets = shared_draws(tree, own_targets)
             results.append(verify_greedy_targets(tree, own_targets))
             offset += len(tree)
+        if launched:
+            lengths = [len(result.accepted) for result in results]
+            if lengths == device_lengths:
+                launched.lengths = lengths
+            else:  # cannot happen unless the device's walk and the host's part ways: drop the draft
+                self._next_draft = None
+                self.next_draft_misses += 1
         return trees, drafts, results
+
+    def _draft_ahead(self, requests: list[Request], drafting: list[int], keeps: list[int], device_tokens: torch.Tensor,
+                     targets: torch.Tensor, parents: list[int], catch_up: list[list[int]]) -> "_NextDraft | None":
+        """Launch the next step's draft from this step's verification, still on the device
+        (`EngineConfig.overlap_tree_steps`): the accepted path and the LLM's token, found there
+        (spec/device_accept.py), are each SSM's next catch-up chain. Only where the next step will surely
+        draft the same whole tree for the same greedy requests (a fixed tree; room for it after this step's
+        tokens; nobody waiting for a slot); `_take_next_draft` checks the rest once this step is read back."""
+        shape = self.ladder.shapes[self._size_index]
+        if not (self.overlap_trees and self.controller is None and self.ssms and len(drafting) == len(requests)
+                and min(keeps) == len(shape) - 1 and device_tokens is not None
+                and not any(r.sampling.do_sample for r in requests)
+                and not (self.scheduler.waiting and self.scheduler.free_slots)
+                and all(r.num_remaining - (shape.depth + 1) > shape.depth for r in requests)):
+            return None
+        key = tuple(parents)
+        paths = self._paths.get(key)
+        if paths is None:
+            paths = self._paths[key] = GreedyPaths(parents, self.llm.device)
+        chains, lengths, _ = paths.chains(device_tokens, targets.view(len(requests), -1))
+        slots = [r.slot for r in requests]
+        tokens, bases = [], []
+        for s, runner in enumerate(self.ssms):
+            # This step's commit keeps the SSM's chain only (`_commit`): the next chain follows it.
+            slot_bases = [runner.num_cached(slot) + n for slot, n in zip(slots, catch_up[s])]
+            drafter = self._drafter(s, catch_up=shape.depth + 1)
+            tokens.append(drafter.draft_from(chains, lengths, slots, slot_bases))
+            bases.append(slot_bases)
+        self._drafting_ahead = True
+        return _NextDraft([r.id for r in requests], self._size_index, tokens, bases, lengths)
+
+    def _take_next_draft(self, requests: list[Request], drafting: list[int],
+                         ahead: "_NextDraft | None") -> tuple[list, list] | None:
+        """`ahead`, the draft launched for this step, if it still is this step's: the same requests, all
+        drafting the same whole tree, each SSM's cache where the draft assumed. Records its entries."""
+        if ahead is None:
+            return None
+        shape = self.ladder.shapes[self._size_index]
+        slots = [r.slot for r in requests]
+        if not (ahead.lengths is not None and ahead.request_ids == [r.id for r in requests]
+                and ahead.size_index == self._size_index and len(drafting) == len(requests)
+                and all(shape.num_nodes_within(r.num_remaining - 1) == len(shape) for r in requests)
+                and all([runner.num_cached(slot) for slot in slots] == bases
+                        for runner, bases in zip(self.ssms, ahead.bases))):
+            self.next_draft_misses += 1
+            return None
+        for s in range(len(self.ssms)):
+            self._drafter(s, catch_up=shape.depth + 1).record_chains(slots, ahead.lengths)
+        self.next_drafts_taken += 1
+        return ahead.tokens, [ahead.lengths] * len(self.ssms)
 
     @staticmethod
     def _node_targets(logits: torch.Tensor, requests: list[Request], trees: list[list[int]],
@@ -548,8 +635,11 @@ class RequestManager:
         # host, then runs while the device drafts).
         self.llm.commit_all([(r.slot, result.accepted) for r, result in zip(requests, results)], defer_moves=True)
         owns = [[d.own_nodes() for d in ssm_drafts] for ssm_drafts in drafts]  # merged node -> SSM's node
+        ahead, self._drafting_ahead = self._drafting_ahead, False
         for s, runner in enumerate(self.ssms if any(drafts) else []):
-            runner.commit_all([(r.slot, ssm_drafts[s].entries_to_keep(result.accepted, own[s]))
+            # With the next draft launched ahead, its chain (the accepted path) follows this step's chain.
+            runner.commit_all([(r.slot, list(range(ssm_drafts[s].num_catch_up)) if ahead
+                                else ssm_drafts[s].entries_to_keep(result.accepted, own[s]))
                                for r, ssm_drafts, result, own in zip(requests, drafts, results, owns) if ssm_drafts])
         drafted = []
         for r, tree, ssm_drafts, result, own in zip(requests, trees, drafts, results, owns):

@@ -40,8 +40,10 @@ REPLAYED_CATCH_UP = 16
 
 
 class DeviceTreeDrafter:
-    def __init__(self, runner: ModelRunner, shape: TreeShape) -> None:
-        self.runner, self.shape = runner, shape
+    def __init__(self, runner: ModelRunner, shape: TreeShape, catch_up: int = CATCH_UP) -> None:
+        """`catch_up`: chain tokens fed inside the graph (a drafter fed from the device, `draft_from`,
+        takes the whole accepted path and the LLM's token: the tree's depth plus one)."""
+        self.runner, self.shape, self.catch_up = runner, shape, catch_up
         self.model, self.cache = runner.model, runner.cache
         self.device = self.cache.data.device
         n = len(shape) - 1  # non-root nodes; node i (>= 1) sits at cache entry start + i - 1
@@ -73,8 +75,8 @@ class DeviceTreeDrafter:
             picks = [place[shape.parents[j]] * k + shape.ranks[j] for j in nodes]
             everything = picks == list(range(len(parents) * k))
             self.level_picks.append(None if everything else torch.tensor(picks, device=self.device))
-        self.chain_steps = torch.arange(CATCH_UP, device=self.device)
-        self.chain_mask = torch.ones(CATCH_UP, CATCH_UP, dtype=torch.bool, device=self.device).tril()
+        self.chain_steps = torch.arange(catch_up, device=self.device)
+        self.chain_mask = torch.ones(catch_up, catch_up, dtype=torch.bool, device=self.device).tril()
         self.graphs: dict[int, _DraftGraph] = {}
         self.pool = None
 
@@ -84,7 +86,8 @@ class DeviceTreeDrafter:
         the tree. Returns token ids [B, len(shape)] on the device, the root first, and per request how many
         chain tokens lead its speculative cache entries (the rest were fed ahead and committed). Records the
         new entries with the runner (the chain, then the fed tree nodes); does not wait for the device."""
-        ahead = [(slot, tokens[:-CATCH_UP]) for slot, tokens in zip(slots, catch_up) if len(tokens) > CATCH_UP]
+        width = self.catch_up
+        ahead = [(slot, tokens[:-width]) for slot, tokens in zip(slots, catch_up) if len(tokens) > width]
         if ahead:  # committed tokens: fed and kept now, so that the graph sees a short chain
             # Not the tree's own cost, so the step is not timed (one-off work); long chains (a prompt) come
             # in every length and run eagerly.
@@ -92,30 +95,48 @@ class DeviceTreeDrafter:
             replay = max(len(tokens) for _, tokens in ahead) <= REPLAYED_CATCH_UP
             self.runner.forward([Chunk.chain(slot, tokens, logits="none") for slot, tokens in ahead], replay=replay)
             self.runner.commit_all([(slot, list(range(len(tokens)))) for slot, tokens in ahead])
-        tails = [tokens[-CATCH_UP:] for tokens in catch_up]
+        tails = [tokens[-width:] for tokens in catch_up]
+        bases = [self.runner.num_cached(slot) for slot in slots]
+        self.record_chains(slots, [len(tail) for tail in tails])
+        padding = (self._bucket(len(slots)) or len(slots)) - len(slots)  # rows that write into the scratch slot
+        # One row per field (the chain's tokens, slot, cached entries, chain length), a column per request:
+        # attention reads slots and prefix lengths as contiguous vectors.
+        inputs = torch.tensor([tail + [0] * (width - len(tail)) + [slot, base, len(tail)]
+                               for slot, base, tail in zip(slots, bases, tails)]
+                              + [[0] * width + [self.cache.scratch_slot, 0, 1]] * padding).T.contiguous()
+        return self._run(upload(inputs, self.device), bases, len(slots)), [len(tail) for tail in tails]
+
+    @torch.inference_mode()
+    def draft_from(self, chains: torch.Tensor, lengths: torch.Tensor, slots: list[int], bases: list[int]) -> torch.Tensor:
+        """`draft` from chains on the device, which the host has not seen: `chains` [B, catch_up] (each
+        request's chain left-aligned, padded) and `lengths` [B], fed after each slot's `bases[b]` cached
+        entries. Records nothing with the runner: once the host knows the lengths, `record_chains` does."""
+        place = upload(torch.tensor([slots, bases]), self.device)
+        inputs = torch.cat([chains.T, place, lengths[None]]).contiguous()
+        return self._run(inputs, bases, len(slots))
+
+    def record_chains(self, slots: list[int], lengths: list[int]) -> None:
+        """Record with the runner the speculative entries a draft wrote: each chain, then the fed nodes."""
         # Entries are laid out for every node above the deepest level; those of leaves stay unwritten
         # and are never kept (the request manager marks them not cached).
         fed = self.shape.depths[1 : self.shape.level_starts[-2]]
-        bases = [self.runner.num_cached(slot) for slot in slots]
-        for slot, tail in zip(slots, tails):
-            self.runner.extend_speculative(slot, list(range(len(tail))) + [len(tail) - 1 + d for d in fed])
-        batch = len(slots)
+        for slot, n in zip(slots, lengths):
+            self.runner.extend_speculative(slot, list(range(n)) + [n - 1 + d for d in fed])
+
+    def _run(self, inputs: torch.Tensor, bases: list[int], batch: int) -> torch.Tensor:
+        """The draft of `inputs` [catch_up + 3, B or the batch bucket] on the device (see `_draft`) for
+        `batch` requests, replayed from the batch bucket's graph where there is one: token ids
+        [batch, len(shape)], the root first."""
         bucket = self._bucket(batch)
-        rows = bucket or batch
-        padding = rows - batch  # padding rows write into the scratch slot, from entry 0
-        # One row per field (the chain's tokens, slot, cached entries, chain length), a column per request:
-        # attention reads slots and prefix lengths as contiguous vectors.
-        inputs = torch.tensor([tail + [0] * (CATCH_UP - len(tail)) + [slot, base, len(tail)]
-                               for slot, base, tail in zip(slots, bases, tails)]
-                              + [[0] * CATCH_UP + [self.cache.scratch_slot, 0, 1]] * padding).T.contiguous()
         if bucket is None:
-            inputs = upload(inputs, self.device)
-            kv_len = min(self.cache.capacity, max(bases) + CATCH_UP + len(self.shape))
-            return self._draft(inputs, kv_len), [len(tail) for tail in tails]
+            kv_len = min(self.cache.capacity, max(bases) + self.catch_up + len(self.shape))
+            return self._draft(inputs, kv_len)
         graph = self.graphs.get(bucket) or self._capture(bucket)
-        graph.inputs.copy_(upload(inputs, self.device))
+        graph.inputs[:, : inputs.shape[1]].copy_(inputs)
+        if inputs.shape[1] < bucket:  # padding columns write into the scratch slot, from entry 0
+            graph.inputs[:, inputs.shape[1] :].copy_(graph.padding[:, : bucket - inputs.shape[1]])
         graph.graph.replay()
-        return graph.tokens[:batch], [len(tail) for tail in tails]
+        return graph.tokens[:batch]
 
     @torch.inference_mode()
     def capture(self, batch: int) -> None:
@@ -130,12 +151,13 @@ class DeviceTreeDrafter:
         return next((b for b in graphs.batch_buckets if b >= batch), None) if graphs is not None else None
 
     def _draft(self, inputs: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """`inputs` [CATCH_UP + 3, B]: the chain (padded), then slot, cached entries and chain length."""
-        chain, (slots, bases, counts) = inputs[:CATCH_UP].T, inputs[CATCH_UP:]
+        """`inputs` [catch_up + 3, B]: the chain (padded), then slot, cached entries and chain length."""
+        width = self.catch_up
+        chain, (slots, bases, counts) = inputs[:width].T, inputs[width:]
         batch = chain.shape[0]
         offsets = bases[:, None] + self.chain_steps[None, :]
         hidden = self.model(chain, self.cache, AttentionMetadata(
-            positions=offsets, write_slots=slots[:, None].expand(batch, CATCH_UP), write_offsets=offsets,
+            positions=offsets, write_slots=slots[:, None].expand(batch, width), write_offsets=offsets,
             read_slots=slots, prefix_lens=bases, tree_mask=self.chain_mask[None].expand(batch, -1, -1), kv_len=kv_len,
         ))
         last = (counts - 1)[:, None]
@@ -181,8 +203,8 @@ class DeviceTreeDrafter:
 
     def _capture(self, batch: int) -> "_DraftGraph":
         one_off.note()
-        inputs = torch.zeros(CATCH_UP + 3, batch, dtype=torch.long, device=self.device)
-        inputs[CATCH_UP:] = torch.tensor([[self.cache.scratch_slot], [0], [1]], device=self.device)
+        inputs = torch.zeros(self.catch_up + 3, batch, dtype=torch.long, device=self.device)
+        inputs[self.catch_up:] = torch.tensor([[self.cache.scratch_slot], [0], [1]], device=self.device)
         capacity = self.cache.capacity
 
         stream = torch.cuda.Stream(self.device)  # warm up off the capture (lazy initialisation)
@@ -197,10 +219,11 @@ class DeviceTreeDrafter:
         self.pool = graph.pool()
         graph.replay()  # a graph's first launch uploads it: paid here, in the step that is not timed
         freeze_long_lived_objects(collect=False)  # what compiling and capturing made lives on with the graph
-        self.graphs[batch] = _DraftGraph(graph, inputs, tokens)
+        self.graphs[batch] = _DraftGraph(graph, inputs, tokens, inputs.clone())
         return self.graphs[batch]
 
 
 class _DraftGraph:
-    def __init__(self, graph, inputs, tokens) -> None:
-        self.graph, self.inputs, self.tokens = graph, inputs, tokens
+    def __init__(self, graph, inputs, tokens, padding) -> None:
+        # `padding`: the inputs the graph was captured with, every column a padding request's
+        self.graph, self.inputs, self.tokens, self.padding = graph, inputs, tokens, padding

@@ -1,0 +1,44 @@
+"""Greedy tree steps whose next draft is launched from the device before the step is read back
+(`EngineConfig.overlap_tree_steps`) give exactly the tokens of steps drafted after their read-back."""
+
+from __future__ import annotations
+
+import pytest
+
+from specinfer.config import EngineConfig, GenerationConfig, SpeculationConfig
+from specinfer.engine.request_manager import RequestManager
+
+from .test_speculative import FITTED_TREE, PROMPTS, random_models  # noqa: F401
+
+MORE_PROMPTS = PROMPTS + [[9, 8, 7, 6], [33, 34]]
+MAX_NEW = [60, 81, 13, 1, 76, 54]
+
+
+def serve(llm, ssms, overlap: bool, eos=(), batch=3):
+    manager = RequestManager(llm, ssms, EngineConfig(max_batch_size=batch, max_sequence_length=200, overlap_tree_steps=overlap),
+                             SpeculationConfig(tree=FITTED_TREE, adaptive=False), eos_token_ids=list(eos))
+    ids = [manager.register_new_request(p, sampling=GenerationConfig(max_new_tokens=n)) for p, n in zip(MORE_PROMPTS, MAX_NEW)]
+    manager.run()
+    return [manager.requests[i] for i in ids], manager
+
+
+@pytest.mark.parametrize("num_ssms", [1, 2])
+def test_drafts_launched_ahead_give_the_same_tokens(random_models, num_ssms):
+    llm, ssms = random_models
+    reference, _ = serve(llm, ssms[:num_ssms], overlap=False)
+    eos = reference[1].output_tokens[50]  # a request ending mid-way, a step before the engine knows
+    reference, plain = serve(llm, ssms[:num_ssms], overlap=False, eos=[eos])
+    got, manager = serve(llm, ssms[:num_ssms], overlap=True, eos=[eos])
+    assert plain.next_drafts_taken == 0 and manager.next_drafts_taken > 5
+    for g, r in zip(got, reference):
+        assert (g.output_tokens, g.finish_reason, g.stats.num_accepted, g.stats.num_llm_steps) == (
+            r.output_tokens, r.finish_reason, r.stats.num_accepted, r.stats.num_llm_steps)
+
+
+def test_alone_every_draft_launched_ahead_is_taken(random_models):
+    llm, ssms = random_models
+    reference, _ = serve(llm, ssms[:1], overlap=False, batch=1)
+    got, manager = serve(llm, ssms[:1], overlap=True, batch=1)
+    assert [g.output_tokens for g in got] == [r.output_tokens for r in reference]
+    # One request at a time, no EOS: a draft launched ahead is dropped only where a request ends.
+    assert manager.next_drafts_taken > 10 and manager.next_draft_misses <= len(MORE_PROMPTS)
