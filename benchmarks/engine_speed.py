@@ -253,6 +253,17 @@ def main() -> None:
         row["label"] = label
         rows.append(row)
         write_report(llm, args, prompts, rows)
+    manager = llm.manager_for("tree")  # the last adaptive tree's
+    if manager.overlap:
+        # A fresh engine (the controller's measurements restart) with each next draft launched ahead.
+        llm.set_speculation(adaptive[-1][1])
+        manager = llm.manager_for("tree")
+        manager.overlap_trees = True
+        row = run_case(llm, "tree", prompts, args.max_new_tokens)
+        row["label"] = f"{adaptive[-1][0]}, next draft launched before the read-back"
+        row["next_drafts_taken"], row["next_draft_misses"] = manager.next_drafts_taken, manager.next_draft_misses
+        rows.append(row)
+        write_report(llm, args, prompts, rows)
     if not args.no_transformers:
         rows.append(hf_case(llm, "transformers generate", prompts, args.max_new_tokens))
         write_report(llm, args, prompts, rows)

@@ -42,3 +42,32 @@ def test_alone_every_draft_launched_ahead_is_taken(random_models):
     assert [g.output_tokens for g in got] == [r.output_tokens for r in reference]
     # One request at a time, no EOS: a draft launched ahead is dropped only where a request ends.
     assert manager.next_drafts_taken > 10 and manager.next_draft_misses <= len(MORE_PROMPTS)
+
+
+def test_under_the_adaptive_controller_drafts_launched_ahead_keep_outputs_exact(random_models):
+    """The controller's choice for the next step is made before the read-back and kept for that step;
+    sizes change from step to step (CyclingSizes), so drafts ahead of every size are taken."""
+    from .test_speculative import CyclingSizes, assert_greedy_equivalent
+
+    llm, ssms = random_models
+
+    def run(overlap: bool):
+        manager = RequestManager(llm, ssms[:1], EngineConfig(max_batch_size=3, max_sequence_length=200, overlap_tree_steps=overlap),
+                                 SpeculationConfig(tree=FITTED_TREE), eos_token_ids=[])
+        manager.controller = AlwaysDrafting(manager.ladder.sizes)
+        ids = [manager.register_new_request(p, sampling=GenerationConfig(max_new_tokens=n)) for p, n in zip(MORE_PROMPTS, MAX_NEW)]
+        manager.run()
+        return [manager.requests[i] for i in ids], manager
+
+    class AlwaysDrafting(CyclingSizes):
+        def choose(self, request_ids):  # each size of the ladder in turn, for every request
+            self.step += 1
+            size = self.sizes[1:][self.step % (len(self.sizes) - 1)]
+            return size, set(request_ids)
+
+    expected, _ = run(False)
+    got, manager = run(True)
+    assert manager.next_drafts_taken > 5
+    for prompt, g, e in zip(MORE_PROMPTS, got, expected):
+        assert len(g.output_tokens) == len(e.output_tokens)
+        assert_greedy_equivalent(llm, prompt, g.output_tokens, e.output_tokens)

@@ -359,6 +359,8 @@ class RequestManager:
             for size_index in range(len(self.ladder.sizes)):
                 for s in range(len(self.ssms)):
                     self._drafter(s, size_index).capture(batch)
+                    if self.overlap_trees and batch == num_requests:  # drafts launched ahead (`_draft_ahead`)
+                        self._drafter(s, size_index, catch_up=self.ladder.shapes[-1].depth + 1).capture(batch)
             for runner in [r for r in self.ssms if r.graphs is not None]:
                 runner.graphs.capture_up_to(batch, REPLAYED_CATCH_UP)
         # The LLM verifies for every request of the step, drafting or not, and holds no speculative
@@ -461,15 +463,26 @@ class RequestManager:
         """Launch the next step's draft from this step's verification, still on the device
         (`EngineConfig.overlap_tree_steps`): the accepted path and the LLM's token, found there
         (spec/device_accept.py), are each SSM's next catch-up chain. Only where the next step will surely
-        draft the same whole tree for the same greedy requests (a fixed tree; room for it after this step's
-        tokens; nobody waiting for a slot); `_take_next_draft` checks the rest once this step is read back."""
+        draft a whole tree for the same greedy requests (the fixed tree, or the controller's choice for the
+        next step, made now; room for it after this step's tokens; nobody waiting for a slot);
+        `_take_next_draft` checks the rest once this step is read back."""
         shape = self.ladder.shapes[self._size_index]
-        if not (self.overlap_trees and self.controller is None and self.ssms and len(drafting) == len(requests)
+        if not (self.overlap_trees and self.ssms and len(drafting) == len(requests)
                 and min(keeps) == len(shape) - 1 and device_tokens is not None
                 and not any(r.sampling.do_sample for r in requests)
-                and not (self.scheduler.waiting and self.scheduler.free_slots)
-                and all(r.num_remaining - (shape.depth + 1) > shape.depth for r in requests)):
+                and not (self.scheduler.waiting and self.scheduler.free_slots)):
             return None
+        size_index = self._size_index
+        if self.controller is not None:  # the next step's choice, made now (and kept for it: `_chosen_ahead`)
+            ids = [r.id for r in requests]
+            size, chosen = self.controller.choose(ids)
+            self._chosen_ahead = (ids, size, chosen)
+            if not size or len(chosen) != len(ids):
+                return None
+            size_index = self.ladder.sizes.index(size)
+        following = self.ladder.shapes[size_index]
+        if not all(r.num_remaining - (shape.depth + 1) > following.depth for r in requests):
+            return None  # some request may have too few tokens left after this step for the whole tree
         key = tuple(parents)
         paths = self._paths.get(key)
         if paths is None:
@@ -477,14 +490,17 @@ class RequestManager:
         chains, lengths, _ = paths.chains(device_tokens, targets.view(len(requests), -1))
         slots = [r.slot for r in requests]
         tokens, bases = [], []
+        width = self.ladder.shapes[-1].depth + 1  # the longest path of any tree of the ladder, and the LLM's token
+        if chains.shape[1] < width:
+            chains = torch.cat([chains, chains.new_zeros(len(requests), width - chains.shape[1])], dim=1)
         for s, runner in enumerate(self.ssms):
             # This step's commit keeps the SSM's chain only (`_commit`): the next chain follows it.
             slot_bases = [runner.num_cached(slot) + n for slot, n in zip(slots, catch_up[s])]
-            drafter = self._drafter(s, catch_up=shape.depth + 1)
+            drafter = self._drafter(s, size_index, catch_up=width)
             tokens.append(drafter.draft_from(chains, lengths, slots, slot_bases))
             bases.append(slot_bases)
         self._drafting_ahead = True
-        return _NextDraft([r.id for r in requests], self._size_index, tokens, bases, lengths)
+        return _NextDraft([r.id for r in requests], size_index, tokens, bases, lengths)
 
     def _take_next_draft(self, requests: list[Request], drafting: list[int],
                          ahead: "_NextDraft | None") -> tuple[list, list] | None:
@@ -502,7 +518,7 @@ class RequestManager:
             self.next_draft_misses += 1
             return None
         for s in range(len(self.ssms)):
-            self._drafter(s, catch_up=shape.depth + 1).record_chains(slots, ahead.lengths)
+            self._drafter(s, catch_up=self.ladder.shapes[-1].depth + 1).record_chains(slots, ahead.lengths)
         self.next_drafts_taken += 1
         return ahead.tokens, [ahead.lengths] * len(self.ssms)
 
