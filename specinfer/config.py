@@ -134,9 +134,10 @@ class EngineConfig:
     # step ahead of it is read back (engine/in_flight.py). None: on a GPU, where the host's work between
     # passes otherwise leaves the device idle.
     overlap_plain_steps: bool | None = None
-    # Greedy steps of a fixed tree: draft the next step from the accepted path found on the device
-    # (spec/device_accept.py) before this step is read back, so that the host's work between the read-back
-    # and the next launch runs while the device drafts. Off by default until measured on a GPU.
+    # Greedy tree steps: draft the next step (the controller choosing it a step early) from the accepted
+    # path found on the device (spec/device_accept.py) before this step is read back, so that the host's
+    # work between the read-back and the next launch runs while the device drafts. Off by default until
+    # measured on a GPU.
     overlap_tree_steps: bool = False
 
     def __post_init__(self) -> None:
