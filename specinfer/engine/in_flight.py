@@ -20,14 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .ring_cache import RingCache
+from .read_back import QueuedReadBack
 from .sequence import Request
-
-# Pinned buffers for the tokens' copy to the host, by batch size, used in turn: at most two steps are in
-# flight, and a buffer is read before the step three later copies into it.
-_read_back: RingCache[int, torch.Tensor] = RingCache(
-    lambda rows: torch.empty(rows, dtype=torch.int64, pin_memory=True), depth=3, max_keys=64)
-
 
 @dataclass(slots=True)
 class InFlightStep:
@@ -36,20 +30,12 @@ class InFlightStep:
     one_offs: int  # `one_off.count()` when the step was queued
     start: float = field(default_factory=time.perf_counter)  # from when its time counts
     refills: int = 0  # the tree size of the speculative step it follows (0: it follows a plain step)
-    _host: torch.Tensor | None = None
-    _copied: torch.cuda.Event | None = None
+    _read_back: QueuedReadBack | None = None
 
     def __post_init__(self) -> None:
-        if self.targets.device.type == "cuda":
-            # Queued now, behind this step's pass and ahead of the next: reading it waits for this step only.
-            self._host, _ = _read_back.next(self.targets.shape[0])
-            self._host.copy_(self.targets, non_blocking=True)
-            self._copied = torch.cuda.Event()
-            self._copied.record(torch.cuda.current_stream(self.targets.device))
+        # Queued now, behind this step's pass and ahead of the next: reading it waits for this step only.
+        self._read_back = QueuedReadBack(self.targets)
 
     def tokens(self) -> list[int]:
         """The step's tokens on the host (waits for the step, not for what was queued after it)."""
-        if self._copied is None:
-            return self.targets.tolist()
-        self._copied.synchronize()
-        return self._host.tolist()
+        return self._read_back.tolist()

@@ -23,6 +23,7 @@ from ..tokenizer import Tokenizer
 from . import one_off
 from .gc_freeze import freeze_long_lived_objects
 from .in_flight import InFlightStep
+from .read_back import QueuedReadBack
 from .model_runner import Chunk, ModelRunner
 from .scheduler import Scheduler
 from .sequence import Request, RequestStatus
@@ -423,10 +424,13 @@ class RequestManager:
             device_tokens = torch.cat(sources)[upload(index, device)]
         logits = self.llm.forward_rows(chunks, device_tokens)  # one LLM pass over every node of every tree
         targets = self._node_targets(logits, requests, [chunk.parents for chunk in chunks])
-        launched = self._draft_ahead(requests, drafting, keeps, device_tokens, targets, chunks[0].parents, catch_up)
+        ahead_plan = self._plan_draft_ahead(requests, drafting, keeps, device_tokens, targets, chunks[0].parents)
+        # The step's one host sync, queued ahead of the next step's draft where that is launched now.
+        readback = QueuedReadBack(torch.cat([targets, *[tokens.flatten() for tokens in drafted]]
+                                            + ([ahead_plan[2]] if ahead_plan else [])))
+        launched = self._draft_ahead(requests, ahead_plan, catch_up) if ahead_plan else None
         self._next_draft = launched
-        readback = torch.cat([targets, *[tokens.flatten() for tokens in drafted]]
-                             + ([launched.device_lengths] if launched else [])).tolist()  # the step's one host sync
+        readback = readback.tolist()
         if launched:
             readback, device_lengths = readback[: -len(requests)], readback[-len(requests) :]
         targets, tokens = readback[: len(targets)], readback[len(targets) :]
@@ -458,11 +462,13 @@ class RequestManager:
                 self.next_draft_misses += 1
         return trees, drafts, results
 
-    def _draft_ahead(self, requests: list[Request], drafting: list[int], keeps: list[int], device_tokens: torch.Tensor,
-                     targets: torch.Tensor, parents: list[int], catch_up: list[list[int]]) -> "_NextDraft | None":
-        """Launch the next step's draft from this step's verification, still on the device
-        (`EngineConfig.overlap_tree_steps`): the accepted path and the LLM's token, found there
-        (spec/device_accept.py), are each SSM's next catch-up chain. Only where the next step will surely
+    def _plan_draft_ahead(self, requests: list[Request], drafting: list[int], keeps: list[int],
+                          device_tokens: torch.Tensor | None, targets: torch.Tensor,
+                          parents: list[int]) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+        """Whether to launch the next step's draft now, from this step's verification still on the device
+        (`EngineConfig.overlap_tree_steps`), and what from: the tree size it drafts, and the accepted path
+        and the LLM's token, found there (spec/device_accept.py), each SSM's next catch-up chain
+        ([B, tree depth + 1] tokens, [B] lengths). Only where the next step will surely
         draft a whole tree for the same greedy requests (the fixed tree, or the controller's choice for the
         next step, made now; room for it after this step's tokens; nobody waiting for a slot);
         `_take_next_draft` checks the rest once this step is read back."""
@@ -488,6 +494,13 @@ class RequestManager:
         if paths is None:
             paths = self._paths[key] = GreedyPaths(parents, self.llm.device)
         chains, lengths, _ = paths.chains(device_tokens, targets.view(len(requests), -1))
+        return size_index, chains, lengths
+
+    def _draft_ahead(self, requests: list[Request], plan: tuple[int, torch.Tensor, torch.Tensor],
+                     catch_up: list[list[int]]) -> "_NextDraft":
+        """Launch the next step's draft planned by `_plan_draft_ahead`: each SSM fed its chain after the
+        entries this step's commit keeps."""
+        size_index, chains, lengths = plan
         slots = [r.slot for r in requests]
         tokens, bases = [], []
         width = self.ladder.shapes[-1].depth + 1  # the longest path of any tree of the ladder, and the LLM's token
