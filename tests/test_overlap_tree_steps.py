@@ -71,3 +71,21 @@ def test_under_the_adaptive_controller_drafts_launched_ahead_keep_outputs_exact(
     for prompt, g, e in zip(MORE_PROMPTS, got, expected):
         assert len(g.output_tokens) == len(e.output_tokens)
         assert_greedy_equivalent(llm, prompt, g.output_tokens, e.output_tokens)
+
+
+def test_sampled_requests_with_drafts_launched_ahead_draw_the_same_tokens(random_models):
+    """Sampled requests on top-k trees: each token is drawn at its output position's uniform, whatever the
+    draft, so a seed gives the same tokens with drafts launched ahead or not (and with greedy ones beside)."""
+    llm, ssms = random_models
+
+    def run(overlap: bool):
+        manager = RequestManager(llm, ssms[:1], EngineConfig(max_batch_size=3, max_sequence_length=200, overlap_tree_steps=overlap),
+                                 SpeculationConfig(tree=FITTED_TREE, adaptive=False), eos_token_ids=[])
+        ids = [manager.register_new_request(p, sampling=GenerationConfig(
+            do_sample=i % 3 != 1, temperature=0.8, top_p=0.9, seed=i, max_new_tokens=n))
+            for i, (p, n) in enumerate(zip(MORE_PROMPTS, MAX_NEW))]
+        manager.run()
+        return [manager.requests[i].output_tokens for i in ids], manager
+
+    (expected, _), (got, manager) = run(False), run(True)
+    assert manager.next_drafts_taken > 5 and got == expected

@@ -469,13 +469,15 @@ class RequestManager:
         (`EngineConfig.overlap_tree_steps`), and what from: the tree size it drafts, and the accepted path
         and the LLM's token, found there (spec/device_accept.py), each SSM's next catch-up chain
         ([B, tree depth + 1] tokens, [B] lengths). Only where the next step will surely
-        draft a whole tree for the same greedy requests (the fixed tree, or the controller's choice for the
+        draft a whole tree for the same requests (the fixed tree, or the controller's choice for the
         next step, made now; room for it after this step's tokens; nobody waiting for a slot);
         `_take_next_draft` checks the rest once this step is read back."""
         shape = self.ladder.shapes[self._size_index]
         if not (self.overlap_trees and self.ssms and len(drafting) == len(requests)
                 and min(keeps) == len(shape) - 1 and device_tokens is not None
-                and not any(r.sampling.do_sample for r in requests)
+                # Sampled requests' draws are the targets as they are for a single SSM (several share
+                # draws along repeated paths on the host: `shared_draws`).
+                and (len(self.ssms) == 1 or not any(r.sampling.do_sample for r in requests))
                 and not (self.scheduler.waiting and self.scheduler.free_slots)):
             return None
         size_index = self._size_index
