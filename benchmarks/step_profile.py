@@ -347,6 +347,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--draft-vocab", type=int, help="tokens the SSMs score (default: the engine's; 0: all)")
     p.add_argument("--sections", default="sizes,stages,adaptive")
+    p.add_argument("--overlap-trees", action="store_true",
+                   help="launch each next draft before the step is read back (EngineConfig.overlap_tree_steps)")
     args = p.parse_args()
     sections = [s for s in args.sections.split(",") if s]
     unknown = set(sections) - set(SECTIONS)
@@ -356,10 +358,11 @@ def main() -> None:
                                     tree=load_tree_file(args.tree) if args.tree else None)
     paths = speculation.tree or speculation.tree_shape.paths[1:]
     engine = EngineConfig(max_batch_size=args.batch, max_sequence_length=512, device=args.device, compile=args.compile,
-                          draft_vocab_size=args.draft_vocab)
+                          draft_vocab_size=args.draft_vocab, overlap_tree_steps=args.overlap_trees)
     llm = LLM(args.llm, args.ssm, engine=engine, speculation=speculation)
     print(f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'} · torch {torch.__version__} · "
-          f"{next(llm.model.parameters()).dtype} · tree of {len(paths)} nodes · compile={args.compile}")
+          f"{next(llm.model.parameters()).dtype} · tree of {len(paths)} nodes · compile={args.compile}"
+          f"{' · next drafts launched before the read-back' if args.overlap_trees else ''}")
     for name in sections:
         SECTIONS[name](llm, tuple(paths), args)
 
