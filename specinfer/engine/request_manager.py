@@ -425,12 +425,15 @@ class RequestManager:
         logits = self.llm.forward_rows(chunks, device_tokens)  # one LLM pass over every node of every tree
         targets = self._node_targets(logits, requests, [chunk.parents for chunk in chunks])
         ahead_plan = self._plan_draft_ahead(requests, drafting, keeps, device_tokens, targets, chunks[0].parents)
-        # The step's one host sync, queued ahead of the next step's draft where that is launched now.
-        readback = QueuedReadBack(torch.cat([targets, *[tokens.flatten() for tokens in drafted]]
-                                            + ([ahead_plan[2]] if ahead_plan else [])))
-        launched = self._draft_ahead(requests, ahead_plan, catch_up) if ahead_plan else None
+        flat = torch.cat([targets, *[tokens.flatten() for tokens in drafted]] + ([ahead_plan[2]] if ahead_plan else []))
+        launched = None
+        if ahead_plan:  # the step's read-back queued ahead of the next step's draft, launched now
+            queued = QueuedReadBack(flat)
+            launched = self._draft_ahead(requests, ahead_plan, catch_up)
+            readback = queued.tolist()
+        else:
+            readback = flat.tolist()  # the step's one host sync
         self._next_draft = launched
-        readback = readback.tolist()
         if launched:
             readback, device_lengths = readback[: -len(requests)], readback[-len(requests) :]
         targets, tokens = readback[: len(targets)], readback[len(targets) :]
