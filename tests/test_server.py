@@ -269,11 +269,13 @@ def test_client_disconnect_cancels_and_frees_its_slot(server):
     assert _complete(server.url, "after a disconnect")["choices"][0]["finish_reason"] in ("length", "stop")
 
 
-def test_incremental_server_with_steps_in_flight_answers_as_the_tree_server(server, model_dir, token_ids):
+@pytest.mark.parametrize("flags", [("--mode", "incremental", "--overlap"), ("--no-adaptive", "--overlap-trees")])
+def test_servers_with_steps_in_flight_answer_as_the_tree_server(server, model_dir, token_ids, flags):
     """`--overlap` (on by default with CUDA; here forced on the CPU): plain steps queued ahead of their
-    read-back, under load, with stop strings, a sampled neighbour and a client that disconnects."""
+    read-back; `--overlap-trees`: each next draft launched before the read-back. Under load, with stop
+    strings, a sampled neighbour and a client that disconnects."""
     alone = [_complete(server.url, ids)["choices"][0]["token_ids"] for ids in token_ids]
-    overlapped = ServerProcess(model_dir, "--mode", "incremental", "--overlap", "--max-batch-size", "4")
+    overlapped = ServerProcess(model_dir, *flags, "--max-batch-size", "4")
     try:
         body = {"model": MODEL, "prompt": "Go on and on", "max_tokens": CONTEXT - 10, "temperature": 0, "stream": True}
         with httpx.stream("POST", overlapped.url + "/v1/completions", json=body, timeout=60) as reply:
