@@ -424,15 +424,8 @@ class RequestManager:
             device_tokens = torch.cat(sources)[upload(index, device)]
         logits = self.llm.forward_rows(chunks, device_tokens)  # one LLM pass over every node of every tree
         targets = self._node_targets(logits, requests, [chunk.parents for chunk in chunks])
-        ahead_plan = self._plan_draft_ahead(requests, drafting, keeps, device_tokens, targets, chunks[0].parents)
-        flat = torch.cat([targets, *[tokens.flatten() for tokens in drafted]] + ([ahead_plan[2]] if ahead_plan else []))
-        launched = None
-        if ahead_plan:  # the step's read-back queued ahead of the next step's draft, launched now
-            queued = QueuedReadBack(flat)
-            launched = self._draft_ahead(requests, ahead_plan, catch_up)
-            readback = queued.tolist()
-        else:
-            readback = flat.tolist()  # the step's one host sync
+        plan = self._plan_draft_ahead(requests, drafting, keeps, device_tokens, targets, chunks[0].parents)
+        readback, launched = self._read_back(requests, targets, drafted, plan, catch_up)
         self._next_draft = launched
         if launched:
             readback, device_lengths = readback[: -len(requests)], readback[-len(requests) :]
@@ -464,6 +457,18 @@ class RequestManager:
                 self._next_draft = None
                 self.next_draft_misses += 1
         return trees, drafts, results
+
+    def _read_back(self, requests: list[Request], targets: torch.Tensor, drafted: list[torch.Tensor],
+                   plan: tuple | None, catch_up: list[list[int]]) -> tuple[list[int], "_NextDraft | None"]:
+        """The step's one host sync: the LLM's targets, then the drafts, read back. With a `plan`
+        (`_plan_draft_ahead`) the read-back is queued first, then the next step's draft launched behind
+        it, and the device's chain lengths come last; returns the values and that draft."""
+        flat = torch.cat([targets, *[tokens.flatten() for tokens in drafted]] + ([plan[2]] if plan else []))
+        if not plan:
+            return flat.tolist(), None
+        queued = QueuedReadBack(flat)
+        launched = self._draft_ahead(requests, plan, catch_up)
+        return queued.tolist(), launched
 
     def _plan_draft_ahead(self, requests: list[Request], drafting: list[int], keeps: list[int],
                           device_tokens: torch.Tensor | None, targets: torch.Tensor,
