@@ -477,8 +477,8 @@ class RequestManager:
         (`EngineConfig.overlap_tree_steps`), and what from: the tree size it drafts, and the accepted path
         and the LLM's token, found there (spec/device_accept.py), each SSM's next catch-up chain
         ([B, tree depth + 1] tokens, [B] lengths). Only where the next step will surely
-        draft a whole tree for the same requests (the fixed tree, or the controller's choice for the
-        next step, made now; room for it after this step's tokens; nobody waiting for a slot);
+        draft for the same requests (the fixed tree, or the controller's choice for the next step, made
+        now; a token left to draft for after this step's; nobody waiting for a slot);
         `_take_next_draft` checks the rest once this step is read back."""
         shape = self.ladder.shapes[self._size_index]
         if not (self.overlap_trees and self.ssms and len(drafting) == len(requests)
@@ -496,9 +496,8 @@ class RequestManager:
             if not size or len(chosen) != len(ids):
                 return None
             size_index = self.ladder.sizes.index(size)
-        following = self.ladder.shapes[size_index]
-        if not all(r.num_remaining - (shape.depth + 1) > following.depth for r in requests):
-            return None  # some request may have too few tokens left after this step for the whole tree
+        if not all(r.num_remaining - (shape.depth + 1) > 1 for r in requests):
+            return None  # some request may have no token left to draft for after this step
         key = tuple(parents)
         paths = self._paths.get(key)
         if paths is None:
@@ -528,14 +527,13 @@ class RequestManager:
     def _take_next_draft(self, requests: list[Request], drafting: list[int],
                          ahead: "_NextDraft | None") -> tuple[list, list] | None:
         """`ahead`, the draft launched for this step, if it still is this step's: the same requests, all
-        drafting the same whole tree, each SSM's cache where the draft assumed. Records its entries."""
+        drafting the same tree (cut short where a request has few tokens left), each SSM's cache where the
+        draft assumed. Records its entries."""
         if ahead is None:
             return None
-        shape = self.ladder.shapes[self._size_index]
         slots = [r.slot for r in requests]
         if not (ahead.lengths is not None and ahead.request_ids == [r.id for r in requests]
                 and ahead.size_index == self._size_index and len(drafting) == len(requests)
-                and all(shape.num_nodes_within(r.num_remaining - 1) == len(shape) for r in requests)
                 and all([runner.num_cached(slot) for slot in slots] == bases
                         for runner, bases in zip(self.ssms, ahead.bases))):
             self.next_draft_misses += 1
