@@ -47,6 +47,9 @@ def build_managers(llm: LLM, expansion, tree) -> dict[str, RequestManager]:
     if managers["incremental"].overlap:  # also without queueing plain steps ahead of their read-back
         managers["incremental, no overlap"] = manager("incremental", False)
         managers["incremental, no overlap"].overlap = False
+        for mode, adaptive in (("adaptive", True), ("fixed", False)):  # each next draft launched before the read-back
+            managers[f"{mode}, drafts ahead"] = manager("tree", adaptive)
+            managers[f"{mode}, drafts ahead"].overlap_trees = True
     return managers
 
 
@@ -177,16 +180,19 @@ def main() -> None:
         f"{' · blocks compiled (--compile)' if args.compile else ''} · each row the median of {args.repeats} runs after one untimed run, the modes' runs interleaved", "",
         f"Reproduce: `python benchmarks/batch_throughput.py {' '.join(sys.argv[1:])}`", "",
         "| batch | incremental tok/s | adaptive tree tok/s | vs incremental | fixed tree tok/s | vs incremental | "
-        "fixed tree: tokens per request-step | incremental, each step read back first, tok/s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "fixed tree: tokens per request-step | incremental, each step read back first, tok/s | "
+        "adaptive, drafts ahead: vs incremental | fixed, drafts ahead: vs incremental |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         base = r["incremental"]["tokens_per_s"]
         unlapped = r.get("incremental, no overlap")
+        ahead = [r.get(f"{mode}, drafts ahead") for mode in ("adaptive", "fixed")]
         lines.append(f"| {r['batch']} | {base:.1f} | {r['adaptive']['tokens_per_s']:.1f} | "
                      f"{r['adaptive']['tokens_per_s'] / base:.2f}x | {r['fixed']['tokens_per_s']:.1f} | "
                      f"{r['fixed']['tokens_per_s'] / base:.2f}x | {r['fixed']['tokens_per_request_step']:.2f} | "
-                     f"{'–' if unlapped is None else format(unlapped['tokens_per_s'], '.1f')} |")
+                     f"{'–' if unlapped is None else format(unlapped['tokens_per_s'], '.1f')} | "
+                     + " | ".join('–' if a is None else f"{a['tokens_per_s'] / base:.2f}x" for a in ahead) + " |")
     (out / f"batch_throughput_{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
