@@ -44,6 +44,17 @@ def device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def drafts_ahead_case(llm: LLM, label: str, prompts: list[str], max_new_tokens: int) -> dict:
+    """`run_case` of the tree engine now set, with each next draft launched before the step is read back
+    (`EngineConfig.overlap_tree_steps`)."""
+    manager = llm.manager_for("tree")
+    manager.overlap_trees = True
+    row = run_case(llm, "tree", prompts, max_new_tokens)
+    row.update(label=f"{label}, next draft launched before the read-back",
+               next_drafts_taken=manager.next_drafts_taken, next_draft_misses=manager.next_draft_misses)
+    return row
+
+
 def run_case(llm: LLM, mode: str, prompts: list[str], max_new_tokens: int) -> dict:
     config = GenerationConfig(max_new_tokens=max_new_tokens)
     # Untimed, as many other prompts, one at a time: the steady state of a server that has run a while
@@ -237,13 +248,8 @@ def main() -> None:
         row["label"] = f"fitted tree {name} ({len(tree)} nodes)"
         rows.append(row)
         write_report(llm, args, prompts, rows)
-        manager = llm.manager_for("tree")
-        if manager.overlap:  # what launching each next draft before the read-back gains (overlap_tree_steps)
-            manager.overlap_trees = True
-            row = run_case(llm, "tree", prompts, args.max_new_tokens)
-            row["label"] = f"fitted tree {name}, next draft launched before the read-back"
-            row["next_drafts_taken"], row["next_draft_misses"] = manager.next_drafts_taken, manager.next_draft_misses
-            rows.append(row)
+        if llm.manager_for("tree").overlap:  # what launching each next draft before the read-back gains
+            rows.append(drafts_ahead_case(llm, f"fitted tree {name}", prompts, args.max_new_tokens))
             write_report(llm, args, prompts, rows)
     adaptive = [(f"tree {','.join(map(str, expansions[0]))}, adaptive", SpeculationConfig(expansion=expansions[0]))]
     adaptive += [(f"fitted tree {name}, adaptive", SpeculationConfig(tree=tree)) for name, tree in trees]
@@ -253,16 +259,9 @@ def main() -> None:
         row["label"] = label
         rows.append(row)
         write_report(llm, args, prompts, rows)
-    manager = llm.manager_for("tree")  # the last adaptive tree's
-    if manager.overlap:
-        # A fresh engine (the controller's measurements restart) with each next draft launched ahead.
-        llm.set_speculation(adaptive[-1][1])
-        manager = llm.manager_for("tree")
-        manager.overlap_trees = True
-        row = run_case(llm, "tree", prompts, args.max_new_tokens)
-        row["label"] = f"{adaptive[-1][0]}, next draft launched before the read-back"
-        row["next_drafts_taken"], row["next_draft_misses"] = manager.next_drafts_taken, manager.next_draft_misses
-        rows.append(row)
+    if llm.manager_for("tree").overlap:
+        llm.set_speculation(adaptive[-1][1])  # a fresh engine: the controller's measurements restart
+        rows.append(drafts_ahead_case(llm, adaptive[-1][0], prompts, args.max_new_tokens))
         write_report(llm, args, prompts, rows)
     if not args.no_transformers:
         rows.append(hf_case(llm, "transformers generate", prompts, args.max_new_tokens))

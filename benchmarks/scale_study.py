@@ -34,7 +34,7 @@ import torch
 
 from specinfer.spec.tree_fit import load_tree_file
 from specinfer.config import parse_expansion
-from specinfer.engine.in_flight import InFlightStep
+from specinfer.engine.read_back import QueuedReadBack
 from specinfer.engine.model_runner import Chunk, ModelRunner
 from specinfer.models.compile import compile_blocks
 from specinfer.models.fuse import fuse_projections
@@ -137,13 +137,13 @@ def in_flight_step_time(runner: ModelRunner, batch: int) -> float:
     def run() -> None:
         tokens, pending = None, None
         for _ in range(IN_FLIGHT_STEPS):
-            logits = runner.forward_rows(chunks, tokens)
-            step = InFlightStep([], logits.argmax(-1), 0)
+            targets = runner.forward_rows(chunks, tokens).argmax(-1)
+            step = QueuedReadBack(targets)
             runner.commit_all([(slot, [0]) for slot in range(batch)])
             if pending is not None:
-                pending.tokens()
-            pending, tokens = step, step.targets[:, None]
-        pending.tokens()
+                pending.tolist()
+            pending, tokens = step, targets[:, None]
+        pending.tolist()
 
     return timed(run, repeats=5, warmup=2) / IN_FLIGHT_STEPS
 
@@ -278,7 +278,7 @@ def main() -> None:
         if "quant" in sections:
             from specinfer.quant.linear import quantize_model
 
-            base_runner = prefilled_runner(llm, 1, 8 + IN_FLIGHT_ROOM)
+            base_runner = prefilled_runner(llm, 1, 8 + IN_FLIGHT_ROOM)  # the cache the quantized runs get
             base = step_time(base_runner, 1, [-1])
             base_flying = in_flight_step_time(base_runner, 1)
             del base_runner

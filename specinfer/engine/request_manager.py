@@ -42,8 +42,7 @@ class _NextDraft:
     size_index: int
     tokens: list[torch.Tensor]  # per SSM [B, tree nodes] on the device
     bases: list[list[int]]  # per SSM, each slot's cached entries the chains follow
-    device_lengths: torch.Tensor  # [B] chain lengths, as the device found them
-    lengths: list[int] | None = None  # the same, from the host's verification (once read back)
+    lengths: list[int] | None = None  # each chain's length, from the host's verification (once read back)
 
 
 class RequestManager:
@@ -106,7 +105,9 @@ class RequestManager:
         self.overlap_trees = engine.overlap_tree_steps and self.tp is None
         self._next_draft: _NextDraft | None = None  # the next step's draft, launched from the device
         self._drafting_ahead = False  # this step launched the next one's draft (its SSM commits keep the chain only)
-        self._paths: dict[tuple, GreedyPaths] = {}  # by verified tree (parents)
+        self._paths: dict[tuple, GreedyPaths] = {}  # by (tree size index, SSMs): the verified whole trees
+        # Chain tokens the drafters fed from the device take: the deepest tree's path and the LLM's token.
+        self._ahead_width = self.ladder.shapes[-1].depth + 1 if self.ladder else 0
         self.next_drafts_taken = self.next_draft_misses = 0  # drafts launched ahead, taken or not by the step after
         self.scheduler = Scheduler(engine.max_batch_size)
         self.requests: dict[int, Request] = {}
@@ -361,7 +362,7 @@ class RequestManager:
                 for s in range(len(self.ssms)):
                     self._drafter(s, size_index).capture(batch)
                     if self.overlap_trees and batch == num_requests:  # drafts launched ahead (`_draft_ahead`)
-                        self._drafter(s, size_index, catch_up=self.ladder.shapes[-1].depth + 1).capture(batch)
+                        self._drafter(s, size_index, catch_up=self._ahead_width).capture(batch)
             for runner in [r for r in self.ssms if r.graphs is not None]:
                 runner.graphs.capture_up_to(batch, REPLAYED_CATCH_UP)
         # The LLM verifies for every request of the step, drafting or not, and holds no speculative
@@ -498,7 +499,7 @@ class RequestManager:
             size_index = self.ladder.sizes.index(size)
         if not all(r.num_remaining - (shape.depth + 1) > 1 for r in requests):
             return None  # some request may have no token left to draft for after this step
-        key = tuple(parents)
+        key = (self._size_index, len(self.ssms))  # every request verifies every SSM's whole tree
         paths = self._paths.get(key)
         if paths is None:
             paths = self._paths[key] = GreedyPaths(parents, self.llm.device)
@@ -512,7 +513,7 @@ class RequestManager:
         size_index, chains, lengths = plan
         slots = [r.slot for r in requests]
         tokens, bases = [], []
-        width = self.ladder.shapes[-1].depth + 1  # the longest path of any tree of the ladder, and the LLM's token
+        width = self._ahead_width
         if chains.shape[1] < width:
             chains = torch.cat([chains, chains.new_zeros(len(requests), width - chains.shape[1])], dim=1)
         for s, runner in enumerate(self.ssms):
@@ -522,7 +523,7 @@ class RequestManager:
             tokens.append(drafter.draft_from(chains, lengths, slots, slot_bases))
             bases.append(slot_bases)
         self._drafting_ahead = True
-        return _NextDraft([r.id for r in requests], size_index, tokens, bases, lengths)
+        return _NextDraft([r.id for r in requests], size_index, tokens, bases)
 
     def _take_next_draft(self, requests: list[Request], drafting: list[int],
                          ahead: "_NextDraft | None") -> tuple[list, list] | None:
@@ -539,7 +540,7 @@ class RequestManager:
             self.next_draft_misses += 1
             return None
         for s in range(len(self.ssms)):
-            self._drafter(s, catch_up=self.ladder.shapes[-1].depth + 1).record_chains(slots, ahead.lengths)
+            self._drafter(s, catch_up=self._ahead_width).record_chains(slots, ahead.lengths)
         self.next_drafts_taken += 1
         return ahead.tokens, [ahead.lengths] * len(self.ssms)
 
@@ -555,10 +556,12 @@ class RequestManager:
         a uniform), and a sampled request's tokens are those incremental sampling would draw."""
         if not any(r.sampling.do_sample for r in requests):
             return logits.argmax(-1)
-        uniforms = []
+        uniforms, depths_by_tree = [], {}  # the requests of a step mostly share one parent list
         for r, parents in zip(requests, trees):
             if r.sampling.do_sample:
-                depths = depths_of(parents)
+                depths = depths_by_tree.get(id(parents))
+                if depths is None:
+                    depths = depths_by_tree[id(parents)] = depths_of(parents)
                 at = r.position_uniforms(max(depths) + 1, ahead)
                 uniforms += [at[depth] for depth in depths]
             else:

@@ -112,6 +112,11 @@ class _StepTimes:
             self.steps_since_plain = 0
         self._medians.pop(size, None)
 
+    def charge(self, size: int, seconds: float) -> None:
+        """Add `seconds` to the latest step time of tree size `size` (one must be kept)."""
+        self.speculative[size][-1] += seconds
+        self._medians.pop(size, None)
+
     @property
     def plain_s(self) -> float | None:
         if 0 not in self._medians:
@@ -309,13 +314,11 @@ class SpeculationController:
         the plain times stay those of chained steps. Without a plain or speculative time to charge, it
         counts as a plain step."""
         times = self._times_at(batch_size)
-        recent = times.speculative.get(size)
-        if times.plain_s is None or not recent:
+        if times.plain_s is None or not times.speculative.get(size):
             self.record_step(seconds, batch_size, 0)
             return
         self._ratios.clear()
-        recent[-1] += max(0.0, seconds - times.plain_s)
-        times._medians.pop(size, None)
+        times.charge(size, max(0.0, seconds - times.plain_s))
 
     def forget(self, request_id: int) -> None:
         self.requests.pop(request_id, None)
