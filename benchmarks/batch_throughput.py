@@ -139,7 +139,9 @@ def main() -> None:
     expansion = parse_expansion(args.expansion)
     tree = load_tree_file(args.tree) if args.tree else None
     _, held_out = build_prompts()
+    # Drafts after the read-back unless a mode says otherwise ("..., drafts ahead").
     engine = EngineConfig(max_batch_size=max(batches), max_sequence_length=256, device=args.device, dtype=args.dtype,
+                          overlap_tree_steps=False,
                           compile=args.compile, draft_vocab_size=args.draft_vocab)
     llm = LLM(args.llm, args.ssm, engine=engine, speculation=SpeculationConfig(expansion=expansion, tree=tree))
     rows = []

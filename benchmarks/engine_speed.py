@@ -220,7 +220,9 @@ def main() -> None:
     args = p.parse_args()
 
     prompts = PROMPTS[: args.num_prompts]
+    # Drafts after the read-back unless a row says otherwise (`drafts_ahead_case`).
     engine = EngineConfig(max_batch_size=1, max_sequence_length=512, device=args.device, dtype=args.dtype,
+                          overlap_tree_steps=False,
                           compile=args.compile, draft_vocab_size=args.draft_vocab)
     expansions = [parse_expansion(e) for e in args.expansions.split(";")]
     # Fixed trees (adaptive off) measure each configuration's acceptance; one adaptive row follows.

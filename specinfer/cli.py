@@ -84,10 +84,11 @@ def add_engine_arguments(p: argparse.ArgumentParser, max_sequence_length: int) -
     run.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                      help="queue each plain step before the one ahead of it is read back, so that the "
                           "host's work between steps overlaps the device's (default: on with CUDA)")
-    run.add_argument("--overlap-trees", action="store_true",
+    run.add_argument("--overlap-trees", action=argparse.BooleanOptionalAction, default=None,
                      help="greedy tree steps: launch each next draft (the adaptive controller's choice made a "
                           "step early) from the accepted path found on the device, before the step is read "
-                          "back (experimental)")
+                          "back (default: on with CUDA and a fixed tree, --no-adaptive; off with the adaptive "
+                          "controller)")
     spec.add_argument("--draft-vocab", type=int, metavar="N",
                       help="SSMs score only the N most used tokens, a fraction of their LM head's work; the LLM "
                            "still verifies with the whole vocabulary (default: 16384 for the default model's "

@@ -136,9 +136,11 @@ class EngineConfig:
     overlap_plain_steps: bool | None = None
     # Greedy tree steps: draft the next step (the controller choosing it a step early) from the accepted
     # path found on the device (spec/device_accept.py) before this step is read back, so that the host's
-    # work between the read-back and the next launch runs while the device drafts. Off by default until
-    # measured on a GPU.
-    overlap_tree_steps: bool = False
+    # work between the read-back and the next launch runs while the device drafts. None: on a GPU with a
+    # fixed tree (on an H200 it took the 64-node tree from 0.99x to 1.18x incremental decoding at batch 1
+    # and never lost, batch 1-64); off with the adaptive controller, which with it lost at batch 1 in one
+    # of two runs (0.90x, docs/benchmarks/batch_throughput_gpu.md).
+    overlap_tree_steps: bool | None = None
 
     def __post_init__(self) -> None:
         if self.compile and (self.tensor_parallel_size > 1 or self.gpu_memory_gb):
