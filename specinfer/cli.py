@@ -10,6 +10,7 @@ default draft), runs incremental decoding on the same prompt for comparison, and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from .config import DEFAULT_EXPANSION, MODES, EngineConfig, GenerationConfig, Sp
 from .default_model import default_tree
 from .errors import SpecInferError
 
+WARM_UP_TOKENS = 32  # per prompt and mode, untimed (--warm-up)
 DEFAULT_PROMPT = "What are three good reasons to learn a second language? Answer briefly."
 
 
@@ -137,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_arguments(p, max_sequence_length=512)
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                    help="also run incremental decoding on the same prompts and print the speed-up")
+    p.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"serve the prompts once untimed (up to {WARM_UP_TOKENS} new tokens) in each mode first, so "
+                        "that compilation and CUDA graph capture fall outside the timings (default: on with CUDA)")
     out = p.add_argument_group("output")
     out.add_argument("--output", metavar="FILE", help="write one JSON line per prompt here")
     out.add_argument("--quiet", action="store_true", help="print only the summary")
@@ -177,6 +182,14 @@ def run(args: argparse.Namespace) -> int:
     )
     llm = LLM(args.llm, args.ssms, args.tokenizer, engine, speculation)
     use_template = not args.no_chat_template
+
+    modes = [args.mode] + (["incremental"] if args.compare and args.mode != "incremental" else [])
+    if args.warm_up if args.warm_up is not None else llm.manager.llm.device.type == "cuda":
+        # A GPU's first steps compile the blocks and capture CUDA graphs (seconds, against milliseconds a
+        # step after): timed, they would decide the speed-up.
+        warm_up = dataclasses.replace(sampling, max_new_tokens=min(sampling.max_new_tokens, WARM_UP_TOKENS))
+        for mode in modes:
+            llm.generate(prompts, warm_up, use_chat_template=use_template, mode=mode)
 
     def timed(mode: str):
         start = time.perf_counter()

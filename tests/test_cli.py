@@ -200,3 +200,35 @@ def test_overlapped_tree_steps_give_the_same_output(model_dirs, capsys, tmp_path
         assert code == 0, err
         outputs[len(flags)] = [json.loads(line)["tokens"] for line in out.read_text().splitlines()]
     assert outputs[1] == outputs[0] and all(len(t) == 40 for t in outputs[1])
+
+
+def test_warm_up_serves_each_mode_once_untimed_and_changes_no_output(model_dirs, capsys, tmp_path, monkeypatch):
+    """`--warm-up` (default with CUDA): each mode serves the prompts once, at most WARM_UP_TOKENS new tokens,
+    before the timed runs; the timed outputs are those of a run without it."""
+    from specinfer.cli import WARM_UP_TOKENS
+    from specinfer.llm import LLM
+
+    calls = []
+    generate = LLM.generate
+
+    def spy(self, prompts, config=None, *args, **kwargs):
+        calls.append((kwargs.get("mode"), config.max_new_tokens))
+        return generate(self, prompts, config, *args, **kwargs)
+
+    monkeypatch.setattr(LLM, "generate", spy)
+    outputs = {}
+    for flags in (["--no-warm-up"], ["--warm-up"]):
+        calls.clear()
+        out = tmp_path / f"{flags[0]}.jsonl"
+        code, stdout, err = run_cli([
+            "--llm", str(model_dirs / "llm"), "--ssm", str(model_dirs / "ssm"),
+            "--prompt-file", str(model_dirs / "prompts.json"), "--max-new-tokens", "40",
+            "--max-sequence-length", "128", "--output", str(out), "--quiet", *flags,
+        ], capsys)
+        assert code == 0, err
+        assert "outputs identical" in stdout
+        outputs[flags[0]] = [json.loads(line)["tokens"] for line in out.read_text().splitlines()]
+        timed = [("tree", 40), ("incremental", 40)]
+        assert calls == ([("tree", WARM_UP_TOKENS), ("incremental", WARM_UP_TOKENS)] + timed
+                         if flags == ["--warm-up"] else timed)
+    assert outputs["--warm-up"] == outputs["--no-warm-up"]
