@@ -95,8 +95,9 @@ def timed_rows(llm: LLM, managers: dict[str, RequestManager], prompts: list[list
                       "tokens_per_request_step": (accepted + steps) / max(steps, 1),
                       "steps_by_tree_size": steps_by_tree_size(manager.step_log),
                       "graphs_captured_in_timed_runs": captured_graphs(manager) - graphs_before[mode]}
-        if manager.controller is not None:  # (tree size, ms) of each warm-up step: what the controller met
+        if manager.controller is not None:  # (tree size, ms) of each warm-up and last timed step: what the controller met
             rows[mode]["warm_up_steps"] = warm_up_steps[mode]
+            rows[mode]["last_run_steps"] = [(size, round(1e3 * seconds, 3)) for _, size, seconds, _ in manager.step_log]
         manager.step_log = None
     return rows
 
