@@ -183,12 +183,12 @@ def run(args: argparse.Namespace) -> int:
     llm = LLM(args.llm, args.ssms, args.tokenizer, engine, speculation)
     use_template = not args.no_chat_template
 
-    modes = [args.mode] + (["incremental"] if args.compare and args.mode != "incremental" else [])
-    if args.warm_up if args.warm_up is not None else llm.manager.llm.device.type == "cuda":
+    compare = args.compare and args.mode != "incremental"
+    if args.warm_up if args.warm_up is not None else engine.device.startswith("cuda"):
         # A GPU's first steps compile the blocks and capture CUDA graphs (seconds, against milliseconds a
         # step after): timed, they would decide the speed-up.
         warm_up = dataclasses.replace(sampling, max_new_tokens=min(sampling.max_new_tokens, WARM_UP_TOKENS))
-        for mode in modes:
+        for mode in [args.mode] + (["incremental"] if compare else []):
             llm.generate(prompts, warm_up, use_chat_template=use_template, mode=mode)
 
     def timed(mode: str):
@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{args.mode}: {num_tokens} tokens in {elapsed:.2f} s = {num_tokens / elapsed:.1f} tokens/s; "
           f"{(accepted + steps) / max(steps, 1):.2f} tokens per LLM step ({accepted} speculated tokens accepted "
           f"over {steps} steps)")
-    if args.compare and args.mode != "incremental":
+    if compare:
         baseline, base_elapsed = timed("incremental")
         base_tokens = sum(len(r.output_tokens) for r in baseline)
         same = all(a.output_tokens == b.output_tokens for a, b in zip(results, baseline))

@@ -102,10 +102,9 @@ class RequestManager:
         # The requests and tree size of the step just run, where it drafted: the plain step queued after it
         # refills the pipeline (see `_land`).
         self._last_draft: tuple[list[int], int] | None = None
-        overlap_trees = engine.overlap_tree_steps
-        if overlap_trees is None:  # see EngineConfig.overlap_tree_steps
-            overlap_trees = self.llm.device.type == "cuda" and self.controller is None
-        self.overlap_trees = overlap_trees and self.tp is None
+        overlap_trees = engine.overlap_tree_steps  # None: see EngineConfig.overlap_tree_steps
+        self.overlap_trees = (self.llm.device.type == "cuda" and self.controller is None
+                              if overlap_trees is None else overlap_trees) and self.tp is None
         self._next_draft: _NextDraft | None = None  # the next step's draft, launched from the device
         self._drafting_ahead = False  # this step launched the next one's draft (its SSM commits keep the chain only)
         self._paths: dict[tuple, GreedyPaths] = {}  # by (tree size index, SSMs): the verified whole trees
