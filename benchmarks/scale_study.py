@@ -151,6 +151,19 @@ def in_flight_step_time(runner: ModelRunner, batch: int) -> float:
 IN_FLIGHT_ROOM = 7 * IN_FLIGHT_STEPS  # cache entries the in-flight runs commit (warm-up and repeats)
 
 
+def decode_times(model, unfolded: bool = False) -> tuple[float, float]:
+    """A batch-1 decode step, read back first and in flight, on a fresh runner; `unfolded`: with the
+    norms, SwiGLU and residual adds in kernels of their own (a compiled model folds them into its
+    products at batch 1, layers/decode_gemv.py)."""
+    folded = getattr(model, "fold_decode", False)
+    model.fold_decode = folded and not unfolded
+    try:
+        runner = prefilled_runner(model, 1, 8 + IN_FLIGHT_ROOM)
+        return step_time(runner, 1, [-1]), in_flight_step_time(runner, 1)
+    finally:
+        model.fold_decode = folded
+
+
 def draft_time(ssm, shape: TreeShape, batch: int = 1) -> float:
     """One SSM step of `batch` requests: a 2-token catch-up chain, then the tree expanded on the device."""
     runner = prefilled_runner(ssm, batch, len(shape))
@@ -201,11 +214,13 @@ def main() -> None:
                    help="tokens per LLM step of --expansion on the default model (measured; see docstring)")
     p.add_argument("--offload-gb", type=float, default=8.0, help="device weight budget for the offload section")
     p.add_argument("--compile", action="store_true", help="fuse each block's kernels (torch.compile)")
+    p.add_argument("--no-fold-decode", action="store_true",
+                   help="compiled, keep batch-1 norms, SwiGLU and residual adds out of the products")
     p.add_argument("--out", default="docs/benchmarks")
     args = p.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     sections = set(args.sections.split(","))
-    fuse = compile_blocks if args.compile else (lambda model: model)
+    fuse = (lambda model: compile_blocks(model, not args.no_fold_decode)) if args.compile else (lambda model: model)
     batches = [int(b) for b in args.batches.split(",")]
     sizes = [int(n) for n in args.tree_sizes.split(",")]
     shape = TreeShape.from_paths(load_tree_file(args.tree)) if args.tree else TreeShape.from_widths(
@@ -257,6 +272,10 @@ def main() -> None:
                 print(f"  in flight: {flying * 1e3:.2f} ms" +
                       (f", floor {floor_flying * 1e3:.2f} ms ({floor_flying / flying:.0%})" if floor else ""))
                 results["incremental"][batch].update(in_flight_ms=flying * 1e3, in_flight_floor_ms=floor_flying and floor_flying * 1e3)
+                if batch == 1 and device.type == "cuda" and getattr(llm, "fold_decode", False):  # the same step without folding, for the record
+                    unfolded, unfolded_flying = decode_times(llm, unfolded=True)
+                    print(f"  unfolded: {unfolded * 1e3:.2f} ms, in flight {unfolded_flying * 1e3:.2f} ms")
+                    results["incremental"][batch].update(unfolded_ms=unfolded * 1e3, unfolded_in_flight_ms=unfolded_flying * 1e3)
             del runner
             torch.cuda.empty_cache()
 
@@ -278,21 +297,17 @@ def main() -> None:
         if "quant" in sections:
             from specinfer.quant.linear import quantize_model
 
-            base_runner = prefilled_runner(llm, 1, 8 + IN_FLIGHT_ROOM)  # the cache the quantized runs get
-            base = step_time(base_runner, 1, [-1])
-            base_flying = in_flight_step_time(base_runner, 1)
-            del base_runner
+            base, base_flying = decode_times(llm)  # on the cache the quantized runs get
             results["quant"] = {args.dtype: base * 1e3, f"{args.dtype}_in_flight": base_flying * 1e3}
             for mode in ("int8", "int4"):
                 del llm
                 torch.cuda.empty_cache()
                 llm = fuse(quantize_model(random_llama(args.llm_shape, device, dtype), mode, 128 if mode == "int4" else 64))
-                q_runner = prefilled_runner(llm, 1, 8 + IN_FLIGHT_ROOM)
-                t_q = step_time(q_runner, 1, [-1])
-                t_q_flying = in_flight_step_time(q_runner, 1)
-                del q_runner
+                t_q, t_q_flying = decode_times(llm)
                 results["quant"][mode] = t_q * 1e3
                 results["quant"][f"{mode}_in_flight"] = t_q_flying * 1e3
+                results["quant"][f"{mode}_folded"] = bool(getattr(llm, "fold_decode", False) and llm._decodes_folded(
+                    torch.empty(0, device=device)))
                 print(f"quant {mode}: {t_q * 1e3:.2f} ms, {base / t_q:.2f}x faster than {args.dtype}; in flight "
                       f"{t_q_flying * 1e3:.2f} ms against {base_flying * 1e3:.2f} ({base_flying / t_q_flying:.2f}x)")
         del llm

@@ -122,6 +122,9 @@ class EngineConfig:
     pinned_memory_gb: float | None = None
     # Fuse each block's elementwise kernels with torch.compile (models/compile.py); slower start-up.
     compile: bool = False
+    # With `compile`, on a GPU: one-token passes (batch-1 decoding) with each product's norm, SwiGLU or
+    # residual add folded into its kernel (layers/decode_gemv.py). LLaMA models with plain or int8 layers.
+    fold_decode: bool = True
     # One matrix product for q/k/v and one for gate/up (models/fuse.py). Off where weights get saved.
     fuse_projections: bool = True
     # SSMs score only this many of the most used tokens (models/draft_vocab.py); 0: the whole vocabulary;

@@ -111,7 +111,7 @@ class LLM:
         self._use_draft_vocabulary(model, ssms)
         if self.engine_config.compile:
             for model in [self.model, *self.ssms]:
-                compile_blocks(model)
+                compile_blocks(model, self.engine_config.fold_decode)
         self.eos_token_ids = self.tokenizer.eos_token_ids or self.model.config.eos_token_ids
         self._managers: dict[str, RequestManager] = {}
         self.manager = self.manager_for(self.speculation.mode)

@@ -10,6 +10,10 @@ second residual add and norm, the MLP). The residual add that ends a block is do
 norm, in one kernel with it. Shapes are dynamic, so one compilation per model width serves every batch
 and token count (sizes 1 apart); the blocks of one model share it, and so do the early-exit drafts that
 reuse them. CUDA graphs then replay the fused kernels as before.
+
+One-token passes (batch-1 decoding) go further where the blocks allow (`fold_decode`): each product takes
+its norm, SwiGLU or residual add into its own kernel (layers/decode_gemv.py), and what is compiled of the
+block is the rotary embedding with the cache write (`rotate_and_store`).
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from torch import nn
 from ..errors import SpecInferError
 
 
-def compile_blocks(model: nn.Module) -> nn.Module:
+def compile_blocks(model: nn.Module, fold_decode: bool = True) -> nn.Module:
     """Compile every block of `model` in place (idempotent). Not for tensor-parallel or offloaded models:
-    their collectives and weight-swapping hooks run between the fused parts."""
+    their collectives and weight-swapping hooks run between the fused parts. `fold_decode`: one-token
+    passes through the folded kernels, on a GPU, where the model and its layers allow."""
     if getattr(model, "tp", None) is not None or getattr(model, "streamer", None) is not None:
         raise SpecInferError("compiling is not supported with tensor parallelism or offloading")
     # Each model width, and sizes of 1 (specialised by dynamo), is one more entry for the shared code.
@@ -31,7 +36,11 @@ def compile_blocks(model: nn.Module) -> nn.Module:
         if not getattr(block, "compiled", False):
             block.pre_attention = torch.compile(block.pre_attention, dynamic=True)
             block.post_attention = torch.compile(block.post_attention, dynamic=True)
+            if hasattr(block, "rotate_and_store"):
+                block.rotate_and_store = torch.compile(block.rotate_and_store, dynamic=True)
             block.compiled = True
+    if hasattr(model, "fold_decode"):
+        model.fold_decode = fold_decode
     # Around the blocks, once per pass: the rotary angles (a handful of kernels) and the final norm (eight
     # eager kernels, one fused). A drafter runs a pass per tree level, so these count there.
     rotary, norm = getattr(model, "rotary", None), getattr(model, "norm", None)

@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import decode_gemv
 from ..layers.attention import AttentionMetadata, cached_attention, write_kv
+from ..layers.decode_gemv import decode_product, foldable
 from ..layers.rotary import RotaryEmbedding, apply_rotary
 from ..layers.vocab_embedding import VocabEmbedding, vocab_logits, vocab_rows
 from .config import ModelConfig
@@ -53,12 +55,16 @@ class LlamaAttention(nn.Module):
         """x [B, T, hidden] -> q [B, H, T, D] and kv [B, T, 2, Hkv, D] (keys, then values: one cache write),
         rotary embedding applied. Queries and keys rotate together and values are copied beside them, in
         one fused kernel when compiled."""
-        B, T, _ = x.shape
-        H, Hkv = self.num_heads, self.num_kv_heads
         if self.qkv_proj is None:
             qkv = torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
         else:
             qkv = self.qkv_proj(x)
+        return self.rotate(qkv, rope)
+
+    def rotate(self, qkv: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """The q/k/v product's output [B, T, (H + 2 Hkv) D] -> q and kv as `project` returns them."""
+        B, T, _ = qkv.shape
+        H, Hkv = self.num_heads, self.num_kv_heads
         qkv = qkv.view(B, T, H + 2 * Hkv, self.head_dim)
         cos, sin = rope
         qkv = torch.cat((apply_rotary(qkv[:, :, : H + Hkv], cos, sin), qkv[:, :, H + Hkv :]), dim=2)
@@ -120,6 +126,29 @@ class LlamaBlock(nn.Module):
         normed, residual = self.post_attention_layernorm(self.self_attn.output(attended), residual)
         return self.mlp(normed), residual
 
+    def decode(self, h, rope, cache_k, cache_v, meta: AttentionMetadata, cache_kv=None) -> torch.Tensor:
+        """One token of one request through the block, each product with its norm, SwiGLU or residual add
+        folded in (layers/decode_gemv.py): the residual stream h [1, 1, hidden] -> the stream after it."""
+        attention, mlp = self.self_attn, self.mlp
+        qkv = decode_product(h, attention.qkv_proj, norm=self.input_layernorm)
+        q = self.rotate_and_store(qkv, rope, cache_k, cache_v, meta, cache_kv)
+        attended = cached_attention(q, cache_k, cache_v, meta)  # [1, H, 1, D]: one row of H * D
+        h = decode_product(attended.reshape(1, 1, -1), attention.o_proj, residual=h)
+        gate_up = decode_product(h, mlp.gate_up_proj, norm=self.post_attention_layernorm)
+        return decode_product(gate_up, mlp.down_proj, swiglu=True, residual=h)
+
+    def rotate_and_store(self, qkv, rope, cache_k, cache_v, meta: AttentionMetadata, cache_kv=None) -> torch.Tensor:
+        """`decode`'s rotary embedding and cache write: queries [B, H, T, D] (one kernel when compiled)."""
+        q, kv = self.self_attn.rotate(qkv, rope)
+        write_kv(kv, cache_k, cache_v, meta, cache_kv)
+        return q
+
+    def decodes_folded(self) -> bool:
+        """Whether `decode` can serve this block: fused projections, each a layer the kernels read."""
+        attention, mlp = self.self_attn, self.mlp
+        return attention.tp is None and attention.qkv_proj is not None and mlp.gate_up_proj is not None and all(
+            foldable(linear) for linear in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj))
+
 
 class LlamaModel(nn.Module):
     """Parameter names follow Hugging Face's `LlamaForCausalLM` minus the `model.` prefix. `tp`: this
@@ -136,16 +165,29 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, vocab_rows(cfg.vocab_size, tp), bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # One-token passes (batch-1 decoding) through `LlamaBlock.decode` where every block can take it;
+        # models/compile.py turns it on. None until first checked.
+        self.fold_decode = False
+        self._folded: bool | None = None
 
     def forward(self, tokens: torch.Tensor, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         """tokens [B, T] -> final hidden states [B, T, hidden]; keys/values go into `kv_cache`."""
         x, residual = self.embed_tokens(tokens), None
         rope = self.rotary(meta.positions)
         joint = getattr(kv_cache, "layers", None)  # keys and values of a layer in one tensor (KVCache)
+        if self.fold_decode and tokens.numel() == 1 and self._decodes_folded(x):
+            for i, layer in enumerate(self.layers):
+                x = layer.decode(x, rope, kv_cache.keys[i], kv_cache.values[i], meta, None if joint is None else joint[i])
+            return self.norm(x)
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, rope, kv_cache.keys[i], kv_cache.values[i], meta,
                                 None if joint is None else joint[i])
         return self.norm(x, residual)[0]
+
+    def _decodes_folded(self, x: torch.Tensor) -> bool:
+        if self._folded is None:  # the layers' kinds are settled by the time a pass runs (quantized, fused)
+            self._folded = all(layer.decodes_folded() for layer in self.layers)
+        return self._folded and decode_gemv.available(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return vocab_logits(self.lm_head, hidden, self.config.vocab_size, self.tp)

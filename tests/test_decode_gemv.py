@@ -1,0 +1,83 @@
+"""One-token passes with norms, SwiGLU and residual adds folded into the products (layers/decode_gemv.py)
+give the unfolded block's logits, in plain and int8 layers; on the CPU through Triton's interpreter."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import save_random_llama
+
+
+def check_folded_decode(device: str, dtype: torch.dtype, tolerance: float, folder: str) -> None:
+    """Decode 12 tokens greedily after a prompt, folded and not, with plain and int8 layers: the same
+    tokens and logits within `tolerance` (relative to the largest), and the folded path really taken."""
+    import specinfer.models.llama as llama
+    from specinfer.engine.model_runner import Chunk, ModelRunner
+    from specinfer.models.loader import load_model
+    from specinfer.models.fuse import fuse_projections
+    from specinfer.quant.linear import quantize_model
+
+    calls = []
+    product = llama.decode_product
+    llama.decode_product = lambda *args, **kwargs: calls.append(1) or product(*args, **kwargs)
+    prompt = [5, 17, 3, 44, 29, 8]
+    for quantization in (None, "int8"):
+        model = load_model(Path(folder), device, dtype)
+        if quantization:
+            quantize_model(model, quantization)
+        fuse_projections(model)
+        logits = {}
+        for fold in (False, True):
+            model.fold_decode = fold
+            runner = ModelRunner(model, num_slots=2, capacity=64)
+            steps = [runner.forward([Chunk.chain(1, prompt)])[0][0]]
+            runner.commit(1, list(range(len(prompt))))
+            for _ in range(12):
+                token = int(steps[-1].argmax())
+                steps.append(runner.forward([Chunk.chain(1, [token])])[0][0])
+                runner.commit(1, [0])
+            logits[fold] = torch.stack(steps).float()
+        assert model._folded and calls, "the folded path was not taken"
+        assert torch.equal(logits[True].argmax(-1), logits[False].argmax(-1)), quantization
+        error = float((logits[True] - logits[False]).abs().max() / logits[False].abs().max())
+        assert error < tolerance, (quantization, error)
+        calls.clear()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_folded_decode_in_triton_interpreter(tmp_path):
+    save_random_llama(tmp_path / "llm", vocab_size=64, hidden_size=64, intermediate_size=96)
+    code = (f"import torch; from tests.test_decode_gemv import check_folded_decode; "
+            f"check_folded_decode('cpu', torch.float32, 1e-5, {str(tmp_path / 'llm')!r})")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent,
+                            env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_blocks_with_a_layer_the_kernels_cannot_read_stay_unfolded(tmp_path):
+    """int4 layers (tinygemm's), or projections left separate, keep every block on the unfolded path."""
+    from specinfer.models.loader import load_model
+    from specinfer.models.fuse import fuse_projections
+    from specinfer.quant.linear import quantize_model
+
+    save_random_llama(tmp_path / "llm")
+    separate = load_model(tmp_path / "llm")
+    assert not any(block.decodes_folded() for block in separate.layers)
+    int4 = fuse_projections(quantize_model(load_model(tmp_path / "llm"), "int4", group_size=32))
+    assert not any(block.decodes_folded() for block in int4.layers)
+    assert all(block.decodes_folded() for block in fuse_projections(load_model(tmp_path / "llm")).layers)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_folded_decode_on_gpu(tmp_path, dtype, tolerance):
+    save_random_llama(tmp_path / "llm", vocab_size=64, hidden_size=256, intermediate_size=704,
+                      num_attention_heads=4, num_key_value_heads=2)
+    check_folded_decode("cuda", dtype, tolerance, str(tmp_path / "llm"))
