@@ -3,6 +3,7 @@ give the unfolded block's logits, in plain and int8 layers; on the CPU through T
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import subprocess
@@ -16,10 +17,15 @@ from tests.conftest import save_random_llama
 
 
 def check_folded_decode(device: str, dtype: torch.dtype, tolerance: float, folder: str) -> None:
-    """Decode 12 tokens greedily after a prompt, folded and not, with plain and int8 layers: the same
-    tokens and logits within `tolerance` (relative to the largest), and the folded path really taken."""
+    """Decode 12 tokens greedily after a prompt unfolded, then feed the folded path the same tokens, with
+    plain and int8 layers: the same choice wherever the unfolded top two are further apart than the
+    dtype's rounding bound (exactness.py), logits as close to the fp32 model's as the unfolded path's
+    (within 1.5 times its error, or `tolerance` relative to the largest logit), and the folded path
+    really taken. In half precision the two paths round differently (the unfolded one stores the
+    normalised row in the activation dtype), so they are held to the fp32 model, not to each other."""
     import specinfer.models.llama as llama
     from specinfer.engine.model_runner import Chunk, ModelRunner
+    from specinfer.exactness import ROUNDING_BOUNDS
     from specinfer.models.loader import load_model
     from specinfer.models.fuse import fuse_projections
     from specinfer.quant.linear import quantize_model
@@ -33,21 +39,32 @@ def check_folded_decode(device: str, dtype: torch.dtype, tolerance: float, folde
         if quantization:
             quantize_model(model, quantization)
         fuse_projections(model)
-        logits = {}
-        for fold in (False, True):
-            model.fold_decode = fold
+        logits, tokens = {}, []
+        reference = None
+        if dtype != torch.float32:  # the same weights (and quantized values), computed in fp32
+            reference = copy.deepcopy(model).float()
+        for fold in (False, True, "reference"):
+            if fold == "reference" and reference is None:
+                break
+            if fold == "reference":
+                model = reference
+            model.fold_decode = fold is True
             runner = ModelRunner(model, num_slots=2, capacity=64)
             steps = [runner.forward([Chunk.chain(1, prompt)])[0][0]]
             runner.commit(1, list(range(len(prompt))))
-            for _ in range(12):
-                token = int(steps[-1].argmax())
-                steps.append(runner.forward([Chunk.chain(1, [token])])[0][0])
+            for i in range(12):
+                if not fold:
+                    tokens.append(int(steps[-1].argmax()))
+                steps.append(runner.forward([Chunk.chain(1, [tokens[i]])])[0][0])
                 runner.commit(1, [0])
             logits[fold] = torch.stack(steps).float()
-        assert model._folded and calls, "the folded path was not taken"
-        assert torch.equal(logits[True].argmax(-1), logits[False].argmax(-1)), quantization
-        error = float((logits[True] - logits[False]).abs().max() / logits[False].abs().max())
-        assert error < tolerance, (quantization, error)
+        assert calls, "the folded path was not taken"
+        top = logits[False].topk(2, dim=-1).values
+        clear = (top[:, 0] - top[:, 1]) > ROUNDING_BOUNDS[dtype]
+        assert clear.any() and torch.equal(logits[True].argmax(-1)[clear], logits[False].argmax(-1)[clear]), quantization
+        exact = logits.get("reference", logits[False])
+        error = {fold: float((logits[fold] - exact).abs().max() / exact.abs().max()) for fold in (False, True)}
+        assert error[True] <= max(tolerance, 1.5 * error[False]), (quantization, error)
         calls.clear()
 
 
@@ -76,7 +93,7 @@ def test_blocks_with_a_layer_the_kernels_cannot_read_stay_unfolded(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
 def test_folded_decode_on_gpu(tmp_path, dtype, tolerance):
     save_random_llama(tmp_path / "llm", vocab_size=64, hidden_size=256, intermediate_size=704,
                       num_attention_heads=4, num_key_value_heads=2)
