@@ -306,8 +306,8 @@ def main() -> None:
                 t_q, t_q_flying = decode_times(llm)
                 results["quant"][mode] = t_q * 1e3
                 results["quant"][f"{mode}_in_flight"] = t_q_flying * 1e3
-                results["quant"][f"{mode}_folded"] = bool(getattr(llm, "fold_decode", False) and llm._decodes_folded(
-                    torch.empty(0, device=device)))
+                results["quant"][f"{mode}_folded"] = getattr(llm, "fold_decode", False) and all(
+                    block.decodes_folded() for block in llm.layers)
                 print(f"quant {mode}: {t_q * 1e3:.2f} ms, {base / t_q:.2f}x faster than {args.dtype}; in flight "
                       f"{t_q_flying * 1e3:.2f} ms against {base_flying * 1e3:.2f} ({base_flying / t_q_flying:.2f}x)")
         del llm

@@ -26,6 +26,8 @@ import os
 import torch
 from torch import nn
 
+from ..quant.linear import QuantizedLinear
+
 try:
     import triton
     import triton.language as tl
@@ -42,7 +44,6 @@ def available(x: torch.Tensor) -> bool:
 
 def foldable(linear: nn.Module) -> bool:
     """A layer these kernels read: a plain linear layer or an int8 one (quant/linear.py), without bias."""
-    from ..quant.linear import QuantizedLinear
 
     if isinstance(linear, QuantizedLinear):
         return linear.mode == "int8" and linear.bias is None
@@ -54,8 +55,6 @@ def decode_product(x: torch.Tensor, linear: nn.Module, norm: nn.Module | None = 
     """`linear` applied to one row `x` (any shape holding one row: [..., K], or [..., 2K] with `swiglu`),
     after `norm` (an RMSNorm with `weight` and `eps`) or SwiGLU, plus `residual` if given. Returns a row
     of `linear.out_features` in x's shape."""
-    from ..quant.linear import QuantizedLinear
-
     if isinstance(linear, QuantizedLinear):
         weight, scale = linear.qweight, linear.scale
     else:
