@@ -44,7 +44,6 @@ def available(x: torch.Tensor) -> bool:
 
 def foldable(linear: nn.Module) -> bool:
     """A layer these kernels read: a plain linear layer or an int8 one (quant/linear.py), without bias."""
-
     if isinstance(linear, QuantizedLinear):
         return linear.mode == "int8" and linear.bias is None
     return isinstance(linear, nn.Linear) and linear.bias is None
