@@ -1,5 +1,5 @@
 """One-token passes with norms, SwiGLU and residual adds folded into the products (layers/decode_gemv.py)
-give the unfolded block's logits, in plain and int8 layers; on the CPU through Triton's interpreter."""
+give the unfolded block's logits, in plain, int8 and int4 layers; on the CPU through Triton's interpreter."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tests.conftest import save_random_llama
 
 def check_folded_decode(device: str, dtype: torch.dtype, tolerance: float, folder: str) -> None:
     """Decode 12 tokens greedily after a prompt unfolded, then feed the folded path the same tokens, with
-    plain and int8 layers: the same choice wherever the unfolded top two are further apart than the
+    plain, int8 and int4 layers (group size 32): the same choice wherever the unfolded top two are further apart than the
     dtype's rounding bound (exactness.py), logits as close to the fp32 model's as the unfolded path's
     (within 1.5 times its error, or `tolerance` relative to the largest logit), and the folded path
     really taken. In half precision the two paths round differently (the unfolded one stores the
@@ -34,10 +34,10 @@ def check_folded_decode(device: str, dtype: torch.dtype, tolerance: float, folde
     product = llama.decode_product
     llama.decode_product = lambda *args, **kwargs: calls.append(1) or product(*args, **kwargs)
     prompt = [5, 17, 3, 44, 29, 8]
-    for quantization in (None, "int8"):
+    for quantization in (None, "int8", "int4"):
         model = load_model(Path(folder), device, dtype)
         if quantization:
-            quantize_model(model, quantization)
+            quantize_model(model, quantization, group_size=32)
         fuse_projections(model)
         logits, tokens = {}, []
         reference = None
@@ -79,7 +79,8 @@ def test_folded_decode_in_triton_interpreter(tmp_path):
 
 
 def test_blocks_with_a_layer_the_kernels_cannot_read_stay_unfolded(tmp_path):
-    """int4 layers (tinygemm's), or projections left separate, keep every block on the unfolded path."""
+    """Projections left separate, or int4 groups narrower than a 32-bit word of packed weights, keep every
+    block on the unfolded path; fused plain, int8 and int4 blocks fold."""
     from specinfer.models.loader import load_model
     from specinfer.models.fuse import fuse_projections
     from specinfer.quant.linear import quantize_model
@@ -87,9 +88,12 @@ def test_blocks_with_a_layer_the_kernels_cannot_read_stay_unfolded(tmp_path):
     save_random_llama(tmp_path / "llm")
     separate = load_model(tmp_path / "llm")
     assert not any(block.decodes_folded() for block in separate.layers)
-    int4 = fuse_projections(quantize_model(load_model(tmp_path / "llm"), "int4", group_size=32))
-    assert not any(block.decodes_folded() for block in int4.layers)
+    narrow = fuse_projections(quantize_model(load_model(tmp_path / "llm"), "int4", group_size=4))
+    assert not any(block.decodes_folded() for block in narrow.layers)
     assert all(block.decodes_folded() for block in fuse_projections(load_model(tmp_path / "llm")).layers)
+    for mode in ("int8", "int4"):
+        quantized = fuse_projections(quantize_model(load_model(tmp_path / "llm"), mode, group_size=32))
+        assert all(block.decodes_folded() for block in quantized.layers), mode
 
 
 @pytest.mark.gpu

@@ -14,9 +14,20 @@ program reads anyway:
 
 A block is then four products, the rotary/cache-write kernel and attention. Each program streams a strip
 of BLOCK_N output rows of the weight, as `quant/gemv_triton.py` does (its H100 measurements: as fast as
-cuBLAS at one row, with a per-row int8 scale 1.5x faster). Values round as the unfused block rounds them
-where it can (the product's output in the activation dtype before the residual add, the SwiGLU output);
-the normalised row stays in fp32, so results differ from the unfused block's by rounding only.
+cuBLAS at one row). Values round as the unfused block rounds them where it can (the product's output in
+the activation dtype before the residual add, the SwiGLU output); the normalised row stays in fp32, so
+results differ from the unfused block's by rounding only.
+
+Weights are half precision, int8 with a per-row scale, or int4 in groups (quant/linear.py). Packed
+weights are read as 32-bit words and widened with integer masks, not int-to-float conversions, which
+Hopper issues at 16 a clock per SM (an eighth of its fp32 rate): at int4's two values a byte that rate,
+not memory, would bound the step. A field v < 2^23 or'ed into the mantissa of 2^23 reads as the float
+2^23 + v, so `(word & mask) | 0x4B000000` minus 2^23 is the field exactly; a field left in place (nibble
+i still times 16^i) is undone by scaling its input by 16^-i, an exact power of two, so most fields need
+no shift either. int4 groups apply their scale and minimum once per group:
+    sum_k w_k x_k = scale_g * sum_k q_k x_k + minimum_g * sum_k x_k,
+with scale and minimum read in fp16 (`QuantizedLinear.half_groups`: 4 bytes a group against the 64 bytes
+of a 128-wide group's weights; fp32 would take 8).
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ except ImportError:  # CPU-only installs: the unfused block serves every step
     triton = None
 
 NONE, RMSNORM, SWIGLU = 0, 1, 2  # what is folded in before the product
+HALF, INT8, INT4 = 0, 1, 2  # how the weight is stored
 
 
 def available(x: torch.Tensor) -> bool:
@@ -43,9 +55,14 @@ def available(x: torch.Tensor) -> bool:
 
 
 def foldable(linear: nn.Module) -> bool:
-    """A layer these kernels read: a plain linear layer or an int8 one (quant/linear.py), without bias."""
+    """A layer these kernels read: a plain linear layer, or an int8 or int4 one (quant/linear.py), without
+    bias, its input width a whole number of 32-bit words of packed weights (int4: groups as wide as a word
+    at least, their scale and minimum exact in fp16)."""
     if isinstance(linear, QuantizedLinear):
-        return linear.mode == "int8" and linear.bias is None
+        if linear.mode == "int8":
+            return linear.bias is None and linear.in_features % 4 == 0
+        return (linear.bias is None and linear.group_size % 8 == 0 and linear.in_features % linear.group_size == 0
+                and linear.half_groups() is not None)
     return isinstance(linear, nn.Linear) and linear.bias is None
 
 
@@ -54,75 +71,154 @@ def decode_product(x: torch.Tensor, linear: nn.Module, norm: nn.Module | None = 
     """`linear` applied to one row `x` (any shape holding one row: [..., K], or [..., 2K] with `swiglu`),
     after `norm` (an RMSNorm with `weight` and `eps`) or SwiGLU, plus `residual` if given. Returns a row
     of `linear.out_features` in x's shape."""
-    if isinstance(linear, QuantizedLinear):
-        weight, scale = linear.qweight, linear.scale
+    group = 1
+    if isinstance(linear, QuantizedLinear) and linear.mode == "int8":
+        kind, weight, scale, minimum = INT8, linear.qweight.view(torch.int32), linear.scale, None
+    elif isinstance(linear, QuantizedLinear):
+        (scale, minimum), group = linear.half_groups(), linear.group_size
+        kind, weight = INT4, linear.qweight.view(torch.int32)
     else:
-        weight, scale = linear.weight, None
-    N, K = weight.shape
+        kind, weight, scale, minimum = HALF, linear.weight, None, None
+    N, K = linear.out_features, linear.in_features
     row = x.reshape(-1)
     if row.shape[0] != (2 * K if swiglu else K):
         raise ValueError(f"decode_product takes one row of {2 * K if swiglu else K} values, got {tuple(x.shape)}")
     out = torch.empty(N, dtype=x.dtype, device=x.device)
     prologue = SWIGLU if swiglu else RMSNORM if norm is not None else NONE
-    args = (row.contiguous(), weight, out if scale is None else scale, out if norm is None else norm.weight,
-            out if residual is None else residual.reshape(-1), out, N, float(norm.eps) if norm is not None else 0.0,
-            K, prologue, scale is not None, residual is not None)
+    unread = out  # a placeholder for the pointers a variant does not read
+    args = (row.contiguous(), weight, unread if scale is None else scale, unread if minimum is None else minimum,
+            unread if norm is None else norm.weight, unread if residual is None else residual.reshape(-1), out,
+            N, float(norm.eps) if norm is not None else 0.0, K, prologue, kind, group, residual is not None)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        _decode_gemv_kernel[(triton.cdiv(N, 16),)](*args, BLOCK_N=16, BLOCK_K=64)
+        _decode_gemv_kernel[(triton.cdiv(N, 16),)](*args, BLOCK_N=16, BLOCK_K=max(64, group))
     else:
-        _tuned()[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args)
+        _tuned(kind, group)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args)
     return out.view(*x.shape[:-1], N)
 
 
 if triton is not None:
 
     @triton.jit
-    def _decode_gemv_kernel(x_ptr, w_ptr, scale_ptr, norm_ptr, res_ptr, out_ptr, N, eps, K: tl.constexpr,
-                            PROLOGUE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # w: [N, K] (half precision, or int8 with a per-row fp32 scale). K is a compile-time constant: a
-        # model has a few widths, and masks on the last block then fold away where BLOCK_K divides it.
+    def _row_input(x_ptr, norm_ptr, kk, k_ok, K: tl.constexpr, PROLOGUE: tl.constexpr, act: tl.constexpr):
+        """The product's input at columns kk in fp32, after the prologue, and the raw row's squares."""
+        if PROLOGUE == 2:  # SwiGLU: silu(gate) * up, rounded as the unfused kernel stores it
+            gate = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            up = tl.load(x_ptr + K + kk, mask=k_ok, other=0.0).to(tl.float32)
+            raw = (gate * tl.sigmoid(gate) * up).to(act).to(tl.float32)
+        else:
+            raw = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+        x = raw
+        if PROLOGUE == 1:  # RMSNorm: the gain now, 1 / rms(x) once the whole row has been seen
+            x = raw * tl.load(norm_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+        return x, raw * raw
+
+    @triton.jit
+    def _field(words, SHIFT: tl.constexpr, BITS: tl.constexpr, IN_PLACE: tl.constexpr):
+        """The BITS-bit field of 32-bit `words` at bit SHIFT as fp32, times 2^SHIFT when IN_PLACE (no shift
+        then: the field must stay under 2^23), through the mantissa of 2^23 (see the module's note)."""
+        mask: tl.constexpr = (1 << BITS) - 1
+        if IN_PLACE:
+            bits = (words & (mask << SHIFT)) | 0x4B000000
+        elif SHIFT + BITS == 32:
+            bits = (words >> SHIFT) | 0x4B000000
+        else:
+            bits = ((words >> SHIFT) & mask) | 0x4B000000
+        return bits.to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _decode_gemv_kernel(x_ptr, w_ptr, scale_ptr, min_ptr, norm_ptr, res_ptr, out_ptr, N, eps, K: tl.constexpr,
+                            PROLOGUE: tl.constexpr, WEIGHT: tl.constexpr, GROUP: tl.constexpr,
+                            HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # w: [N, K] half precision; or int8 [N, K] with a per-row fp32 scale, read as int32 [N, K / 4];
+        # or int4 [N, K / 2] bytes read as int32 [N, K / 8] (nibble i of a word is column 8p + i), with fp16
+        # scale and minimum [N, K / GROUP]. K is a compile-time constant: a model has a few widths, and
+        # masks on the last block then fold away where BLOCK_K divides it.
         pid = tl.program_id(0)
         cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        ks = tl.arange(0, BLOCK_K)
         act = out_ptr.dtype.element_ty
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):  # a for loop, so that Triton pipelines the loads across iterations
-            kk = k + ks
-            k_ok = kk < K
-            if PROLOGUE == 2:  # SwiGLU: silu(gate) * up, rounded as the unfused kernel stores it
-                gate = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-                up = tl.load(x_ptr + K + kk, mask=k_ok, other=0.0).to(tl.float32)
-                x = (gate * tl.sigmoid(gate) * up).to(act).to(tl.float32)
-            else:
-                x = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-                if PROLOGUE == 1:  # RMSNorm: the gain now, 1 / rms(x) once the whole row has been seen
-                    squares += x * x
-                    x = x * tl.load(norm_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + cols[:, None] * K + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0)
-            acc += w.to(tl.float32) * x[None, :]
-        out = tl.sum(acc, axis=1)
+        if WEIGHT == 0:
+            ks = tl.arange(0, BLOCK_K)
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):  # a for loop, so that Triton pipelines the loads across iterations
+                kk = k + ks
+                k_ok = kk < K
+                x, sq = _row_input(x_ptr, norm_ptr, kk, k_ok, K, PROLOGUE, act)
+                squares += sq
+                w = tl.load(w_ptr + cols[:, None] * K + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                acc += w.to(tl.float32) * x[None, :]
+            out = tl.sum(acc, axis=1)
+        elif WEIGHT == 1:
+            WORDS: tl.constexpr = BLOCK_K // 4
+            ps = tl.arange(0, WORDS)
+            acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+            squares = tl.zeros((WORDS,), dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):
+                p = k // 4 + ps
+                p_ok = p < K // 4
+                words = tl.load(w_ptr + cols[:, None] * (K // 4) + p[None, :], mask=col_ok[:, None] & p_ok[None, :],
+                                other=0).to(tl.uint32, bitcast=True) ^ 0x80808080  # q + 128 in each byte
+                for j in tl.static_range(4):
+                    x, sq = _row_input(x_ptr, norm_ptr, 4 * p + j, p_ok, K, PROLOGUE, act)
+                    squares += sq
+                    if j < 2:  # bytes 0 and 1 stay in place: (q + 128) * 256^j
+                        v = _field(words, 8 * j, 8, True) - 128.0 * (1 << (8 * j))
+                        acc += v * (x * (1.0 / (1 << (8 * j))))[None, :]
+                    else:
+                        acc += (_field(words, 8 * j, 8, False) - 128.0) * x[None, :]
+            out = tl.sum(acc, axis=1) * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+        else:
+            WORDS: tl.constexpr = BLOCK_K // 8
+            GROUPS: tl.constexpr = BLOCK_K // GROUP
+            ps = tl.arange(0, WORDS)
+            num_groups: tl.constexpr = K // GROUP
+            acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+            squares = tl.zeros((WORDS,), dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):
+                p = k // 8 + ps
+                p_ok = p < K // 8
+                words = tl.load(w_ptr + cols[:, None] * (K // 8) + p[None, :], mask=col_ok[:, None] & p_ok[None, :],
+                                other=0).to(tl.uint32, bitcast=True)
+                qx = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+                x_sum = tl.zeros((WORDS,), dtype=tl.float32)
+                for i in tl.static_range(8):
+                    x, sq = _row_input(x_ptr, norm_ptr, 8 * p + i, p_ok, K, PROLOGUE, act)
+                    squares += sq
+                    x_sum += x
+                    if i < 5:  # nibbles 0-4 stay in place: q * 16^i, under 2^23
+                        qx += _field(words, 4 * i, 4, True) * (x * (1.0 / (1 << (4 * i))))[None, :]
+                    else:
+                        qx += _field(words, 4 * i, 4, False) * x[None, :]
+                g = k // GROUP + tl.arange(0, GROUPS)
+                g_ok = col_ok[:, None] & (g < num_groups)[None, :]
+                scale = tl.load(scale_ptr + cols[:, None] * num_groups + g[None, :], mask=g_ok, other=0.0)
+                minimum = tl.load(min_ptr + cols[:, None] * num_groups + g[None, :], mask=g_ok, other=0.0)
+                per_group = tl.sum(tl.reshape(qx, (BLOCK_N, GROUPS, WORDS // GROUPS)), axis=2)
+                group_sum = tl.sum(tl.reshape(x_sum, (GROUPS, WORDS // GROUPS)), axis=1)
+                acc += per_group * scale.to(tl.float32) + minimum.to(tl.float32) * group_sum[None, :]
+            out = tl.sum(acc, axis=1)
         if PROLOGUE == 1:
             out = out / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
-        if HAS_SCALE:
-            out = out * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
         if HAS_RESIDUAL:  # the product rounds to the activation dtype first, as a separate add would see it
             out = out.to(act).to(tl.float32) + tl.load(res_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + cols, out.to(act), mask=col_ok)
 
 
-_TUNED = None
+_TUNED: dict[tuple[int, int], object] = {}
 
 
-def _tuned():
-    """The kernel autotuned per shape and variant (block sizes for a strip of rows; built on first use)."""
-    global _TUNED
-    if _TUNED is None:
-        # 18 configs: each shape and variant compiles them all once (Triton caches them on disk after).
+def _tuned(kind: int, group: int):
+    """The kernel autotuned per shape and variant, for one weight kind and group size (built on first use;
+    each shape and variant compiles its configs once, and Triton caches them on disk after)."""
+    if (kind, group) not in _TUNED:
+        # Strips of 4-16 rows (32 too for int4, whose rows are short) and 128-1024 columns a step,
+        # whole groups of int4 at a time.
+        block_ks = {HALF: (128, 256, 512), INT8: (256, 512, 1024)}.get(
+            kind, tuple(k for k in (128, 256, 512, 1024) if k % group == 0) or (group,))
+        rows = (4, 8, 16, 32) if kind == INT4 else (4, 8, 16)
         configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=3)
-                   for n in (4, 8, 16) for k in (128, 256, 512) for w in (4, 8)]
-        _TUNED = triton.autotune(configs=configs, key=["N", "K", "PROLOGUE", "HAS_SCALE", "HAS_RESIDUAL"])(
+                   for n in rows for k in block_ks for w in (4, 8)]
+        _TUNED[kind, group] = triton.autotune(configs=configs, key=["N", "K", "PROLOGUE", "HAS_RESIDUAL"])(
             _decode_gemv_kernel)
-    return _TUNED
+    return _TUNED[kind, group]

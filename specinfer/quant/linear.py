@@ -40,13 +40,18 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[out, in] float -> (uint8 [out, in/2] two 4-bit values per byte, fp32 scale and minimum [out, in/group])."""
+    """[out, in] float -> (uint8 [out, in/2] two 4-bit values per byte, fp32 scale and minimum [out, in/group]).
+
+    The scale and minimum are rounded to fp16 values (as GGUF's Q4_1 stores them) before the weights are
+    placed on their grid, so kernels that read the groups in fp16 (layers/decode_gemv.py) compute with
+    exactly the weights every other path dequantizes."""
     out_features, in_features = weight.shape
     if in_features % group_size or group_size % 2:
         raise SpecInferError(f"int4 needs in_features ({in_features}) to be a multiple of the group size {group_size}")
     w = weight.float().view(out_features, in_features // group_size, group_size)
     low, high = w.amin(-1), w.amax(-1)
-    scale = ((high - low) / 15.0).clamp_min(1e-12)
+    scale = ((high - low) / 15.0).half().float().clamp_min(2.0**-24)  # the smallest fp16 above zero
+    low = low.half().float()
     q = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
     return pack_int4(q.view(out_features, in_features)), scale, low
 
@@ -88,6 +93,7 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("qweight", packed)
             self.register_buffer("scale", scale)
             self.register_buffer("minimum", minimum)
+            self._keep_half_groups()
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     @classmethod
@@ -101,6 +107,8 @@ class QuantizedLinear(nn.Module):
         names = ("qweight", "scale") + (("minimum",) if first.mode == "int4" else ())
         for name in names:
             fused.register_buffer(name, torch.cat([getattr(layer, name) for layer in layers]))
+        if first.mode == "int4":
+            fused._keep_half_groups()
         biases = [layer.bias for layer in layers]
         fused.bias = None if biases[0] is None else nn.Parameter(torch.cat(biases), requires_grad=False)
         return fused
@@ -140,6 +148,20 @@ class QuantizedLinear(nn.Module):
             return F.linear(x, self.dequantized(x.dtype), self.bias)
         out = out.view(*x.shape[:-1], -1)
         return out if self.bias is None else out + self.bias
+
+    def half_groups(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """int4: the scale and minimum in fp16, for kernels that read them beside each strip of weights
+        (layers/decode_gemv.py), where fp32 would add 8 bytes a group to the 64 of a 128-wide group; None
+        where fp16 cannot hold them exactly (groups given by a caller), so that no kernel rounds them."""
+        return (self.scale_half, self.minimum_half) if self.groups_exact_in_half else None
+
+    def _keep_half_groups(self) -> None:
+        # Buffers, so that they follow the layer's moves, but not saved: they are derived.
+        self.register_buffer("scale_half", self.scale.half(), persistent=False)
+        self.register_buffer("minimum_half", self.minimum.half(), persistent=False)
+        self.groups_exact_in_half = bool(
+            torch.equal(self.scale_half.float(), self.scale) and torch.equal(self.minimum_half.float(), self.minimum)
+        )
 
     def _tinygemm(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The int4 weights in tinygemm's layout (built once), or None where its kernel cannot take them."""
