@@ -1,10 +1,12 @@
 """Weight-only quantized matmuls at decode shapes: each kernel's time and the weight bandwidth it reaches.
 
-    python benchmarks/quant_kernels.py --device cuda
+    python benchmarks/quant_kernels.py --device cuda [--dtype bfloat16 --rows 1 --group-size 64 --tag h200_bf16]
 
 The linear layers of a 7B-shaped LLaMA (q/k/v and gate/up fused, as the engine runs them), random
 weights, 1 to 4 rows (decode and small trees): full precision (cuBLAS), int8 (our matrix-vector kernel
-and our tile kernel) and int4 (our matrix-vector kernel and PyTorch's tinygemm). Each time is a median
+and our tile kernel) and int4 (our matrix-vector kernel and PyTorch's tinygemm); at one row also the
+batch-1 decode kernel that folds norms and residual adds into its products (layers/decode_gemv.py,
+"decode" columns; here with nothing folded in). Each time is a median
 over repeats of a CUDA graph that calls the kernel on 8 distinct copies of the layer back to
 back (so that no weight is served from L2, and no host launch cost counts). Writes JSON and a Markdown table (device, torch version, date) to
 docs/benchmarks/.
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from specinfer.layers.decode_gemv import decode_product
 from specinfer.quant import QuantizedLinear
 from specinfer.quant import gemv_triton
 from specinfer.quant.gemv_triton import gemv, int4_gemv
@@ -66,6 +69,9 @@ def kernel_calls(linear: nn.Linear, q8: QuantizedLinear, q4: QuantizedLinear, x:
         "int8 tile": (lambda: int8_matmul(x, q8.qweight, q8.scale), n * k),
         "int4 gemv": (lambda: int4_gemv(x, q4.qweight, q4.scale, q4.minimum, group), n * k // 2),
     }
+    if x.shape[0] == 1:  # the batch-1 decode kernel (layers/decode_gemv.py), here with nothing folded in
+        for label, layer, weight_bytes in (("fp", linear, 2 * n * k), ("int8", q8, n * k), ("int4", q4, n * k // 2)):
+            calls[f"{label} decode"] = (lambda layer=layer: decode_product(x, layer), weight_bytes)
     if q4._tinygemm() is not None:
         weight, scales_and_zeros = q4._tinygemm()
         x_bf16 = x.to(torch.bfloat16)
@@ -102,6 +108,7 @@ def main() -> None:
     p.add_argument("--rows", default="1,2,4")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--out", default="docs/benchmarks")
+    p.add_argument("--tag", default="", help="appended to the file names (quant_kernels_TAG.md), e.g. h200_bf16")
     args = p.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -123,8 +130,10 @@ def main() -> None:
         torch.cuda.empty_cache()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quant_kernels.json").write_text(json.dumps(results, indent=2))
-    labels = ["fp", "fp gemv", "int8 gemv", "int8 tile", "int4 gemv", "int4 tinygemm"]
+    name = "quant_kernels" + (f"_{args.tag}" if args.tag else "")
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
+    labels = ["fp", "fp gemv", "fp decode", "int8 gemv", "int8 decode", "int8 tile", "int4 gemv", "int4 decode",
+              "int4 tinygemm"]
     lines = ["# Quantized matmul kernels at decode shapes\n",
              (f"{results['meta']['date']} · {results['meta']['device']} · torch {results['meta']['torch']} · "
              f"{args.dtype} activations · int4 group {args.group_size} · random 7B-shaped layers (q/k/v and gate/up fused)\n"
@@ -133,8 +142,8 @@ def main() -> None:
     for row in results["rows"]:
         cells = [f"{row[l]['ms'] * 1e3:.0f} µs, {row[l]['GBps']:.0f}" if l in row else "–" for l in labels]
         lines.append(f"| {row['layer']} {row['shape'][0]}×{row['shape'][1]} | {row['rows']} | " + " | ".join(cells) + " |")
-    (out / "quant_kernels.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}/quant_kernels.md")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}/{name}.md")
 
 
 if __name__ == "__main__":

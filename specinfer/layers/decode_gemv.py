@@ -113,9 +113,10 @@ if triton is not None:
         return x, raw * raw
 
     @triton.jit
-    def _field(words, SHIFT: tl.constexpr, BITS: tl.constexpr, IN_PLACE: tl.constexpr):
-        """The BITS-bit field of 32-bit `words` at bit SHIFT as fp32, times 2^SHIFT when IN_PLACE (no shift
-        then: the field must stay under 2^23), through the mantissa of 2^23 (see the module's note)."""
+    def _field(words, SHIFT: tl.constexpr, BITS: tl.constexpr, IN_PLACE: tl.constexpr, OFFSET: tl.constexpr):
+        """The BITS-bit field of 32-bit `words` at bit SHIFT as fp32, minus OFFSET, times 2^SHIFT when IN_PLACE
+        (no shift then: the field must stay under 2^23), through the mantissa of 2^23 (see the module's note).
+        2^23 + OFFSET is one exact constant: one subtraction a weight."""
         mask: tl.constexpr = (1 << BITS) - 1
         if IN_PLACE:
             bits = (words & (mask << SHIFT)) | 0x4B000000
@@ -123,7 +124,7 @@ if triton is not None:
             bits = (words >> SHIFT) | 0x4B000000
         else:
             bits = ((words >> SHIFT) & mask) | 0x4B000000
-        return bits.to(tl.float32, bitcast=True) - 8388608.0
+        return bits.to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
 
     @triton.jit
     def _decode_gemv_kernel(x_ptr, w_ptr, scale_ptr, min_ptr, norm_ptr, res_ptr, out_ptr, N, eps, K: tl.constexpr,
@@ -163,10 +164,10 @@ if triton is not None:
                     x, sq = _row_input(x_ptr, norm_ptr, 4 * p + j, p_ok, K, PROLOGUE, act)
                     squares += sq
                     if j < 2:  # bytes 0 and 1 stay in place: (q + 128) * 256^j
-                        v = _field(words, 8 * j, 8, True) - 128.0 * (1 << (8 * j))
+                        v = _field(words, 8 * j, 8, True, 128.0 * (1 << (8 * j)))
                         acc += v * (x * (1.0 / (1 << (8 * j))))[None, :]
                     else:
-                        acc += (_field(words, 8 * j, 8, False) - 128.0) * x[None, :]
+                        acc += _field(words, 8 * j, 8, False, 128.0) * x[None, :]
             out = tl.sum(acc, axis=1) * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
         else:
             WORDS: tl.constexpr = BLOCK_K // 8
@@ -187,9 +188,9 @@ if triton is not None:
                     squares += sq
                     x_sum += x
                     if i < 5:  # nibbles 0-4 stay in place: q * 16^i, under 2^23
-                        qx += _field(words, 4 * i, 4, True) * (x * (1.0 / (1 << (4 * i))))[None, :]
+                        qx += _field(words, 4 * i, 4, True, 0.0) * (x * (1.0 / (1 << (4 * i))))[None, :]
                     else:
-                        qx += _field(words, 4 * i, 4, False) * x[None, :]
+                        qx += _field(words, 4 * i, 4, False, 0.0) * x[None, :]
                 g = k // GROUP + tl.arange(0, GROUPS)
                 g_ok = col_ok[:, None] & (g < num_groups)[None, :]
                 scale = tl.load(scale_ptr + cols[:, None] * num_groups + g[None, :], mask=g_ok, other=0.0)

@@ -4,7 +4,7 @@ A decode step reads every weight once and does two flops per weight read, so its
 at which the packed weights stream. A tile kernel built on `tl.dot` pads a single row to 16 and spends
 its registers on an accumulator it mostly wastes; these kernels instead give each program a strip of
 output columns, stream the strip's packed bytes once, widen them in registers and reduce along K.
-Measured on an H100 (`docs/benchmarks/quant_kernels.md`), the int8 kernel beats the tile kernel for
+Measured on an H100 (`docs/benchmarks/quant_kernels_h100.md`), the int8 kernel beats the tile kernel for
 one row and loses from two rows on (each extra row re-reads the strip), hence `MAX_ROWS`. It also
 takes half-precision weights without a scale, which the benchmark uses to compare with cuBLAS.
 

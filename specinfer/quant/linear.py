@@ -13,6 +13,8 @@ Matmul, where the weights are read packed (the point of quantizing a memory-boun
   zero point per group), its packed layout made once, on the first call; where tinygemm cannot take the
   layer's shape, our int4 matrix-vector kernel for one row.
 - CPU, a few rows: int8 through `torch._weight_int8pack_mm`.
+A batch-1 decode step on the GPU bypasses these: its blocks read int8 and int4 weights through
+`layers/decode_gemv.py`, norms and residual adds folded in.
 Otherwise the weight is dequantized per call into the activation dtype and multiplied: exact to the
 quantized values and graph-safe, but slower than full precision.
 """
