@@ -3,10 +3,10 @@
     python benchmarks/quant_kernels.py --device cuda [--dtype bfloat16 --rows 1 --group-size 64 --tag h200_bf16]
 
 The linear layers of a 7B-shaped LLaMA (q/k/v and gate/up fused, as the engine runs them), random
-weights, 1 to 4 rows (decode and small trees): full precision (cuBLAS), int8 (our matrix-vector kernel
-and our tile kernel) and int4 (our matrix-vector kernel and PyTorch's tinygemm); at one row also the
-batch-1 decode kernel that folds norms and residual adds into its products (layers/decode_gemv.py,
-"decode" columns; here with nothing folded in). Each time is a median
+weights, 1 to 4 rows (decode and small trees): full precision (cuBLAS), int8 (our tile kernel) and int4
+(PyTorch's tinygemm); at one row also our matrix-vector kernel, the batch-1 decode step's, which folds
+norms and residual adds into its products (layers/decode_gemv.py, "decode" columns; here with nothing
+folded in). The H100 table of 2026-11-23 (`quant_kernels_h100.md`) timed an earlier matrix-vector kernel. Each time is a median
 over repeats of a CUDA graph that calls the kernel on 8 distinct copies of the layer back to
 back (so that no weight is served from L2, and no host launch cost counts). Writes JSON and a Markdown table (device, torch version, date) to
 docs/benchmarks/.
@@ -24,8 +24,6 @@ from torch import nn
 
 from specinfer.layers.decode_gemv import decode_product
 from specinfer.quant import QuantizedLinear
-from specinfer.quant import gemv_triton
-from specinfer.quant.gemv_triton import gemv, int4_gemv
 from specinfer.quant.int8_triton import int8_matmul
 
 # (name, out_features, in_features) of a 7B LLaMA block, projections fused.
@@ -64,10 +62,7 @@ def kernel_calls(linear: nn.Linear, q8: QuantizedLinear, q4: QuantizedLinear, x:
     group = q4.group_size
     calls = {
         "fp": (lambda: torch.nn.functional.linear(x, linear.weight), 2 * n * k),
-        "fp gemv": (lambda: gemv(x, linear.weight), 2 * n * k),
-        "int8 gemv": (lambda: gemv(x, q8.qweight, q8.scale), n * k),
         "int8 tile": (lambda: int8_matmul(x, q8.qweight, q8.scale), n * k),
-        "int4 gemv": (lambda: int4_gemv(x, q4.qweight, q4.scale, q4.minimum, group), n * k // 2),
     }
     if x.shape[0] == 1:  # the batch-1 decode kernel (layers/decode_gemv.py), here with nothing folded in
         for label, layer, weight_bytes in (("fp", linear, 2 * n * k), ("int8", q8, n * k), ("int4", q4, n * k // 2)):
@@ -79,6 +74,7 @@ def kernel_calls(linear: nn.Linear, q8: QuantizedLinear, q4: QuantizedLinear, x:
     return calls
 
 
+@torch.no_grad()
 def measure(layers: list[tuple[nn.Linear, QuantizedLinear, QuantizedLinear]], x: torch.Tensor) -> dict:
     linear, q8, q4 = layers[0]
     n, k = linear.weight.shape
@@ -87,17 +83,16 @@ def measure(layers: list[tuple[nn.Linear, QuantizedLinear, QuantizedLinear]], x:
         reference = x.float() @ layer.dequantized(torch.float32).T
         return float((got.float() - reference).abs().max() / reference.abs().max())
 
-    row = {"shape": [n, k], "rows": x.shape[0],
-           "fp_gemv_rel_error": float((gemv(x, linear.weight).float() - x.float() @ linear.weight.float().T).abs().max()
-                                      / (x.float() @ linear.weight.float().T).abs().max()),
-           "int8_gemv_rel_error": relative_error(gemv(x, q8.qweight, q8.scale), q8),
-           "int4_gemv_rel_error": relative_error(int4_gemv(x, q4.qweight, q4.scale, q4.minimum, q4.group_size), q4)}
+    row = {"shape": [n, k], "rows": x.shape[0]}
+    if x.shape[0] == 1:
+        expected = x.float() @ linear.weight.float().T
+        row["fp_decode_rel_error"] = float((decode_product(x, linear).float() - expected).abs().max() / expected.abs().max())
+        for layer in (q8, q4):
+            row[f"{layer.mode}_decode_rel_error"] = relative_error(decode_product(x, layer), layer)
     per_copy = [kernel_calls(*copy, x) for copy in layers]
     for label, (_, weight_bytes) in per_copy[0].items():
         ms = per_call_ms([calls[label][0] for calls in per_copy])
         row[label] = {"ms": ms, "GBps": weight_bytes / ms / 1e6}
-    row["tuned"] = {name: str(kernel.best_config) for name, kernel in
-                    [("gemv", gemv_triton._gemv_tuned), *((f"int4 gemv g{g}", k) for g, k in gemv_triton._int4_tuned.items())]}
     return row
 
 
@@ -124,16 +119,15 @@ def main() -> None:
             row = measure(layers, torch.randn(rows, k, device=device, dtype=dtype))
             row["layer"] = name
             results["rows"].append(row)
-            print(name, rows, {k_: (round(v["ms"], 4), round(v["GBps"])) for k_, v in row.items() if isinstance(v, dict) and "ms" in v}, row["tuned"],
-                  f"errors {row['fp_gemv_rel_error']:.1e} {row['int8_gemv_rel_error']:.1e} {row['int4_gemv_rel_error']:.1e}", flush=True)
+            print(name, rows, {k_: (round(v["ms"], 4), round(v["GBps"])) for k_, v in row.items() if isinstance(v, dict) and "ms" in v},
+                  {k_: f"{v:.1e}" for k_, v in row.items() if k_.endswith("rel_error")}, flush=True)
         del layers
         torch.cuda.empty_cache()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "quant_kernels" + (f"_{args.tag}" if args.tag else "")
     (out / f"{name}.json").write_text(json.dumps(results, indent=2))
-    labels = ["fp", "fp gemv", "fp decode", "int8 gemv", "int8 decode", "int8 tile", "int4 gemv", "int4 decode",
-              "int4 tinygemm"]
+    labels = ["fp", "fp decode", "int8 decode", "int8 tile", "int4 decode", "int4 tinygemm"]
     lines = ["# Quantized matmul kernels at decode shapes\n",
              (f"{results['meta']['date']} · {results['meta']['device']} · torch {results['meta']['torch']} · "
              f"{args.dtype} activations · int4 group {args.group_size} · random 7B-shaped layers (q/k/v and gate/up fused)\n"

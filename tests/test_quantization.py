@@ -136,29 +136,22 @@ def test_gguf_q4_1_blocks_become_int4_layers_exactly(default_gguf):
 
 
 def check_gemv_kernels(device: str, dtype: torch.dtype, tolerance: float) -> None:
-    """The matrix-vector kernels compute the half-precision or dequantized layer, for one row and more, with column
-    counts and widths that leave partial blocks."""
-    from specinfer.quant.gemv_triton import gemv, int4_gemv
+    """The one-row matrix-vector kernel (layers/decode_gemv.py, nothing folded in) computes the half-precision
+    or dequantized layer, with row counts and widths that leave partial blocks."""
+    from specinfer.layers.decode_gemv import decode_product
 
     torch.manual_seed(0)
     for out_features, in_features, group in [(96, 256, 32), (50, 192, 64), (33, 384, 128)]:
         linear = nn.Linear(in_features, out_features, bias=False)
-        for rows in (1, 3):
-            x = torch.randn(rows, in_features).to(device, dtype)
-            dense = linear.weight.detach().to(device, dtype)
-            expected = x.float() @ dense.float().T
-            got = gemv(x, dense)
-            assert float((got.float() - expected).abs().max() / expected.abs().max()) < tolerance
-            for mode in ("int8", "int4"):
-                layer = QuantizedLinear(linear, mode, group).to(device)
-                expected = x.float() @ layer.dequantized(torch.float32).T
-                if mode == "int8":
-                    got = gemv(x, layer.qweight, layer.scale)
-                else:
-                    got = int4_gemv(x, layer.qweight, layer.scale, layer.minimum, group)
-                assert got.dtype == dtype and got.shape == expected.shape
-                error = float((got.float() - expected).abs().max() / expected.abs().max())
-                assert error < tolerance, (mode, out_features, in_features, rows, error)
+        x = torch.randn(1, in_features).to(device, dtype)
+        layers = [linear.to(device, dtype)] + [QuantizedLinear(linear, mode, group).to(device) for mode in ("int8", "int4")]
+        for layer in layers:
+            weight = layer.weight if isinstance(layer, nn.Linear) else layer.dequantized(torch.float32)
+            expected = x.float() @ weight.float().T
+            got = decode_product(x, layer)
+            assert got.dtype == dtype and got.shape == expected.shape
+            error = float((got.float() - expected).abs().max() / expected.abs().max())
+            assert error < tolerance, (type(layer).__name__, getattr(layer, "mode", None), out_features, in_features, error)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")

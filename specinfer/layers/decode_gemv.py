@@ -13,8 +13,9 @@ program reads anyway:
 - the residual add that ends a half of the block: out = residual + product, in the products' epilogue.
 
 A block is then four products, the rotary/cache-write kernel and attention. Each program streams a strip
-of BLOCK_N output rows of the weight, as `quant/gemv_triton.py` does (its H100 measurements: as fast as
-cuBLAS at one row). Values round as the unfused block rounds them where it can (the product's output in
+of BLOCK_N output rows of the weight once and reduces along K (a `tl.dot` tile would pad the row to 16
+and spend its registers on an accumulator it mostly wastes); with nothing folded in, the same kernel
+serves quantized layers' one-row products elsewhere (quant/linear.py). Values round as the unfused block rounds them where it can (the product's output in
 the activation dtype before the residual add, the SwiGLU output); the normalised row stays in fp32, so
 results differ from the unfused block's by rounding only.
 

@@ -8,13 +8,13 @@ with group size 32 keeps its own values.
 
 Matmul, where the weights are read packed (the point of quantizing a memory-bound decode step):
 - GPU, half precision, int8: one row (batch-1 decode) through our matrix-vector kernel
-  (`gemv_triton.py`), more rows through our tile kernel (`int8_triton.py`).
+  (`layers/decode_gemv.py`), more rows through our tile kernel (`int8_triton.py`).
 - GPU, half precision, int4: PyTorch's tinygemm kernel (`torch._weight_int4pack_mm`, bf16, scale and
   zero point per group), its packed layout made once, on the first call; where tinygemm cannot take the
-  layer's shape, our int4 matrix-vector kernel for one row.
+  layer's shape, our matrix-vector kernel for one row.
 - CPU, a few rows: int8 through `torch._weight_int8pack_mm`.
-A batch-1 decode step on the GPU bypasses these: its blocks read int8 and int4 weights through
-`layers/decode_gemv.py`, norms and residual adds folded in.
+A batch-1 decode step on the GPU calls that matrix-vector kernel itself, its blocks' norms and residual
+adds folded in.
 Otherwise the weight is dequantized per call into the activation dtype and multiplied: exact to the
 quantized values and graph-safe, but slower than full precision.
 """
@@ -128,12 +128,12 @@ class QuantizedLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         out = None
         if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-            from . import gemv_triton  # Triton comes with CUDA builds of torch only
+            from ..layers.decode_gemv import decode_product, foldable  # Triton comes with CUDA builds of torch only
 
-            few_rows = flat.shape[0] <= gemv_triton.MAX_ROWS
+            one_row = flat.shape[0] == 1
             if self.mode == "int8":
-                if few_rows:
-                    out = gemv_triton.gemv(flat.contiguous(), self.qweight, self.scale)
+                if one_row and foldable(self):
+                    out = decode_product(flat, self)
                 else:
                     from .int8_triton import int8_matmul
 
@@ -142,8 +142,8 @@ class QuantizedLinear(nn.Module):
                 weight, scales_and_zeros = self._tinygemm()
                 out = torch._weight_int4pack_mm(flat.to(torch.bfloat16).contiguous(), weight, self.group_size,
                                                 scales_and_zeros).to(x.dtype)
-            elif few_rows:
-                out = gemv_triton.int4_gemv(flat.contiguous(), self.qweight, self.scale, self.minimum, self.group_size)
+            elif one_row and foldable(self):
+                out = decode_product(flat, self)
         elif self.mode == "int8" and x.device.type == "cpu" and flat.shape[0] <= INT8_KERNEL_MAX_ROWS:
             out = torch._weight_int8pack_mm(flat, self.qweight, self.scale.to(x.dtype))
         if out is None:
