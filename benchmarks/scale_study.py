@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -151,17 +152,24 @@ def in_flight_step_time(runner: ModelRunner, batch: int) -> float:
 IN_FLIGHT_ROOM = 7 * IN_FLIGHT_STEPS  # cache entries the in-flight runs commit (warm-up and repeats)
 
 
-def decode_times(model, unfolded: bool = False) -> tuple[float, float]:
-    """A batch-1 decode step, read back first and in flight, on a fresh runner; `unfolded`: with the
-    norms, SwiGLU and residual adds in kernels of their own (a compiled model folds them into its
-    products at batch 1, layers/decode_gemv.py)."""
+def decode_times(model, unfolded: bool = False, dependent: bool = True) -> tuple[float, float]:
+    """A batch-1 decode step, read back first and in flight, on a fresh runner (its CUDA graphs captured
+    anew); `unfolded`: with the norms, SwiGLU and residual adds in kernels of their own (a compiled model
+    folds them into its products at batch 1, layers/decode_gemv.py); `dependent`: kernels launched as
+    dependents of the one before where they can be (layers/dependent_launch.py)."""
     folded = getattr(model, "fold_decode", False)
     model.fold_decode = folded and not unfolded
+    switch = os.environ.get("SPECINFER_DEPENDENT_LAUNCH")
+    os.environ["SPECINFER_DEPENDENT_LAUNCH"] = "1" if dependent else "0"
     try:
         runner = prefilled_runner(model, 1, 8 + IN_FLIGHT_ROOM)
         return step_time(runner, 1, [-1]), in_flight_step_time(runner, 1)
     finally:
         model.fold_decode = folded
+        if switch is None:
+            os.environ.pop("SPECINFER_DEPENDENT_LAUNCH")
+        else:
+            os.environ["SPECINFER_DEPENDENT_LAUNCH"] = switch
 
 
 def draft_time(ssm, shape: TreeShape, batch: int = 1) -> float:
@@ -183,11 +191,12 @@ def tree_parents(nodes: int) -> list[int]:
     return [-1] + [(i - 1) // 3 if i % 2 else (i - 1) // 2 for i in range(1, nodes)]
 
 
-def profile_steps(llm, tree: list[int]) -> None:
+def profile_steps(llm, tree: list[int] | None, label: str = "") -> None:
+    """Kernels of 5 batch-1 decode steps and, given a `tree`, of 5 verifications of it."""
     from torch.profiler import ProfilerActivity, profile
 
-    runner = prefilled_runner(llm, 1, len(tree))
-    for name, parents in (("decode", [-1]), (f"verify {len(tree)} nodes", tree)):
+    runner = prefilled_runner(llm, 1, len(tree or [-1]))
+    for name, parents in [(f"decode {label}", [-1])] + ([(f"verify {len(tree)} nodes", tree)] if tree else []):
         step_time(runner, 1, parents)  # captures and warms up
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
@@ -195,6 +204,31 @@ def profile_steps(llm, tree: list[int]) -> None:
             sync()
         print(f"--- profile: {name}, batch 1, 5 steps")
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=70))
+        print_timeline(prof, steps=5)
+
+
+def print_timeline(prof, steps: int, shown: int = 20) -> None:
+    """The kernels of the middle step one by one (duration, and the gap since the last one ended; negative
+    where dependent launches overlap), and the step's device time, busy and idle."""
+    from torch.autograd import DeviceType
+
+    kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    per_step = len(kernels) // steps
+    step = kernels[(steps // 2) * per_step:(steps // 2 + 1) * per_step]
+    if not step:
+        return
+    print(f"--- timeline: {per_step} kernels a step; the first {shown} of the middle one")
+    for before, kernel in zip([None] + step, step[:shown]):
+        gap = kernel.time_range.start - before.time_range.end if before is not None else 0.0
+        print(f"  {kernel.name[:60]:60s} {kernel.time_range.elapsed_us():7.1f} us  gap {gap:6.1f} us")
+    busy = sum(k.time_range.elapsed_us() for k in step)
+    span = step[-1].time_range.end - step[0].time_range.start
+    by_name: dict[str, float] = {}
+    for kernel in step:
+        by_name[kernel.name[:60]] = by_name.get(kernel.name[:60], 0.0) + kernel.time_range.elapsed_us()
+    print(f"  step span {span:.0f} us, kernels busy {busy:.0f} us; by kernel:")
+    for kernel_name, total in sorted(by_name.items(), key=lambda item: -item[1])[:12]:
+        print(f"    {kernel_name:60s} {total:8.0f} us")
 
 
 def main() -> None:
@@ -276,6 +310,10 @@ def main() -> None:
                     unfolded, unfolded_flying = decode_times(llm, unfolded=True)
                     print(f"  unfolded: {unfolded * 1e3:.2f} ms, in flight {unfolded_flying * 1e3:.2f} ms")
                     results["incremental"][batch].update(unfolded_ms=unfolded * 1e3, unfolded_in_flight_ms=unfolded_flying * 1e3)
+                    serial, serial_flying = decode_times(llm, dependent=False)
+                    print(f"  without dependent launches: {serial * 1e3:.2f} ms, in flight {serial_flying * 1e3:.2f} ms")
+                    results["incremental"][batch].update(not_dependent_ms=serial * 1e3,
+                                                         not_dependent_in_flight_ms=serial_flying * 1e3)
             del runner
             torch.cuda.empty_cache()
 
@@ -306,6 +344,12 @@ def main() -> None:
                 t_q, t_q_flying = decode_times(llm)
                 results["quant"][mode] = t_q * 1e3
                 results["quant"][f"{mode}_in_flight"] = t_q_flying * 1e3
+                if device.type == "cuda":
+                    serial, serial_flying = decode_times(llm, dependent=False)
+                    results["quant"][f"{mode}_not_dependent_in_flight"] = serial_flying * 1e3
+                    print(f"  {mode} without dependent launches: in flight {serial_flying * 1e3:.2f} ms")
+                if "profile" in sections:
+                    profile_steps(llm, None, mode)
                 results["quant"][f"{mode}_folded"] = getattr(llm, "fold_decode", False) and all(
                     block.decodes_folded() for block in llm.layers)
                 print(f"quant {mode}: {t_q * 1e3:.2f} ms, {base / t_q:.2f}x faster than {args.dtype}; in flight "

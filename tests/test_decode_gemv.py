@@ -102,3 +102,41 @@ def test_folded_decode_on_gpu(tmp_path, dtype, tolerance):
     save_random_llama(tmp_path / "llm", vocab_size=64, hidden_size=256, intermediate_size=704,
                       num_attention_heads=4, num_key_value_heads=2)
     check_folded_decode("cuda", dtype, tolerance, str(tmp_path / "llm"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+def test_dependent_launches_give_the_logits_of_serial_launches_on_gpu(tmp_path, monkeypatch, quantization):
+    """Batch-1 decoding through CUDA graphs with each product and attention kernel launched as a dependent
+    of the kernel before (layers/dependent_launch.py: its first weights read before that kernel ends)
+    gives, bit for bit, the logits of the same kernels launched one after another: any read before the
+    wait of something a kernel before writes would show here as a difference."""
+    from specinfer.engine.model_runner import Chunk, ModelRunner
+    from specinfer.layers import dependent_launch
+    from specinfer.models.compile import compile_blocks
+    from specinfer.models.fuse import fuse_projections
+    from specinfer.models.loader import load_model
+    from specinfer.quant.linear import quantize_model
+
+    if torch.cuda.get_device_capability()[0] < 9 or dependent_launch.gdc_wait is None:
+        pytest.skip("programmatic dependent launch needs Hopper and Triton 3.4")
+    save_random_llama(tmp_path / "llm", vocab_size=64, hidden_size=512, intermediate_size=1408,
+                      num_attention_heads=8, num_key_value_heads=4)
+    model = load_model(tmp_path / "llm", "cuda", torch.bfloat16)
+    if quantization:
+        quantize_model(model, quantization, group_size=32)
+    compile_blocks(fuse_projections(model))
+    logits = {}
+    for dependent in ("1", "0"):
+        monkeypatch.setenv("SPECINFER_DEPENDENT_LAUNCH", dependent)
+        runner = ModelRunner(model, num_slots=1, capacity=96)  # graphs captured anew, with this setting
+        token, steps = 5, []
+        runner.forward([Chunk.chain(0, [5, 17, 3, 44])])
+        runner.commit(0, [0, 1, 2, 3])
+        for _ in range(40):
+            step = runner.forward([Chunk.chain(0, [token])])[0][0]
+            runner.commit(0, [0])
+            steps.append(step)
+            token = int(step.argmax())
+        logits[dependent] = torch.stack(steps)
+    assert torch.equal(logits["1"], logits["0"])

@@ -9,7 +9,10 @@ program reads anyway:
 
 - RMSNorm: sum_k w_nk (g_k x_k / rms(x)) = (sum_k w_nk g_k x_k) / rms(x), so each program accumulates
   the row's sum of squares beside its products and scales its outputs at the end (no pass before);
-- SwiGLU: the row is [gate, up], and silu(gate) * up is formed as it is read;
+- SwiGLU, in the gate/up product's epilogue: each program takes the gate and the up rows of the same
+  units (interleaved in its strip) and writes silu(gate) * up, so that the down product reads a plain
+  row (formed as down reads it, every program of down would compute the whole row's sigmoids: two
+  ops a column on the quarter-rate multi-function unit, which bound the down product);
 - the residual add that ends a half of the block: out = residual + product, in the products' epilogue.
 
 A block is then four products, the rotary/cache-write kernel and attention. Each program streams a strip
@@ -39,14 +42,17 @@ import torch
 from torch import nn
 
 from ..quant.linear import QuantizedLinear
+from . import dependent_launch
 
 try:
     import triton
     import triton.language as tl
+
+    from .dependent_launch import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: the unfused block serves every step
     triton = None
 
-NONE, RMSNORM, SWIGLU = 0, 1, 2  # what is folded in before the product
+NONE, RMSNORM = 0, 1  # what is folded in before the product
 HALF, INT8, INT4 = 0, 1, 2  # how the weight is stored
 
 
@@ -67,11 +73,14 @@ def foldable(linear: nn.Module) -> bool:
     return isinstance(linear, nn.Linear) and linear.bias is None
 
 
-def decode_product(x: torch.Tensor, linear: nn.Module, norm: nn.Module | None = None, swiglu: bool = False,
-                   residual: torch.Tensor | None = None) -> torch.Tensor:
-    """`linear` applied to one row `x` (any shape holding one row: [..., K], or [..., 2K] with `swiglu`),
-    after `norm` (an RMSNorm with `weight` and `eps`) or SwiGLU, plus `residual` if given. Returns a row
-    of `linear.out_features` in x's shape."""
+def decode_product(x: torch.Tensor, linear: nn.Module, norm: nn.Module | None = None, gated: bool = False,
+                   residual: torch.Tensor | None = None, dependent: bool = False) -> torch.Tensor:
+    """`linear` applied to one row `x` (any shape holding one row, [..., K]) after `norm` (an RMSNorm with
+    `weight` and `eps`), plus `residual` if given: a row of `linear.out_features` in x's shape. `gated`:
+    linear's rows are [gate; up] (a fused gate/up projection) and the row returned is silu(gate) * up,
+    half as long. `dependent`: launched as a dependent of the kernel before
+    (dependent_launch.py), which reads the first weights before that kernel has finished; only for
+    weights that no kernel writes while a step runs (not offloaded layers)."""
     group = 1
     if isinstance(linear, QuantizedLinear) and linear.mode == "int8":
         kind, weight, scale, minimum = INT8, linear.qweight.view(torch.int32), linear.scale, None
@@ -82,19 +91,29 @@ def decode_product(x: torch.Tensor, linear: nn.Module, norm: nn.Module | None = 
         kind, weight, scale, minimum = HALF, linear.weight, None, None
     N, K = linear.out_features, linear.in_features
     row = x.reshape(-1)
-    if row.shape[0] != (2 * K if swiglu else K):
-        raise ValueError(f"decode_product takes one row of {2 * K if swiglu else K} values, got {tuple(x.shape)}")
-    out = torch.empty(N, dtype=x.dtype, device=x.device)
-    prologue = SWIGLU if swiglu else RMSNORM if norm is not None else NONE
+    if row.shape[0] != K:
+        raise ValueError(f"decode_product takes one row of {K} values, got {tuple(x.shape)}")
+    if gated and (N % 2 or residual is not None):
+        raise ValueError("a gated product needs as many gate rows as up rows, and no residual")
+    width = N // 2 if gated else N
+    out = torch.empty(width, dtype=x.dtype, device=x.device)
     unread = out  # a placeholder for the pointers a variant does not read
     args = (row.contiguous(), weight, unread if scale is None else scale, unread if minimum is None else minimum,
             unread if norm is None else norm.weight, unread if residual is None else residual.reshape(-1), out,
-            N, float(norm.eps) if norm is not None else 0.0, K, prologue, kind, group, residual is not None)
+            N, float(norm.eps) if norm is not None else 0.0, K, RMSNORM if norm is not None else NONE, kind, group,
+            gated, residual is not None)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        _decode_gemv_kernel[(triton.cdiv(N, 16),)](*args, BLOCK_N=16, BLOCK_K=max(64, group))
+        _decode_gemv_kernel[(triton.cdiv(N, 16),)](*args, False, BLOCK_N=16, BLOCK_K=max(64, group))
     else:
-        _tuned(kind, group)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args)
-    return out.view(*x.shape[:-1], N)
+        # Dependent launches only where they paid (H200, 7B-shaped, in flight: bf16 4.01 -> 3.91 ms, while
+        # int8 went 2.84 -> 2.93 and int4 2.83 -> 2.95: their kernels are bound by instructions, probably
+        # short of what the next kernel's early, waiting programs take), and inside CUDA graphs: eager calls, the
+        # autotuner's timings among them (first use, before any capture), launch one after another.
+        dependent = (dependent and kind == HALF and dependent_launch.enabled(x)
+                     and torch.cuda.is_current_stream_capturing())
+        _tuned(kind, group)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
+            *args, dependent, **dependent_launch.launch_options(dependent))
+    return out.view(*x.shape[:-1], width)
 
 
 if triton is not None:
@@ -102,12 +121,7 @@ if triton is not None:
     @triton.jit
     def _row_input(x_ptr, norm_ptr, kk, k_ok, K: tl.constexpr, PROLOGUE: tl.constexpr, act: tl.constexpr):
         """The product's input at columns kk in fp32, after the prologue, and the raw row's squares."""
-        if PROLOGUE == 2:  # SwiGLU: silu(gate) * up, rounded as the unfused kernel stores it
-            gate = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-            up = tl.load(x_ptr + K + kk, mask=k_ok, other=0.0).to(tl.float32)
-            raw = (gate * tl.sigmoid(gate) * up).to(act).to(tl.float32)
-        else:
-            raw = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+        raw = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
         x = raw
         if PROLOGUE == 1:  # RMSNorm: the gain now, 1 / rms(x) once the whole row has been seen
             x = raw * tl.load(norm_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
@@ -128,83 +142,119 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
 
     @triton.jit
+    def _strip_tile(w_ptr, cols, col_ok, k, K: tl.constexpr, WEIGHT: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The strip's weights for columns k .. k + BLOCK_K: half-precision values, or the 32-bit words
+        that hold them packed (int8: four a word, int4: eight)."""
+        if WEIGHT == 0:
+            kk = k + tl.arange(0, BLOCK_K)
+            tile = tl.load(w_ptr + cols[:, None] * K + kk[None, :], mask=col_ok[:, None] & (kk < K)[None, :], other=0.0)
+        else:
+            PER_WORD: tl.constexpr = 4 if WEIGHT == 1 else 8
+            p = k // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
+            tile = tl.load(w_ptr + cols[:, None] * (K // PER_WORD) + p[None, :],
+                           mask=col_ok[:, None] & (p < K // PER_WORD)[None, :], other=0).to(tl.uint32, bitcast=True)
+        return tile
+
+    @triton.jit
+    def _accumulate(acc, squares, tile, k, x_ptr, scale_ptr, min_ptr, norm_ptr, cols, col_ok, K: tl.constexpr,
+                    PROLOGUE: tl.constexpr, WEIGHT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, act: tl.constexpr):
+        """Fold the strip's tile for columns k .. k + BLOCK_K into its sums (and the row's squares)."""
+        if WEIGHT == 0:
+            kk = k + tl.arange(0, BLOCK_K)
+            x, sq = _row_input(x_ptr, norm_ptr, kk, kk < K, K, PROLOGUE, act)
+            squares += sq
+            acc += tile.to(tl.float32) * x[None, :]
+        elif WEIGHT == 1:
+            p = k // 4 + tl.arange(0, BLOCK_K // 4)
+            p_ok = p < K // 4
+            words = tile ^ 0x80808080  # q + 128 in each byte
+            for j in tl.static_range(4):
+                x, sq = _row_input(x_ptr, norm_ptr, 4 * p + j, p_ok, K, PROLOGUE, act)
+                squares += sq
+                if j < 2:  # bytes 0 and 1 stay in place: (q + 128) * 256^j
+                    v = _field(words, 8 * j, 8, True, 128.0 * (1 << (8 * j)))
+                    acc += v * (x * (1.0 / (1 << (8 * j))))[None, :]
+                else:
+                    acc += _field(words, 8 * j, 8, False, 128.0) * x[None, :]
+        else:
+            WORDS: tl.constexpr = BLOCK_K // 8
+            GROUPS: tl.constexpr = BLOCK_K // GROUP
+            num_groups: tl.constexpr = K // GROUP
+            p = k // 8 + tl.arange(0, WORDS)
+            p_ok = p < K // 8
+            qx = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+            x_sum = tl.zeros((WORDS,), dtype=tl.float32)
+            for i in tl.static_range(8):
+                x, sq = _row_input(x_ptr, norm_ptr, 8 * p + i, p_ok, K, PROLOGUE, act)
+                squares += sq
+                x_sum += x
+                if i < 5:  # nibbles 0-4 stay in place: q * 16^i, under 2^23
+                    qx += _field(tile, 4 * i, 4, True, 0.0) * (x * (1.0 / (1 << (4 * i))))[None, :]
+                else:
+                    qx += _field(tile, 4 * i, 4, False, 0.0) * x[None, :]
+            g = k // GROUP + tl.arange(0, GROUPS)
+            g_ok = col_ok[:, None] & (g < num_groups)[None, :]
+            scale = tl.load(scale_ptr + cols[:, None] * num_groups + g[None, :], mask=g_ok, other=0.0)
+            minimum = tl.load(min_ptr + cols[:, None] * num_groups + g[None, :], mask=g_ok, other=0.0)
+            per_group = tl.sum(tl.reshape(qx, (BLOCK_N, GROUPS, WORDS // GROUPS)), axis=2)
+            group_sum = tl.sum(tl.reshape(x_sum, (GROUPS, WORDS // GROUPS)), axis=1)
+            acc += per_group * scale.to(tl.float32) + minimum.to(tl.float32) * group_sum[None, :]
+        return acc, squares
+
+    @triton.jit
     def _decode_gemv_kernel(x_ptr, w_ptr, scale_ptr, min_ptr, norm_ptr, res_ptr, out_ptr, N, eps, K: tl.constexpr,
-                            PROLOGUE: tl.constexpr, WEIGHT: tl.constexpr, GROUP: tl.constexpr,
-                            HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            PROLOGUE: tl.constexpr, WEIGHT: tl.constexpr, GROUP: tl.constexpr, GATED: tl.constexpr,
+                            HAS_RESIDUAL: tl.constexpr, DEPENDENT: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
         # w: [N, K] half precision; or int8 [N, K] with a per-row fp32 scale, read as int32 [N, K / 4];
         # or int4 [N, K / 2] bytes read as int32 [N, K / 8] (nibble i of a word is column 8p + i), with fp16
         # scale and minimum [N, K / GROUP]. K is a compile-time constant: a model has a few widths, and
         # masks on the last block then fold away where BLOCK_K divides it.
         pid = tl.program_id(0)
-        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
+        strip = tl.arange(0, BLOCK_N)
+        if GATED:  # a strip of BLOCK_N / 2 units: gate row u at 2i, up row N / 2 + u at 2i + 1
+            units = pid * (BLOCK_N // 2) + strip // 2
+            cols = units + (strip % 2) * (N // 2)
+            col_ok = units < N // 2
+        else:
+            cols = pid * BLOCK_N + strip
+            col_ok = cols < N
         act = out_ptr.dtype.element_ty
         if WEIGHT == 0:
-            ks = tl.arange(0, BLOCK_K)
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for k in range(0, K, BLOCK_K):  # a for loop, so that Triton pipelines the loads across iterations
-                kk = k + ks
-                k_ok = kk < K
-                x, sq = _row_input(x_ptr, norm_ptr, kk, k_ok, K, PROLOGUE, act)
-                squares += sq
-                w = tl.load(w_ptr + cols[:, None] * K + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                acc += w.to(tl.float32) * x[None, :]
-            out = tl.sum(acc, axis=1)
         elif WEIGHT == 1:
-            WORDS: tl.constexpr = BLOCK_K // 4
-            ps = tl.arange(0, WORDS)
-            acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-            squares = tl.zeros((WORDS,), dtype=tl.float32)
-            for k in range(0, K, BLOCK_K):
-                p = k // 4 + ps
-                p_ok = p < K // 4
-                words = tl.load(w_ptr + cols[:, None] * (K // 4) + p[None, :], mask=col_ok[:, None] & p_ok[None, :],
-                                other=0).to(tl.uint32, bitcast=True) ^ 0x80808080  # q + 128 in each byte
-                for j in tl.static_range(4):
-                    x, sq = _row_input(x_ptr, norm_ptr, 4 * p + j, p_ok, K, PROLOGUE, act)
-                    squares += sq
-                    if j < 2:  # bytes 0 and 1 stay in place: (q + 128) * 256^j
-                        v = _field(words, 8 * j, 8, True, 128.0 * (1 << (8 * j)))
-                        acc += v * (x * (1.0 / (1 << (8 * j))))[None, :]
-                    else:
-                        acc += _field(words, 8 * j, 8, False, 128.0) * x[None, :]
-            out = tl.sum(acc, axis=1) * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+            acc = tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
+            squares = tl.zeros((BLOCK_K // 4,), dtype=tl.float32)
         else:
-            WORDS: tl.constexpr = BLOCK_K // 8
-            GROUPS: tl.constexpr = BLOCK_K // GROUP
-            ps = tl.arange(0, WORDS)
-            num_groups: tl.constexpr = K // GROUP
-            acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
-            squares = tl.zeros((WORDS,), dtype=tl.float32)
-            for k in range(0, K, BLOCK_K):
-                p = k // 8 + ps
-                p_ok = p < K // 8
-                words = tl.load(w_ptr + cols[:, None] * (K // 8) + p[None, :], mask=col_ok[:, None] & p_ok[None, :],
-                                other=0).to(tl.uint32, bitcast=True)
-                qx = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-                x_sum = tl.zeros((WORDS,), dtype=tl.float32)
-                for i in tl.static_range(8):
-                    x, sq = _row_input(x_ptr, norm_ptr, 8 * p + i, p_ok, K, PROLOGUE, act)
-                    squares += sq
-                    x_sum += x
-                    if i < 5:  # nibbles 0-4 stay in place: q * 16^i, under 2^23
-                        qx += _field(words, 4 * i, 4, True, 0.0) * (x * (1.0 / (1 << (4 * i))))[None, :]
-                    else:
-                        qx += _field(words, 4 * i, 4, False, 0.0) * x[None, :]
-                g = k // GROUP + tl.arange(0, GROUPS)
-                g_ok = col_ok[:, None] & (g < num_groups)[None, :]
-                scale = tl.load(scale_ptr + cols[:, None] * num_groups + g[None, :], mask=g_ok, other=0.0)
-                minimum = tl.load(min_ptr + cols[:, None] * num_groups + g[None, :], mask=g_ok, other=0.0)
-                per_group = tl.sum(tl.reshape(qx, (BLOCK_N, GROUPS, WORDS // GROUPS)), axis=2)
-                group_sum = tl.sum(tl.reshape(x_sum, (GROUPS, WORDS // GROUPS)), axis=1)
-                acc += per_group * scale.to(tl.float32) + minimum.to(tl.float32) * group_sum[None, :]
-            out = tl.sum(acc, axis=1)
+            acc = tl.zeros((BLOCK_N, BLOCK_K // GROUP), dtype=tl.float32)
+            squares = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+        # The first tile of weights is read before waiting on the kernel before (dependent_launch.py):
+        # weights are no kernel's output, and their first trip to memory then overlaps its tail.
+        tile = _strip_tile(w_ptr, cols, col_ok, 0, K, WEIGHT, BLOCK_K)
+        if DEPENDENT:
+            gdc_launch_dependents()
+            gdc_wait()
+        acc, squares = _accumulate(acc, squares, tile, 0, x_ptr, scale_ptr, min_ptr, norm_ptr, cols, col_ok, K,
+                                   PROLOGUE, WEIGHT, GROUP, BLOCK_N, BLOCK_K, act)
+        for k in range(BLOCK_K, K, BLOCK_K):  # a for loop, so that Triton pipelines the loads across iterations
+            tile = _strip_tile(w_ptr, cols, col_ok, k, K, WEIGHT, BLOCK_K)
+            acc, squares = _accumulate(acc, squares, tile, k, x_ptr, scale_ptr, min_ptr, norm_ptr, cols, col_ok, K,
+                                       PROLOGUE, WEIGHT, GROUP, BLOCK_N, BLOCK_K, act)
+        out = tl.sum(acc, axis=1)
+        if WEIGHT == 1:
+            out = out * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
         if PROLOGUE == 1:
             out = out / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
-        if HAS_RESIDUAL:  # the product rounds to the activation dtype first, as a separate add would see it
-            out = out.to(act).to(tl.float32) + tl.load(res_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + cols, out.to(act), mask=col_ok)
+        if GATED:  # gate and up round to the activation dtype first, as the unfused block stores them
+            gate, up = tl.split(tl.reshape(out.to(act).to(tl.float32), (BLOCK_N // 2, 2)))
+            units = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            tl.store(out_ptr + units, (gate * tl.sigmoid(gate) * up).to(act), mask=units < N // 2)
+        else:
+            if HAS_RESIDUAL:  # the product rounds to the activation dtype first, as a separate add would see it
+                out = out.to(act).to(tl.float32) + tl.load(res_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr + cols, out.to(act), mask=col_ok)
 
 
 _TUNED: dict[tuple[int, int], object] = {}
@@ -221,6 +271,6 @@ def _tuned(kind: int, group: int):
         rows = (4, 8, 16, 32) if kind == INT4 else (4, 8, 16)
         configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=3)
                    for n in rows for k in block_ks for w in (4, 8)]
-        _TUNED[kind, group] = triton.autotune(configs=configs, key=["N", "K", "PROLOGUE", "HAS_RESIDUAL"])(
+        _TUNED[kind, group] = triton.autotune(configs=configs, key=["N", "K", "PROLOGUE", "GATED", "HAS_RESIDUAL"])(
             _decode_gemv_kernel)
     return _TUNED[kind, group]

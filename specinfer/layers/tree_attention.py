@@ -19,9 +19,13 @@ import os
 
 import torch
 
+from . import dependent_launch
+
 try:
     import triton
     import triton.language as tl
+
+    from .dependent_launch import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: attention falls back to SDPA (layers/attention.py)
     triton = None
 
@@ -83,18 +87,22 @@ def tree_attention(
     else:
         partial_out = partial_max = partial_sum = out  # unused
     scale = D**-0.5 * 1.4426950408889634  # exp2 instead of exp
+    # Both kernels start as the kernel before them finishes and wait for it before reading anything
+    # (dependent_launch.py): everything they read (queries, the cache, slots) is some kernel's output.
+    dependent = dependent_launch.enabled(q)
     _tree_attention_kernel[(B, num_kv_heads, m_blocks * splits)](
         q, cache_k, cache_v, out, partial_out, partial_max, partial_sum, read_slots, prefix_lens, tree_mask,
         *q.stride()[:3], *cache_k.stride()[:3], *cache_v.stride()[:3], *out.stride()[:3],
         tree_mask.stride(0), tree_mask.stride(1),
         T, width, capacity, scale, splits,
         GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DEPENDENT=dependent,
+        **dependent_launch.launch_options(dependent),
     )
     if splits > 1:
         _combine_kernel[(B * H * T,)](
             partial_out, partial_max, partial_sum, out, H, T, *out.stride()[:3], splits,
-            MAX_SPLITS=MAX_SPLITS, HEAD_DIM=D,
+            MAX_SPLITS=MAX_SPLITS, HEAD_DIM=D, DEPENDENT=dependent, **dependent_launch.launch_options(dependent),
         )
     return out
 
@@ -108,6 +116,8 @@ if triton is not None:
         dims = tl.arange(0, HEAD_DIM)
         needed = tl.max(visible.to(tl.int32), 0) > 0  # read only keys some query sees
         k = tl.load(k_base + entries[None, :] * stride_kl + dims[:, None], mask=needed[None, :], other=0.0)
+        # Values are read before the scores are formed, so that both trips to memory overlap.
+        v = tl.load(v_base + entries[:, None] * stride_vl + dims[None, :], mask=needed[:, None], other=0.0)
         scores = tl.dot(q, k, input_precision=PRECISION) * scale
         scores = tl.where(visible, scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, 1))
@@ -115,7 +125,6 @@ if triton is not None:
         p = tl.exp2(scores - safe_max[:, None])
         alpha = tl.exp2(row_max - safe_max)
         row_sum = row_sum * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + entries[:, None] * stride_vl + dims[None, :], mask=needed[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return new_max, row_sum, acc
 
@@ -130,8 +139,11 @@ if triton is not None:
         stride_ob, stride_oh, stride_ot, stride_mb, stride_mt,
         num_tokens, width, capacity, scale, splits,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, DEPENDENT: tl.constexpr,
     ):
+        if DEPENDENT:
+            gdc_launch_dependents()
+            gdc_wait()
         b = tl.program_id(0)
         kv_head = tl.program_id(1)
         m_block = tl.program_id(2) // splits
@@ -155,6 +167,15 @@ if triton is not None:
         chunk = tl.cdiv(tl.cdiv(prefix, splits), BLOCK_N) * BLOCK_N
         lo = split * chunk
         hi = tl.minimum(lo + chunk, prefix)
+        # One new token (a decode step): its own entry, where its mask lets it see itself, joins the last
+        # split's range rather than a masked pass of its own, whose reads (the mask, then the entry's key
+        # and value) would queue behind the prefix's.
+        last = split == splits - 1
+        own_entry = (num_tokens == 1) & (width == 1)
+        if last & own_entry:
+            sees_itself = (tl.load(mask_ptr + b * stride_mb) != 0) & (prefix < capacity)
+            lo = tl.minimum(lo, prefix)
+            hi = prefix + sees_itself.to(tl.int32)
         start = lo
         while start < hi:  # (while, not range: loop bounds read from memory)
             entries = start + tl.arange(0, BLOCK_N)
@@ -162,7 +183,7 @@ if triton is not None:
             row_max, row_sum, acc = _attend(q, k_base, v_base, entries, visible, stride_kl, stride_vl,
                                             row_max, row_sum, acc, scale, HEAD_DIM, PRECISION)
             start += BLOCK_N
-        if split == splits - 1:  # the tree part: entries prefix + j, masked
+        if last & ((num_tokens != 1) | (width != 1)):  # the tree part: entries prefix + j, masked
             start = 0
             while start < width:
                 cols = start + tl.arange(0, BLOCK_N)
@@ -186,7 +207,11 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["num_heads", "num_tokens", "stride_ob", "stride_oh", "stride_ot", "splits"])
     def _combine_kernel(part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, num_heads, num_tokens,
-                        stride_ob, stride_oh, stride_ot, splits, MAX_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+                        stride_ob, stride_oh, stride_ot, splits, MAX_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        DEPENDENT: tl.constexpr):
+        if DEPENDENT:
+            gdc_launch_dependents()
+            gdc_wait()
         row = tl.program_id(0)  # (b, head, token)
         token = row % num_tokens
         head = (row // num_tokens) % num_heads

@@ -130,12 +130,15 @@ class LlamaBlock(nn.Module):
         """One token of one request through the block, each product with its norm, SwiGLU or residual add
         folded in (layers/decode_gemv.py): the residual stream h [1, 1, hidden] -> the stream after it."""
         attention, mlp = self.self_attn, self.mlp
-        qkv = decode_product(h, attention.qkv_proj, norm=self.input_layernorm)
+        # Products may start reading their weights while the kernel before them finishes (dependent_launch.py,
+        # half-precision weights): a folded model's weights are resident and constant (compile_blocks
+        # refuses offloaded models).
+        qkv = decode_product(h, attention.qkv_proj, norm=self.input_layernorm, dependent=True)
         q = self.rotate_and_store(qkv, rope, cache_k, cache_v, meta, cache_kv)
         attended = cached_attention(q, cache_k, cache_v, meta)  # [1, H, 1, D]: one row of H * D
-        h = decode_product(attended.reshape(1, 1, -1), attention.o_proj, residual=h)
-        gate_up = decode_product(h, mlp.gate_up_proj, norm=self.post_attention_layernorm)
-        return decode_product(gate_up, mlp.down_proj, swiglu=True, residual=h)
+        h = decode_product(attended.reshape(1, 1, -1), attention.o_proj, residual=h, dependent=True)
+        activation = decode_product(h, mlp.gate_up_proj, norm=self.post_attention_layernorm, gated=True, dependent=True)
+        return decode_product(activation, mlp.down_proj, residual=h, dependent=True)
 
     def rotate_and_store(self, qkv, rope, cache_k, cache_v, meta: AttentionMetadata, cache_kv=None) -> torch.Tensor:
         """`decode`'s rotary embedding and cache write: queries [B, H, T, D] (one kernel when compiled)."""
