@@ -1,6 +1,6 @@
 """Tensor parallelism over 2 CPU processes (gloo): greedy speculative output equals the single-process
 output, for LLaMA (GQA with KV heads split, and with one KV head replicated) and OPT, through the
-engine and through the CLI."""
+engine and through the CLI; and over 8 processes for Llama-2-70B's head layout."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ MODELS = {
     "llama-gqa": lambda d: save_random_llama(d, num_attention_heads=4, num_key_value_heads=2),
     "llama-one-kv-head": lambda d: save_random_llama(d, num_attention_heads=4, num_key_value_heads=1, vocab_size=95),
     "opt": lambda d: save_random_opt(d, vocab_size=97),
+    # Llama-2-70B's layout at a small width: 64 query heads in 8 groups, MLP 3.5x the width; at tensor
+    # parallelism 8 each rank holds one KV head and its 8 query heads, and 1/8 of the vocabulary.
+    "llama-70b-heads": lambda d: save_random_llama(d, num_attention_heads=64, num_key_value_heads=8, hidden_size=512,
+                                                    intermediate_size=1792, vocab_size=96),
 }
 
 
@@ -29,40 +33,53 @@ def _serve_on_rank(argv: list[str]) -> int:
     """One rank: load its slice of the LLM and a replicated SSM, generate, write what it got."""
     from specinfer.distributed.parallel import from_environment
 
-    llm_dir, ssm_dir, out, device = argv
-    tp, device = from_environment(2, device)
+    llm_dir, ssm_dir, out, device, size = argv
+    tp, device = from_environment(int(size), device)
     llm = load_model(llm_dir, device, tp=tp)
     ssm = load_model(ssm_dir, device)
     results = generate(llm, [ssm], PROMPTS, expansion=(1, 2, 1), batch=4, max_new=16, device=device)
     with open(f"{out}.rank{tp.rank}", "w") as f:
         json.dump([r.output_tokens for r in results], f)
+    with open(f"{out}.heads{tp.rank}", "w") as f:  # the rank's share: query and KV heads
+        json.dump([llm.config.num_heads, llm.config.num_kv_heads], f)
     return 0
 
 
-@pytest.mark.parametrize("family", sorted(MODELS))
+TWO_RANKS = sorted(set(MODELS) - {"llama-70b-heads"})
+
+
+@pytest.mark.parametrize("family", TWO_RANKS)
 def test_two_ranks_give_the_single_process_output(tmp_path, family):
-    check_two_ranks(tmp_path, family, "cpu", ROUNDING_BOUND)
+    check_ranks(tmp_path, family, "cpu", ROUNDING_BOUND)
+
+
+def test_eight_ranks_split_the_70b_head_layout(tmp_path):
+    """The split a 70B-shaped LLaMA takes over 8 GPUs, here over 8 gloo processes: 8 query heads and
+    their one KV head a rank, a rank's share of the MLP and of the vocabulary."""
+    check_ranks(tmp_path, "llama-70b-heads", "cpu", ROUNDING_BOUND, size=8)
+    assert all(json.loads((tmp_path / f"tokens.heads{r}").read_text()) == [8, 1] for r in range(8))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("family", sorted(MODELS))
+@pytest.mark.parametrize("family", TWO_RANKS)
 def test_two_gpus_give_the_single_gpu_output(tmp_path, family):
     """The same identity over NCCL, in fp32 on the GPU (the GPU rounding bound)."""
-    check_two_ranks(tmp_path, family, "cuda", ROUNDING_BOUNDS[torch.float32])
+    check_ranks(tmp_path, family, "cuda", ROUNDING_BOUNDS[torch.float32])
 
 
-def check_two_ranks(tmp_path, family: str, device: str, bound: float) -> None:
+def check_ranks(tmp_path, family: str, device: str, bound: float, size: int = 2) -> None:
     full = MODELS[family](tmp_path / "llm")
     if family == "opt":
         save_random_opt(tmp_path / "ssm", vocab_size=97, seed=1)
     else:
-        save_random_llama(tmp_path / "ssm", noise_from=full, num_attention_heads=4,
-                          num_key_value_heads=full.config.num_key_value_heads, vocab_size=full.config.vocab_size)
+        save_random_llama(tmp_path / "ssm", noise_from=full, num_attention_heads=full.config.num_attention_heads,
+                          num_key_value_heads=full.config.num_key_value_heads, vocab_size=full.config.vocab_size,
+                          hidden_size=full.config.hidden_size, intermediate_size=full.config.intermediate_size)
     out = tmp_path / "tokens"
-    assert spawn(_serve_on_rank, [str(tmp_path / "llm"), str(tmp_path / "ssm"), str(out), device], 2) == 0
-    ranks = [json.loads((tmp_path / f"tokens.rank{r}").read_text()) for r in (0, 1)]
-    assert ranks[0] == ranks[1]  # every rank reaches the same decisions
+    assert spawn(_serve_on_rank, [str(tmp_path / "llm"), str(tmp_path / "ssm"), str(out), device, str(size)], size) == 0
+    ranks = [json.loads((tmp_path / f"tokens.rank{r}").read_text()) for r in range(size)]
+    assert all(rank == ranks[0] for rank in ranks)  # every rank reaches the same decisions
     llm = load_model(tmp_path / "llm", device)
     alone = generate(llm, [load_model(tmp_path / "ssm", device)], PROMPTS, expansion=(1, 2, 1), batch=4, max_new=16,
                      device=device)
