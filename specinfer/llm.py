@@ -33,6 +33,7 @@ from .distributed.parallel import from_environment
 from .engine.offload import offload
 from .engine.request_manager import RequestManager
 from .errors import SpecInferError
+from .layers.cpu_rows import pad_small_products
 from .models.compile import compile_blocks
 from .models.fuse import fuse_projections
 from .models.gguf_file import read_q4_1_blocks
@@ -112,6 +113,9 @@ class LLM:
         if self.engine_config.compile:
             for model in [self.model, *self.ssms]:
                 compile_blocks(model, self.engine_config.fold_decode)
+        if device.type == "cpu" and self.tp is None and not budget:
+            for model in [self.model, *self.ssms]:  # 2- and 3-row products as 4 rows where that is faster
+                pad_small_products(model)
         self.eos_token_ids = self.tokenizer.eos_token_ids or self.model.config.eos_token_ids
         self._managers: dict[str, RequestManager] = {}
         self.manager = self.manager_for(self.speculation.mode)

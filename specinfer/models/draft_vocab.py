@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import SpecInferError
+from ..layers.cpu_rows import linear_rows
 
 
 class DraftVocabularyHead(nn.Module):
@@ -41,7 +42,7 @@ class DraftVocabularyHead(nn.Module):
 
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of the K tokens alone, in `token_ids` order."""
-        return nn.functional.linear(hidden, self.weight)
+        return linear_rows(hidden, self.weight)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         scores = self.scores(hidden)
