@@ -290,7 +290,8 @@ def main() -> None:
         lines += ["", f"Greedy check on the {n} ranks: {g['prompts']} prompts × {g['tokens']} tokens, tree "
                       f"speculation against incremental decoding: {g['identical']} identical"
                       + (f", divergences at top-two margins {g['divergence_margins']} (bound {g['rounding_bound']})"
-                         if g["divergence_margins"] else "") + f"; **{'equivalent' if g['equivalent'] else 'NOT equivalent'}**."]
+                         if g["divergence_margins"] else "")
+                  + f"; **{'equivalent' if g['equivalent'] else 'NOT equivalent'}**."]
     (out / f"{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -319,7 +320,8 @@ def sweep_table(rows: list[dict], sizes: list[int], n: int) -> str:
     for row in rows:
         decode, floor = row["decode_ms"], row["floor_ms"]
         verify = [row["verify_ms"][str(s)] if str(s) in row["verify_ms"] else row["verify_ms"][s] for s in sizes]
-        lines.append(f"| {row['batch']} | {decode:.2f} | " + (f"{floor:.2f} ms ({floor / decode:.0%})" if floor else "-")
+        floor_cell = f"{floor:.2f} ms ({floor / decode:.0%})" if floor else "-"
+        lines.append(f"| {row['batch']} | {decode:.2f} | " + floor_cell
                      + " | " + " | ".join(f"{v / decode:.2f}" for v in verify)
                      + f" | {row['verify_ms']['tree'] / decode:.2f} | {row['draft_ms']:.2f} | {row['incremental_tok_s']:.0f}"
                      f" | {row['speculative_tok_s_projected']:.0f} | {row['projected_speedup']:.2f}x |")

@@ -107,10 +107,11 @@ def test_folded_decode_on_gpu(tmp_path, dtype, tolerance):
 @pytest.mark.gpu
 @pytest.mark.parametrize("quantization", [None, "int8", "int4"])
 def test_dependent_launches_give_the_logits_of_serial_launches_on_gpu(tmp_path, monkeypatch, quantization):
-    """Batch-1 decoding through CUDA graphs with each product and attention kernel launched as a dependent
-    of the kernel before (layers/dependent_launch.py: its first weights read before that kernel ends)
-    gives, bit for bit, the logits of the same kernels launched one after another: any read before the
-    wait of something a kernel before writes would show here as a difference."""
+    """Batch-1 decoding through CUDA graphs with the half-precision products and the attention kernels
+    launched as dependents of the kernel before (layers/dependent_launch.py: a product's first weights
+    read before that kernel ends) gives, bit for bit, the logits of the same kernels launched one after
+    another: any read before the wait of something a kernel before writes would show as a difference.
+    With int8 and int4 weights only the attention kernels are dependents."""
     from specinfer.engine.model_runner import Chunk, ModelRunner
     from specinfer.layers import dependent_launch
     from specinfer.models.compile import compile_blocks

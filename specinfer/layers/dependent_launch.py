@@ -31,7 +31,8 @@ except ImportError:
 
 def enabled(x: torch.Tensor) -> bool:
     """Whether kernels on `x`'s device are launched as dependents."""
-    return gdc_wait is not None and x.is_cuda and os.environ.get("SPECINFER_DEPENDENT_LAUNCH", "1") != "0" and _hopper_or_later(x.device)
+    switched_on = os.environ.get("SPECINFER_DEPENDENT_LAUNCH", "1") != "0"
+    return gdc_wait is not None and x.is_cuda and switched_on and _hopper_or_later(x.device)
 
 
 @functools.cache
