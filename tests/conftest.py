@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
 
 from specinfer.errors import SpecInferError
+
+# GPU tests check the batch-1 decode kernels' results, not which of their configurations is fastest:
+# two candidates per shape instead of 24-32 (each compiled once: minutes of a GPU run otherwise).
+os.environ.setdefault("SPECINFER_QUICK_AUTOTUNE", "1")
 
 
 def pytest_collection_modifyitems(config, items):
