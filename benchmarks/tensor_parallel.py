@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scale_study import PREFIX, SHAPES, draft_time, timed  # noqa: E402
+from scale_study import PREFIX, SHAPES, draft_time, timed, tree_parents  # noqa: E402
 
 from specinfer.config import parse_expansion  # noqa: E402
 from specinfer.distributed.launch import spawn  # noqa: E402
@@ -48,7 +48,6 @@ from specinfer.models.fuse import fuse_projections  # noqa: E402
 from specinfer.models import build_model  # noqa: E402
 from specinfer.models.loader import instantiate  # noqa: E402
 from specinfer.spec.tree import TreeShape  # noqa: E402
-from scale_study import tree_parents  # noqa: E402
 
 
 def llama_config(shape: str) -> ModelConfig:
@@ -84,16 +83,9 @@ def build(shape: str, device: torch.device, dtype: torch.dtype, tp=None) -> torc
 
 
 def step_times(model: torch.nn.Module, tree: list[int], graphs: bool) -> dict:
-    runner = ModelRunner(model, num_slots=1, capacity=PREFIX + len(tree) + 8, use_cuda_graphs=graphs)
-    runner.forward([Chunk.chain(0, list(range(1, PREFIX + 1)), logits="none")])
-    runner.commit(0, list(range(PREFIX)))
-
-    def step(parents: list[int]) -> None:
-        logits = runner.forward([Chunk(0, [7] * len(parents), parents, list(range(len(parents))))])
-        logits[0].argmax(-1).tolist()
-        runner.commit(0, [])
-
-    return {"decode_ms": timed(lambda: step([-1])) * 1e3, "verify_ms": timed(lambda: step(tree)) * 1e3}
+    """The batch-1 decode step and one verification of `tree`, ms."""
+    row = sweep_times(model, [1], [], tree, graphs)[1]
+    return {"decode_ms": row["decode_ms"], "verify_ms": row["verify_ms"]["tree"]}
 
 
 def sweep_times(model: torch.nn.Module, batches: list[int], sizes: list[int], tree: list[int], graphs: bool) -> dict:
@@ -101,7 +93,7 @@ def sweep_times(model: torch.nn.Module, batches: list[int], sizes: list[int], tr
     with PREFIX cached tokens; ms."""
     results = {}
     for batch in batches:
-        longest = max([len(tree)] + [n for n in sizes])
+        longest = max([len(tree), *sizes])
         runner = ModelRunner(model, num_slots=batch, capacity=PREFIX + longest + 8, use_cuda_graphs=graphs)
         runner.forward([Chunk.chain(s, list(range(1, PREFIX + 1)), logits="none") for s in range(batch)])
         for s in range(batch):
@@ -319,7 +311,7 @@ def sweep_table(rows: list[dict], sizes: list[int], n: int) -> str:
              "", head, "|---:|---:|---:|" + "---:|" * (len(sizes) + 5)]
     for row in rows:
         decode, floor = row["decode_ms"], row["floor_ms"]
-        verify = [row["verify_ms"][str(s)] if str(s) in row["verify_ms"] else row["verify_ms"][s] for s in sizes]
+        verify = [row["verify_ms"][str(s)] for s in sizes]  # the ranks' JSON: keys are strings
         floor_cell = f"{floor:.2f} ms ({floor / decode:.0%})" if floor else "-"
         lines.append(f"| {row['batch']} | {decode:.2f} | " + floor_cell
                      + " | " + " | ".join(f"{v / decode:.2f}" for v in verify)

@@ -114,7 +114,7 @@ class LLM:
             for model in [self.model, *self.ssms]:
                 compile_blocks(model, self.engine_config.fold_decode)
         if device.type == "cpu" and self.tp is None and not budget:
-            for model in [self.model, *self.ssms]:  # 2- and 3-row products as 4 rows where that is faster
+            for model in [self.model, *self.ssms]:  # 2- and 3-row products as 4 rows (layers/cpu_rows.py)
                 pad_small_products(model)
         self.eos_token_ids = self.tokenizer.eos_token_ids or self.model.config.eos_token_ids
         self._managers: dict[str, RequestManager] = {}

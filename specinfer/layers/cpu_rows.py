@@ -2,9 +2,9 @@
 
 On a CPU the small trees the adaptive engine drafts are verified in passes of two to four tokens, and
 the SSM's tree levels are as narrow. With PyTorch's MKL on a 2-core AMD EPYC, the default model's 2- and
-3-token passes took 105 and 126 ms against 86 ms for 4 tokens and 60 ms for one (fp32), which made even a
-one-node tree cost two plain steps; with every 2- and 3-row product padded to 4 rows of which the last
-are zeros, they take 85 and 89 ms. Timing single products does not show it (a layer timed alone has its
+3-token passes took 98 and 122 ms against 81 ms for 4 tokens and 56 ms for one (fp32,
+`benchmarks/cpu_rows.py`); with every 2- and 3-row product padded to 4 rows of which the last are zeros,
+they take 84 ms. Timing single products does not show it (a layer timed alone has its
 weights in cache, where 2 rows are as fast as 4): the slow path is the one that streams weights from
 memory, as a pass does. Where the BLAS is fast at 2 rows, 4 rows cost about as much, since reading the
 weights, not the arithmetic, bounds such products. A padded product differs from the plain one by
