@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -61,9 +62,47 @@ def check_against_sdpa(device: str, dtype: torch.dtype, tolerance: float) -> Non
         assert out[0].eq(0).all() and torch.isfinite(out).all()
 
 
+# (heads, kv heads, head dim, prefix length, number of slots): few programs (splits combined by the last
+# to arrive), GQA, a prefix shorter than a key block, an empty one, many programs (no split).
+DECODE_CASES = [(4, 2, 16, 70, 3), (8, 2, 64, 5, 2), (2, 1, 32, 0, 2), (64, 64, 128, 200, 2)]
+
+
+def check_decode_against_unfolded(device: str, dtype: torch.dtype, tolerance: float) -> None:
+    """`decode_attention` (rotary, cache write and attention in one kernel) against the unfolded path:
+    `apply_rotary`, `write_kv` and `tree_attention`. The cache entries it writes are bitwise those."""
+    from specinfer.layers.attention import write_kv
+    from specinfer.layers.rotary import RotaryEmbedding
+    from specinfer.models.llama import LlamaAttention
+
+    torch.manual_seed(2)
+    for heads, kv_heads, head_dim, prefix, slots in DECODE_CASES:
+        for sees_itself in (True, False):
+            cache_k = torch.randn(slots, kv_heads, 300, head_dim, device=device, dtype=dtype)
+            cache_v = torch.randn_like(cache_k)
+            qkv = torch.randn(1, 1, (heads + 2 * kv_heads) * head_dim, device=device, dtype=dtype)
+            slot = torch.tensor([slots - 1], device=device)
+            positions = torch.tensor([[prefix]], device=device)
+            rope = RotaryEmbedding(head_dim, 10000.0, None)(positions)
+            meta = AttentionMetadata(positions, slot[:, None], positions, slot, torch.tensor([prefix], device=device),
+                                     torch.tensor([[[sees_itself]]], device=device), prefix + 1)
+            heads_of = SimpleNamespace(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim)
+            q, kv = LlamaAttention.rotate(heads_of, qkv, rope)  # reads only the head counts
+            expected_k, expected_v = cache_k.clone(), cache_v.clone()
+            write_kv(kv, expected_k, expected_v, meta)
+            expected = tree_attention.tree_attention(q, expected_k, expected_v, meta.read_slots, meta.prefix_lens,
+                                                     meta.tree_mask)
+            assert tree_attention.decode_supported(qkv, cache_k, meta.tree_mask)
+            out = tree_attention.decode_attention(qkv, rope, heads, cache_k, cache_v, meta.write_slots,
+                                                  meta.write_offsets, meta.read_slots, meta.prefix_lens, meta.tree_mask)
+            assert torch.equal(cache_k, expected_k) and torch.equal(cache_v, expected_v)
+            error = (out.double() - expected.double()).abs().max().item()
+            assert error < tolerance, f"case {heads, kv_heads, head_dim, prefix, sees_itself}: max error {error:.2e}"
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-def test_kernel_matches_sdpa_in_triton_interpreter():
-    code = "import torch; from tests.test_tree_attention import check_against_sdpa; check_against_sdpa('cpu', torch.float32, 1e-5)"
+@pytest.mark.parametrize("check", ["check_against_sdpa", "check_decode_against_unfolded"])
+def test_kernel_matches_sdpa_in_triton_interpreter(check):
+    code = f"import torch; from tests.test_tree_attention import {check}; {check}('cpu', torch.float32, 1e-5)"
     env = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, env=env,
                             capture_output=True, text=True, timeout=600)
@@ -74,6 +113,12 @@ def test_kernel_matches_sdpa_in_triton_interpreter():
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 4e-3)])
 def test_kernel_matches_sdpa_on_gpu(dtype, tolerance):
     check_against_sdpa("cuda", dtype, tolerance)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_decode_kernel_matches_the_unfolded_path_on_gpu(dtype, tolerance):
+    check_decode_against_unfolded("cuda", dtype, tolerance)
 
 
 @pytest.mark.parametrize("slots", [[0, 1, 2], [4, 2, 3], [1], [0, 2, 3], [5, 1, 3, 2]],

@@ -9,7 +9,14 @@ device, so a CUDA graph captured once serves every context length.
 The grid is (row, KV head, query block, split). A KV head's whole group of query heads shares one
 program, so grouped-query attention reads each key once. When rows and heads alone cannot fill the GPU
 (batch 1), the prefix is split flash-decoding style: each split keeps its own running maximum and sum,
-and a second kernel combines them. The last split also covers the tree part.
+and the last split of a query block to finish combines them (an arrival count per block, kept per
+cache so that kernels on other caches never share one), which costs no kernel of its own. The last
+split also covers the tree part.
+
+`decode_attention` serves a one-token step from the q/k/v product's output as it is: each program
+rotates its queries, and the last split rotates the token's key and writes it and its value into the
+cache before it reads them back with the prefix; the rotary kernel and the cache write of the
+unfolded path are then not launched at all.
 """
 
 from __future__ import annotations
@@ -62,14 +69,53 @@ def tree_attention(
     prefix_lens: torch.Tensor,  # [B]
     tree_mask: torch.Tensor,  # [B, T, W] bool
 ) -> torch.Tensor:  # [B, H, T, D]
-    B, H, T, D = q.shape
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    out = torch.empty_like(q)
+    _launch(q, q.shape[1], q.stride()[:3], out, cache_k, cache_v, read_slots, prefix_lens, tree_mask)
+    return out
+
+
+def decode_supported(qkv: torch.Tensor, cache_k: torch.Tensor, tree_mask: torch.Tensor) -> bool:
+    """Whether `decode_attention` serves this step (otherwise: rotary, cache write, `tree_attention`): one
+    token per row that sees the prefix and, by its mask, itself (an SSM's later tree levels see more)."""
+    return (triton is not None and os.environ.get("SPECINFER_ATTENTION") != "sdpa"
+            and (qkv.is_cuda or _interpreting()) and qkv.dtype == cache_k.dtype and cache_k.shape[-1] in HEAD_DIMS
+            and qkv.shape[1] == 1 and tree_mask.shape[1:] == (1, 1))
+
+
+def decode_attention(
+    qkv: torch.Tensor,  # [B, 1, (H + 2 Hkv) D]: the q/k/v product's output, before the rotary embedding
+    rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin [B, 1, 1, D] in fp32
+    num_heads: int,
+    cache_k: torch.Tensor,  # [num_slots, Hkv, capacity, D]
+    cache_v: torch.Tensor,
+    write_slots: torch.Tensor,  # [B, 1]
+    write_offsets: torch.Tensor,  # [B, 1]: the prefix length (the token's own entry comes right after it)
+    read_slots: torch.Tensor,  # [B]
+    prefix_lens: torch.Tensor,  # [B]
+    tree_mask: torch.Tensor,  # [B, 1, 1] bool: whether the token sees itself
+) -> torch.Tensor:  # [B, H, 1, D]
+    """Rotary embedding, cache write and attention of a one-token step in one kernel (see the module)."""
+    B, T, _ = qkv.shape
+    D = cache_k.shape[-1]
+    assert T == 1 and tree_mask.shape[1:] == (1, 1) and qkv.stride(-1) == 1
+    cos, sin = (x.reshape(B, D).float().contiguous() for x in rope)
+    out = torch.empty(B, num_heads, 1, D, device=qkv.device, dtype=qkv.dtype)
+    _launch(qkv, num_heads, (qkv.stride(0), D, 0), out, cache_k, cache_v, read_slots, prefix_lens, tree_mask,
+            rotation=(cos, sin, write_slots.reshape(B).contiguous(), write_offsets.reshape(B).contiguous()))
+    return out
+
+
+def _launch(q, num_heads, q_strides, out, cache_k, cache_v, read_slots, prefix_lens, tree_mask, rotation=None):
+    """Queries from `q` (heads of stride q_strides[1]; with `rotation`, the unrotated q/k/v rows) -> `out`."""
+    B, T, D = out.shape[0], out.shape[2], out.shape[3]
     # The kernel reads the last dimension of every tensor as contiguous, and slots and prefix lengths as
     # vectors (a column of a wider tensor would read its neighbours as slot numbers).
-    q, tree_mask = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, tree_mask))
+    tree_mask = tree_mask if tree_mask.stride(-1) == 1 else tree_mask.contiguous()
     read_slots, prefix_lens = read_slots.contiguous(), prefix_lens.contiguous()
     assert cache_k.stride(-1) == 1 and cache_v.stride(-1) == 1
     num_kv_heads, capacity = cache_k.shape[1], cache_k.shape[2]
-    group = H // num_kv_heads
+    group = num_heads // num_kv_heads
     width = tree_mask.shape[2]
     rows = group * T
     # Few variants of the compiled kernel (block_m only), so that no step meets a fresh compilation.
@@ -78,33 +124,44 @@ def tree_attention(
     m_blocks = triton.cdiv(rows, block_m)
     programs = B * num_kv_heads * m_blocks
     # Split the prefix only while the GPU has idle multiprocessors; each split costs a partial write.
-    splits = max(1, min(MAX_SPLITS, _multiprocessors(q.device) // programs))
-    out = torch.empty_like(q)
+    multiprocessors = _multiprocessors(q.device)
+    splits = max(1, min(MAX_SPLITS, multiprocessors // programs))
     if splits > 1:
-        partial_out = torch.empty(B, H, T, splits, D, device=q.device, dtype=torch.float32)
-        partial_max = torch.empty(B, H, T, splits, device=q.device, dtype=torch.float32)
+        partial_out = torch.empty(B, num_heads, T, splits, D, device=q.device, dtype=torch.float32)
+        partial_max = torch.empty(B, num_heads, T, splits, device=q.device, dtype=torch.float32)
         partial_sum = torch.empty_like(partial_max)
+        arrivals = _arrival_counts(cache_k, multiprocessors)  # splits > 1: fewer programs than multiprocessors
     else:
-        partial_out = partial_max = partial_sum = out  # unused
+        partial_out = partial_max = partial_sum = arrivals = out  # unused
+    cos, sin, write_slots, write_offsets = rotation if rotation is not None else (out,) * 4  # unused without
     scale = D**-0.5 * 1.4426950408889634  # exp2 instead of exp
-    # Both kernels start as the kernel before them finishes and wait for it before reading anything
-    # (dependent_launch.py): everything they read (queries, the cache, slots) is some kernel's output.
+    # The kernel starts as the kernel before it finishes and waits for it before reading anything
+    # (dependent_launch.py): everything it reads (queries, the cache, slots) is some kernel's output.
     dependent = dependent_launch.enabled(q)
     _tree_attention_kernel[(B, num_kv_heads, m_blocks * splits)](
-        q, cache_k, cache_v, out, partial_out, partial_max, partial_sum, read_slots, prefix_lens, tree_mask,
-        *q.stride()[:3], *cache_k.stride()[:3], *cache_v.stride()[:3], *out.stride()[:3],
+        q, cache_k, cache_v, out, partial_out, partial_max, partial_sum, arrivals, read_slots, prefix_lens,
+        tree_mask, cos, sin, write_slots, write_offsets,
+        *q_strides, *cache_k.stride()[:3], *cache_v.stride()[:3], *out.stride()[:3],
         tree_mask.stride(0), tree_mask.stride(1),
         T, width, capacity, scale, splits,
-        GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DEPENDENT=dependent,
-        **dependent_launch.launch_options(dependent),
+        GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, MAX_SPLITS=MAX_SPLITS,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ROTATE=rotation is not None,
+        DEPENDENT=dependent, **dependent_launch.launch_options(dependent),
     )
-    if splits > 1:
-        _combine_kernel[(B * H * T,)](
-            partial_out, partial_max, partial_sum, out, H, T, *out.stride()[:3], splits,
-            MAX_SPLITS=MAX_SPLITS, HEAD_DIM=D, DEPENDENT=dependent, **dependent_launch.launch_options(dependent),
-        )
-    return out
+
+
+_arrivals: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _arrival_counts(cache_k: torch.Tensor, size: int) -> torch.Tensor:
+    """Zeroed int32 counts that the kernel's last arrivals reset, one set per cache layer: kernels on one
+    cache run one after another, so no two launches share a count while either is running. Made once
+    (inside a CUDA graph capture the zeroing is captured too, and repeats harmlessly on each replay)."""
+    key = (cache_k.data_ptr(), size)
+    counts = _arrivals.get(key)
+    if counts is None or counts.device != cache_k.device:
+        counts = _arrivals[key] = torch.zeros(size, device=cache_k.device, dtype=torch.int32)
+    return counts
 
 
 if triton is not None:
@@ -128,37 +185,66 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return new_max, row_sum, acc
 
+    @triton.jit
+    def _rotated(row_ptrs, row_ok, cos, sin, HEAD_DIM: tl.constexpr):
+        """Rows [BLOCK_M] (or one row) of the q/k/v output, rotated as `rotary.apply_rotary` does (fp32)."""
+        dims = tl.arange(0, HEAD_DIM)
+        partner = (dims + HEAD_DIM // 2) % HEAD_DIM  # the other half's element of the same pair
+        x = tl.load(row_ptrs + dims, mask=row_ok, other=0.0)
+        other = tl.load(row_ptrs + partner, mask=row_ok, other=0.0).to(tl.float32)
+        rotated = tl.where(dims < HEAD_DIM // 2, -other, other)
+        return (x.to(tl.float32) * cos + rotated * sin).to(x.dtype)
+
     # Sizes that change from step to step are not specialised on (Triton would compile a variant for
     # each value that is 1 or a multiple of 16, in the middle of serving).
     @triton.jit(do_not_specialize=["stride_qb", "stride_qh", "stride_qt", "stride_ob", "stride_oh", "stride_ot",
                                    "stride_mb", "stride_mt", "num_tokens", "width", "capacity", "splits"])
     def _tree_attention_kernel(
-        q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
-        slots_ptr, prefix_ptr, mask_ptr,
+        q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr, arrivals_ptr,
+        slots_ptr, prefix_ptr, mask_ptr, cos_ptr, sin_ptr, write_slots_ptr, write_offsets_ptr,
         stride_qb, stride_qh, stride_qt, stride_ks, stride_kh, stride_kl, stride_vs, stride_vh, stride_vl,
         stride_ob, stride_oh, stride_ot, stride_mb, stride_mt,
         num_tokens, width, capacity, scale, splits,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr, DEPENDENT: tl.constexpr,
+        MAX_SPLITS: tl.constexpr, PRECISION: tl.constexpr, ROTATE: tl.constexpr, DEPENDENT: tl.constexpr,
     ):
         if DEPENDENT:
             gdc_launch_dependents()
             gdc_wait()
         b = tl.program_id(0)
         kv_head = tl.program_id(1)
+        num_kv_heads = tl.num_programs(1)
+        H = num_kv_heads * GROUP
         m_block = tl.program_id(2) // splits
         split = tl.program_id(2) % splits
+        last = split == splits - 1
         rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # row = (query head in group) * T + token
         row_ok = rows < GROUP * num_tokens
         head = kv_head * GROUP + rows // num_tokens
         token = rows % num_tokens
         dims = tl.arange(0, HEAD_DIM)
-        q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + token[:, None] * stride_qt + dims[None, :],
-                    mask=row_ok[:, None], other=0.0)
         slot = tl.load(slots_ptr + b).to(tl.int64)
         prefix = tl.load(prefix_ptr + b).to(tl.int32)
         k_base = k_ptr + slot * stride_ks + kv_head * stride_kh
         v_base = v_ptr + slot * stride_vs + kv_head * stride_vh
+        if ROTATE:  # one token: q_ptr holds its unrotated q, k and v heads one after another
+            cos = tl.load(cos_ptr + b * HEAD_DIM + dims)
+            sin = tl.load(sin_ptr + b * HEAD_DIM + dims)
+            q_row = q_ptr + b * stride_qb
+            q = _rotated(q_row + head[:, None] * stride_qh, row_ok[:, None], cos[None, :], sin[None, :], HEAD_DIM)
+            if last:  # the token's key and value into the cache, where the loop below reads them back
+                key = _rotated(q_row + (H + kv_head) * stride_qh, dims < HEAD_DIM, cos, sin, HEAD_DIM)
+                value = tl.load(q_row + (H + num_kv_heads + kv_head) * stride_qh + dims)
+                write_slot = tl.load(write_slots_ptr + b).to(tl.int64)
+                write_offset = tl.load(write_offsets_ptr + b).to(tl.int64)
+                tl.store(k_ptr + write_slot * stride_ks + kv_head * stride_kh + write_offset * stride_kl + dims,
+                         key.to(k_ptr.dtype.element_ty))
+                tl.store(v_ptr + write_slot * stride_vs + kv_head * stride_vh + write_offset * stride_vl + dims,
+                         value.to(v_ptr.dtype.element_ty))
+                tl.debug_barrier()  # the program's own writes, visible to all its threads
+        else:
+            q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + token[:, None] * stride_qt + dims[None, :],
+                        mask=row_ok[:, None], other=0.0)
         row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         row_sum = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -170,7 +256,6 @@ if triton is not None:
         # One new token (a decode step): its own entry, where its mask lets it see itself, joins the last
         # split's range rather than a masked pass of its own, whose reads (the mask, then the entry's key
         # and value) would queue behind the prefix's.
-        last = split == splits - 1
         own_entry = (num_tokens == 1) & (width == 1)
         if last & own_entry:
             sees_itself = (tl.load(mask_ptr + b * stride_mb) != 0) & (prefix < capacity)
@@ -194,38 +279,36 @@ if triton is not None:
                                                 row_max, row_sum, acc, scale, HEAD_DIM, PRECISION)
                 start += BLOCK_N
 
+        out_ptrs = out_ptr + b * stride_ob + head[:, None] * stride_oh + token[:, None] * stride_ot + dims[None, :]
         if splits == 1:
             out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
-            tl.store(out_ptr + b * stride_ob + head[:, None] * stride_oh + token[:, None] * stride_ot + dims[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
         else:  # partials laid out [B, H, T, splits(, D)], contiguous
-            H = tl.num_programs(1) * GROUP
-            base = ((b * H + head) * num_tokens + token) * splits + split
+            row = (b * H + head) * num_tokens + token
+            base = row * splits + split
             tl.store(part_max_ptr + base, row_max, mask=row_ok)
             tl.store(part_sum_ptr + base, row_sum, mask=row_ok)
             tl.store(part_out_ptr + base[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
-
-    @triton.jit(do_not_specialize=["num_heads", "num_tokens", "stride_ob", "stride_oh", "stride_ot", "splits"])
-    def _combine_kernel(part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, num_heads, num_tokens,
-                        stride_ob, stride_oh, stride_ot, splits, MAX_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        DEPENDENT: tl.constexpr):
-        if DEPENDENT:
-            gdc_launch_dependents()
-            gdc_wait()
-        row = tl.program_id(0)  # (b, head, token)
-        token = row % num_tokens
-        head = (row // num_tokens) % num_heads
-        b = row // (num_tokens * num_heads)
-        index = tl.arange(0, MAX_SPLITS)
-        used = index < splits
-        dims = tl.arange(0, HEAD_DIM)
-        maxes = tl.load(part_max_ptr + row * splits + index, mask=used, other=float("-inf"))
-        sums = tl.load(part_sum_ptr + row * splits + index, mask=used, other=0.0)
-        parts = tl.load(part_out_ptr + (row * splits + index)[:, None] * HEAD_DIM + dims[None, :],
-                        mask=used[:, None], other=0.0)
-        top = tl.max(maxes, 0)
-        top = tl.where(top == float("-inf"), 0.0, top)
-        weights = tl.exp2(maxes - top)
-        total = tl.sum(sums * weights, 0)
-        out = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0, total, 1.0)
-        tl.store(out_ptr + b * stride_ob + head * stride_oh + token * stride_ot + dims, out.to(out_ptr.dtype.element_ty))
+            # The last of the block's splits to get here combines them. The barrier orders every thread's
+            # partial writes before the count (released at GPU scope); the last arrival's acquire then
+            # sees every other split's.
+            tl.debug_barrier()
+            count_ptr = arrivals_ptr + (b * num_kv_heads + kv_head) * (tl.num_programs(2) // splits) + m_block
+            if tl.atomic_add(count_ptr, 1, sem="acq_rel") == splits - 1:
+                tl.store(count_ptr, 0)  # ready for the next launch on this cache
+                index = tl.arange(0, MAX_SPLITS)
+                used = row_ok[:, None] & (index < splits)[None, :]
+                parts = row[:, None] * splits + index[None, :]
+                maxes = tl.load(part_max_ptr + parts, mask=used, other=float("-inf"), cache_modifier=".cg")
+                sums = tl.load(part_sum_ptr + parts, mask=used, other=0.0, cache_modifier=".cg")
+                top = tl.max(maxes, 1)
+                weights = tl.exp2(maxes - tl.where(top == float("-inf"), 0.0, top)[:, None])
+                total = tl.sum(sums * weights, 1)
+                acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+                for s in range(0, splits):  # in split order, whichever split arrived last
+                    weight = tl.sum(tl.where(index[None, :] == s, weights, 0.0), 1)
+                    part = tl.load(part_out_ptr + (row * splits + s)[:, None] * HEAD_DIM + dims[None, :],
+                                   mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+                    acc += part * weight[:, None]
+                out = acc / tl.where(total > 0, total, 1.0)[:, None]
+                tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])

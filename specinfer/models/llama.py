@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import decode_gemv
+from ..layers import decode_gemv, tree_attention
 from ..layers.attention import AttentionMetadata, cached_attention, write_kv
 from ..layers.decode_gemv import decode_product, foldable
 from ..layers.rotary import RotaryEmbedding, apply_rotary
@@ -134,8 +134,13 @@ class LlamaBlock(nn.Module):
         # half-precision weights): a folded model's weights are resident and constant (compile_blocks
         # refuses offloaded models).
         qkv = decode_product(h, attention.qkv_proj, norm=self.input_layernorm, dependent=True)
-        q = self.rotate_and_store(qkv, rope, cache_k, cache_v, meta, cache_kv)
-        attended = cached_attention(q, cache_k, cache_v, meta)  # [1, H, 1, D]: one row of H * D
+        if tree_attention.decode_supported(qkv, cache_k, meta.tree_mask):  # rotary, cache write, attention: one kernel
+            attended = tree_attention.decode_attention(
+                qkv, rope, attention.num_heads, cache_k, cache_v, meta.write_slots, meta.write_offsets,
+                meta.read_slots, meta.prefix_lens, meta.tree_mask)
+        else:
+            q = self.rotate_and_store(qkv, rope, cache_k, cache_v, meta, cache_kv)
+            attended = cached_attention(q, cache_k, cache_v, meta)  # [1, H, 1, D]: one row of H * D
         h = decode_product(attended.reshape(1, 1, -1), attention.o_proj, residual=h, dependent=True)
         activation = decode_product(h, mlp.gate_up_proj, norm=self.post_attention_layernorm, gated=True, dependent=True)
         return decode_product(activation, mlp.down_proj, residual=h, dependent=True)
