@@ -345,6 +345,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=1, help="requests served together (sizes and adaptive sections)")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--draft-vocab", type=int, help="tokens the SSMs score (default: the engine's; 0: all)")
     p.add_argument("--sections", default="sizes,stages,adaptive")
     p.add_argument("--overlap-trees", action="store_true",
@@ -357,8 +358,8 @@ def main() -> None:
     speculation = SpeculationConfig(expansion=parse_expansion(args.expansion),
                                     tree=load_tree_file(args.tree) if args.tree else None)
     paths = speculation.tree or speculation.tree_shape.paths[1:]
-    engine = EngineConfig(max_batch_size=args.batch, max_sequence_length=512, device=args.device, compile=args.compile,
-                          draft_vocab_size=args.draft_vocab, overlap_tree_steps=args.overlap_trees)
+    engine = EngineConfig(max_batch_size=args.batch, max_sequence_length=512, device=args.device, dtype=args.dtype,
+                          compile=args.compile, draft_vocab_size=args.draft_vocab, overlap_tree_steps=args.overlap_trees)
     llm = LLM(args.llm, args.ssm, engine=engine, speculation=speculation)
     print(f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'} · torch {torch.__version__} · "
           f"{next(llm.model.parameters()).dtype} · tree of {len(paths)} nodes · compile={args.compile}"

@@ -83,7 +83,7 @@ class LLM:
         # Under tensor parallelism every rank runs all of this on its own device, with its slice of the LLM.
         self.tp, device_name = from_environment(self.engine_config.tensor_parallel_size, self.engine_config.device)
         device = torch.device(device_name)
-        dtype = self._dtype(device)
+        self.dtype = dtype = self._dtype(device)  # the models' activations (weights too, unless quantized)
         model_path = Path(model) if model is not None else default_model_path()
         self.model_path = model_path
         budget = self.engine_config.gpu_memory_gb

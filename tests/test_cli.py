@@ -232,3 +232,24 @@ def test_warm_up_serves_each_mode_once_untimed_and_changes_no_output(model_dirs,
         assert calls == ([("tree", WARM_UP_TOKENS), ("incremental", WARM_UP_TOKENS)] + timed
                          if flags == ["--warm-up"] else timed)
     assert outputs["--warm-up"] == outputs["--no-warm-up"]
+
+
+def test_differing_greedy_outputs_are_held_to_the_rounding_bound(model_dirs):
+    """The demo's verdict on outputs that differ: the top-two margin where they first differ, against the
+    dtype's bound (a tie-break the LLM may take either way is equivalent; a wide margin is a bug)."""
+    import dataclasses
+
+    from specinfer import LLM, EngineConfig
+    from specinfer.cli import compare_outputs
+    from specinfer.exactness import top2_margin
+
+    llm = LLM(str(model_dirs / "llm"), ["self:1"], engine=EngineConfig(max_sequence_length=128))
+    baseline = llm.generate(["hello there"], mode="incremental", use_chat_template=False)
+    assert compare_outputs(llm, baseline, baseline, False, sampled=False) == "outputs identical"
+    tokens = baseline[0].output_tokens
+    changed = dataclasses.replace(baseline[0], output_tokens=tokens[:3] + [(tokens[3] + 1) % VOCAB] + tokens[4:])
+    margin = top2_margin(llm.model, llm.encode_prompt("hello there", False) + tokens[:3])
+    verdict = compare_outputs(llm, [changed], baseline, False, sampled=False)
+    assert f"{margin:.3g} apart" in verdict and "0 of 1 identical" in verdict
+    assert ("NOT equivalent" in verdict) == (margin > 1e-3)
+    assert "sampled" in compare_outputs(llm, [changed], baseline, False, sampled=True)
