@@ -137,10 +137,10 @@ def hf_case(llm: LLM, label: str, prompts: list[str], max_new_tokens: int, model
 
 
 def result_tag(args: argparse.Namespace) -> str:
-    """Result files are named by device, and by dtype and draft vocabulary where asked for:
-    engine_speed_cpu_bfloat16.md, engine_speed_cpu_bfloat16_vocab0.md."""
+    """Result files are named by device, and by dtype, draft vocabulary and --tag where asked for:
+    engine_speed_cpu_bfloat16.md, engine_speed_cpu_bfloat16_vocab0.md, engine_speed_cpu_float32_epyc.md."""
     tag = ("gpu" if args.device.startswith("cuda") else "cpu") + ("" if args.dtype == "auto" else f"_{args.dtype}")
-    return tag + ("" if args.draft_vocab is None else f"_vocab{args.draft_vocab}")
+    return tag + ("" if args.draft_vocab is None else f"_vocab{args.draft_vocab}") + (f"_{args.tag}" if args.tag else "")
 
 
 def draft_vocab_size(llm: LLM) -> int:
@@ -214,6 +214,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--num-prompts", type=int, default=len(PROMPTS))
     p.add_argument("--out", default="docs/benchmarks", help="folder for the JSON and Markdown results")
+    p.add_argument("--tag", help="appended to the result files' names (e.g. the machine: engine_speed_cpu_float32_epyc.md)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers reference rows")
     p.add_argument("--compile", action="store_true", help="fuse each block's kernels with torch.compile")
     p.add_argument("--draft-vocab", type=int, help="tokens the SSMs score (default: the engine's; 0: all)")

@@ -67,7 +67,8 @@ def add_engine_arguments(p: argparse.ArgumentParser, max_sequence_length: int) -
                      help="prompt + output tokens per request at most (the served context length)")
     run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                     help="weights and activations (auto: bfloat16 on GPU, float32 on CPU)")
+                     help="weights and activations (auto: bfloat16 on GPU; on CPU bfloat16 where it measures faster, "
+                          "else float32)")
     run.add_argument("--max-batch-size", type=int, default=8, help="requests served together at most")
     run.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                      help="split the LLM over this many processes (one per GPU with --device cuda; gloo on CPU); "
@@ -231,7 +232,8 @@ def run(args: argparse.Namespace) -> int:
     num_tokens = sum(len(r.output_tokens) for r in results)
     steps = sum(r.num_llm_steps for r in results)
     accepted = sum(r.num_accepted for r in results)
-    print(f"\n{args.mode}: {num_tokens} tokens in {elapsed:.2f} s = {num_tokens / elapsed:.1f} tokens/s; "
+    print(f"\n{engine.device}, {str(llm.dtype).removeprefix('torch.')} ({llm.dtype_reason})")
+    print(f"{args.mode}: {num_tokens} tokens in {elapsed:.2f} s = {num_tokens / elapsed:.1f} tokens/s; "
           f"{(accepted + steps) / max(steps, 1):.2f} tokens per LLM step ({accepted} speculated tokens accepted "
           f"over {steps} steps)")
     if compare:

@@ -112,7 +112,7 @@ class EngineConfig:
     max_batch_size: int = 8
     max_sequence_length: int = 1024  # prompt + generated tokens, per request
     device: str = "cpu"
-    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    dtype: str = "auto"  # auto: bfloat16 on GPU; on CPU bfloat16 where faster (layers/cpu_dtype.py)
     tensor_parallel_size: int = 1  # processes (GPUs) the LLM is split over; see specinfer/distributed
     quantization: str | None = None  # None, "int8" (per channel) or "int4" (per group); see specinfer/quant
     quant_group_size: int = 64  # input columns sharing one int4 scale

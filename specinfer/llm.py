@@ -33,6 +33,7 @@ from .distributed.parallel import from_environment
 from .engine.offload import offload
 from .engine.request_manager import RequestManager
 from .errors import SpecInferError
+from .layers.cpu_dtype import auto_cpu_dtype
 from .layers.cpu_rows import pad_small_products
 from .models.compile import compile_blocks
 from .models.fuse import fuse_projections
@@ -113,7 +114,7 @@ class LLM:
         if self.engine_config.compile:
             for model in [self.model, *self.ssms]:
                 compile_blocks(model, self.engine_config.fold_decode)
-        if device.type == "cpu" and self.tp is None and not budget:
+        if device.type == "cpu" and dtype == torch.float32 and self.tp is None and not budget:
             for model in [self.model, *self.ssms]:  # 2- and 3-row products as 4 rows (layers/cpu_rows.py)
                 pad_small_products(model)
         self.eos_token_ids = self.tokenizer.eos_token_ids or self.model.config.eos_token_ids
@@ -136,10 +137,20 @@ class LLM:
         return self._managers[mode]
 
     def _dtype(self, device: torch.device) -> torch.dtype:
-        name = self.engine_config.dtype
-        if name == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return _DTYPES[name]
+        """The models' dtype; `self.dtype_reason` says how `auto` chose it."""
+        name, config = self.engine_config.dtype, self.engine_config
+        self.dtype_reason = "asked for"
+        if name != "auto":
+            return _DTYPES[name]
+        if device.type == "cuda":
+            self.dtype_reason = "auto on a GPU"
+            return torch.bfloat16
+        if config.quantization or config.tensor_parallel_size > 1:  # their CPU paths are fp32's
+            self.dtype_reason = "auto on a CPU with " + ("quantization" if config.quantization else "tensor parallelism")
+            return torch.float32
+        dtype, why = auto_cpu_dtype()  # bf16 where this CPU's products measure faster in it
+        self.dtype_reason = f"auto: {why}"
+        return dtype
 
     def _load_ssm(self, spec: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
         if spec.startswith("self:"):

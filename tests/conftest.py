@@ -13,6 +13,9 @@ from specinfer.errors import SpecInferError
 # GPU tests check the batch-1 decode kernels' results, not which of their configurations is fastest:
 # two candidates per shape instead of 24-32 (each compiled once: minutes of a GPU run otherwise).
 os.environ.setdefault("SPECINFER_QUICK_AUTOTUNE", "1")
+# `--dtype auto` on a CPU picks bf16 where this CPU's products measure faster in it (layers/cpu_dtype.py):
+# tests that leave the dtype to `auto` assert fp32's rounding bound, so on every CPU they get fp32.
+os.environ.setdefault("SPECINFER_CPU_DTYPE", "float32")
 
 
 def pytest_collection_modifyitems(config, items):

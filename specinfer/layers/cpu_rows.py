@@ -1,4 +1,5 @@
-"""Products of two or three rows on a CPU, computed as four.
+"""Products of two or three rows on a CPU, computed as four (fp32 models: in bf16, oneDNN's products
+of 1 to 4 rows cost alike, and padding would only add work).
 
 On a CPU the small trees the adaptive engine drafts are verified in passes of two to four tokens, and
 the SSM's tree levels are as narrow. With PyTorch's MKL on a 2-core AMD EPYC, the default model's 2- and
