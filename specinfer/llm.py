@@ -33,14 +33,14 @@ from .distributed.parallel import from_environment
 from .engine.offload import offload
 from .engine.request_manager import RequestManager
 from .errors import SpecInferError
-from .layers.cpu_dtype import auto_cpu_dtype
-from .layers.cpu_rows import pad_small_products
+from .layers import cpu_linear
+from .layers.cpu_dtype import auto_cpu_dtype, layer_products
 from .models.compile import compile_blocks
 from .models.fuse import fuse_projections
 from .models.gguf_file import read_q4_1_blocks
 from .models.draft_vocab import draft_vocabulary, read_ranking, use_draft_vocabulary
 from .models.early_exit import early_exit_draft
-from .models.loader import load_model
+from .models.loader import load_model, read_config
 from .quant import quantize_model
 from .spec.tree_fit import load_tree_file
 from .tokenizer import Tokenizer, load_tokenizer
@@ -84,8 +84,8 @@ class LLM:
         # Under tensor parallelism every rank runs all of this on its own device, with its slice of the LLM.
         self.tp, device_name = from_environment(self.engine_config.tensor_parallel_size, self.engine_config.device)
         device = torch.device(device_name)
-        self.dtype = dtype = self._dtype(device)  # the models' activations (weights too, unless quantized)
         model_path = Path(model) if model is not None else default_model_path()
+        self.dtype = dtype = self._dtype(device, model_path)  # the models' activations (weights too, unless quantized)
         self.model_path = model_path
         budget = self.engine_config.gpu_memory_gb
         # Offloading loads on the host first: the model may not fit the device at all.
@@ -114,9 +114,8 @@ class LLM:
         if self.engine_config.compile:
             for model in [self.model, *self.ssms]:
                 compile_blocks(model, self.engine_config.fold_decode)
-        if device.type == "cpu" and dtype == torch.float32 and self.tp is None and not budget:
-            for model in [self.model, *self.ssms]:  # 2- and 3-row products as 4 rows (layers/cpu_rows.py)
-                pad_small_products(model)
+        if device.type == "cpu" and cpu_linear.available(dtype) and self.tp is None and not self.engine_config.compile:
+            cpu_linear.pack_linears([self.model, *self.ssms])  # weights blocked once for oneDNN (layers/cpu_linear.py)
         self.eos_token_ids = self.tokenizer.eos_token_ids or self.model.config.eos_token_ids
         self._managers: dict[str, RequestManager] = {}
         self.manager = self.manager_for(self.speculation.mode)
@@ -136,7 +135,7 @@ class LLM:
             )
         return self._managers[mode]
 
-    def _dtype(self, device: torch.device) -> torch.dtype:
+    def _dtype(self, device: torch.device, model_path: Path) -> torch.dtype:
         """The models' dtype; `self.dtype_reason` says how `auto` chose it."""
         name, config = self.engine_config.dtype, self.engine_config
         self.dtype_reason = "asked for"
@@ -148,7 +147,11 @@ class LLM:
         if config.quantization or config.tensor_parallel_size > 1:  # their CPU paths are fp32's
             self.dtype_reason = "auto on a CPU with " + ("quantization" if config.quantization else "tensor parallelism")
             return torch.float32
-        dtype, why = auto_cpu_dtype()  # bf16 where this CPU's products measure faster in it
+        try:  # measured on the model's own product shapes
+            layer = tuple(layer_products(read_config(model_path)))
+        except (SpecInferError, OSError, KeyError, TypeError, ValueError):  # loading it says what is wrong
+            layer = None
+        dtype, why = auto_cpu_dtype(layer)  # bf16 where this CPU's products measure faster in it
         self.dtype_reason = f"auto: {why}"
         return dtype
 

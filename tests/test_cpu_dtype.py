@@ -28,7 +28,7 @@ def test_the_measurement_compares_both_dtypes():
 def test_auto_takes_bf16_only_where_native_and_measured_faster(monkeypatch, fresh_choice, native, speedup, expected):
     monkeypatch.delenv("SPECINFER_CPU_DTYPE", raising=False)
     monkeypatch.setattr(cpu_dtype, "native_bf16", lambda: native)
-    monkeypatch.setattr(cpu_dtype, "bf16_speedup", lambda: speedup)
+    monkeypatch.setattr(cpu_dtype, "bf16_speedup", lambda *args: speedup)
     dtype, why = cpu_dtype.auto_cpu_dtype()
     assert dtype == expected
     assert ("measured" in why) == native

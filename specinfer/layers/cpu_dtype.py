@@ -14,15 +14,26 @@ in both dtypes, bf16 taken where it is at least `MIN_SPEEDUP` times faster. `SPE
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import time
 
 import torch
 import torch.nn.functional as F
 
+from . import cpu_linear
+
 MIN_SPEEDUP = 1.25  # well clear of run-to-run noise, so that the choice does not flip between runs
-_SHAPES = [(2048, 2048), (2048, 6144), (6144, 2048)]  # (in, out): a layer's products, 96 MB in fp32
-_LAYERS = 2
+WORKING_SET = 48 * 2**20  # fp32 bytes of weights a measurement streams at least: beyond the caches
+# (in, out) of one layer's products where the model's shapes are not known: SmolLM2-135M's
+DEFAULT_LAYER = [(576, 960), (576, 576), (576, 3072), (1536, 576)]
+
+
+def layer_products(cfg) -> list[tuple[int, int]]:
+    """(in, out) of a LLaMA-style layer's products (fused q/k/v and gate/up) for a `ModelConfig`."""
+    heads = cfg.num_heads * cfg.head_dim
+    return [(cfg.hidden_size, heads + 2 * cfg.num_kv_heads * cfg.head_dim), (heads, cfg.hidden_size),
+            (cfg.hidden_size, 2 * cfg.intermediate_size), (cfg.intermediate_size, cfg.hidden_size)]
 
 
 def native_bf16() -> bool:
@@ -33,25 +44,39 @@ def native_bf16() -> bool:
         return False
 
 
-def bf16_speedup(rows: int = 1, repeats: int = 3) -> float:
-    """fp32 time over bf16 time of a chain of products of `rows` rows, weights streaming from memory."""
+def bf16_speedup(layer: list[tuple[int, int]] | None = None, rows: int = 1, repeats: int = 5) -> float:
+    """fp32 time over bf16 time of a chain of products of `rows` rows over a layer's shapes repeated until
+    `WORKING_SET` bytes (weights streaming from memory), each dtype multiplied as the engine would
+    (packed for oneDNN where it can be); the best of `repeats` chains each."""
+    shapes, size = [], 0
+    for k, n in itertools.cycle(layer or DEFAULT_LAYER):
+        shapes.append((k, n))
+        size += 4 * k * n
+        if size >= WORKING_SET:
+            break
     times = {}
     for dtype in (torch.float32, torch.bfloat16):
-        weights = [torch.full((n, k), 0.01, dtype=dtype) for _ in range(_LAYERS) for k, n in _SHAPES]
-        inputs = {k: torch.full((rows, k), 0.5, dtype=dtype) for k, _ in _SHAPES}
+        weights = [torch.full((n, k), 0.01, dtype=dtype) for k, n in shapes]
+        inputs = [torch.full((rows, k), 0.5, dtype=dtype) for k, _ in shapes]
+        if cpu_linear.available(dtype):  # as the engine will multiply (layers/cpu_linear.py)
+            weights = [cpu_linear.pack_weight(w) for w in weights]
+            product = cpu_linear.packed_product
+        else:
+            product = F.linear
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
-            for weight in weights:
-                F.linear(inputs[weight.shape[1]], weight)
+            for x, weight in zip(inputs, weights):
+                product(x, weight)
             best = min(best, time.perf_counter() - start)
         times[dtype] = best
     return times[torch.float32] / times[torch.bfloat16]
 
 
 @functools.cache
-def auto_cpu_dtype() -> tuple[torch.dtype, str]:
-    """The dtype `auto` picks on this CPU and why, in words (measured once per process; see the module)."""
+def auto_cpu_dtype(layer: tuple[tuple[int, int], ...] | None = None) -> tuple[torch.dtype, str]:
+    """The dtype `auto` picks on this CPU for a model of `layer`'s product shapes, and why, in words
+    (measured once per process and shape; see the module)."""
     fixed = os.environ.get("SPECINFER_CPU_DTYPE")
     if fixed:
         if fixed not in ("float32", "bfloat16"):
@@ -61,6 +86,6 @@ def auto_cpu_dtype() -> tuple[torch.dtype, str]:
         return getattr(torch, fixed), "SPECINFER_CPU_DTYPE"
     if not native_bf16():
         return torch.float32, "no native bf16 products on this CPU"
-    speedup = bf16_speedup()
+    speedup = bf16_speedup(list(layer) if layer else None)
     dtype = torch.bfloat16 if speedup >= MIN_SPEEDUP else torch.float32
     return dtype, f"bf16 products measured {speedup:.2f}x as fast as fp32 on this CPU"

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from ..errors import SpecInferError
-from ..layers.cpu_rows import linear_rows
 
 
 class DraftVocabularyHead(nn.Module):
@@ -37,12 +36,14 @@ class DraftVocabularyHead(nn.Module):
             raise SpecInferError(f"draft vocabulary token ids must lie in [0, {vocab_size})")
         device = lm_head.weight.device
         self.register_buffer("token_ids", ids.to(device), persistent=False)
-        self.weight = nn.Parameter(lm_head.weight.detach()[ids.to(device)].clone(), requires_grad=False)
+        # The K rows as a layer of their own (so that CPU engines pack it like the others: layers/cpu_linear.py).
+        self.rows = nn.Linear(lm_head.in_features, ids.numel(), bias=False, device="meta")
+        self.rows.weight = nn.Parameter(lm_head.weight.detach()[ids.to(device)].clone(), requires_grad=False)
         self.vocab_size = vocab_size
 
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of the K tokens alone, in `token_ids` order."""
-        return linear_rows(hidden, self.weight)
+        return self.rows(hidden)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         scores = self.scores(hidden)

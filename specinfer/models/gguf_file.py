@@ -68,6 +68,11 @@ def gguf_config(reader, path: Path) -> ModelConfig:
         raise SpecInferError(f"{str(path)!r}: GGUF header lacks LLaMA hyperparameters") from None
 
 
+def read_gguf_config(path: Path) -> ModelConfig:
+    """The file's `ModelConfig` alone (the reader maps the file; no tensor is read)."""
+    return gguf_config(_open(path), path)
+
+
 def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     from gguf.quants import dequantize
 

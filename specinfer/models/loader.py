@@ -13,7 +13,7 @@ from tqdm import tqdm
 from ..errors import SpecInferError
 from . import build_model
 from .config import ModelConfig
-from .gguf_file import read_gguf
+from .gguf_file import read_gguf, read_gguf_config
 
 # Checkpoint prefixes that our modules do not have (ours are the decoder itself).
 _PREFIXES = ("model.decoder.", "decoder.", "model.")
@@ -53,6 +53,14 @@ def load_model(
         tensors = shard_tensors(cfg, {_strip_prefix(k): v for k, v in tensors.items()}, tp)
         cfg = local_config(cfg, tp)
     return instantiate(cfg, tensors, device, dtype, source=str(path), tp=tp)
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """The `ModelConfig` of the checkpoint at `path` (a folder or a GGUF file), weights unread."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return read_gguf_config(path)
+    return read_hf_config(path)
 
 
 def read_hf_config_dict(folder: Path) -> dict:
