@@ -127,6 +127,9 @@ class EngineConfig:
     fold_decode: bool = True
     # One matrix product for q/k/v and one for gate/up (models/fuse.py). Off where weights get saved.
     fuse_projections: bool = True
+    # CPU linear layers with weights prepacked for oneDNN (layers/cpu_linear.py); off where the models'
+    # layers are copied or trained afterwards (boost-tuning)
+    pack_cpu_weights: bool = True
     # SSMs score only this many of the most used tokens (models/draft_vocab.py); 0: the whole vocabulary;
     # None: 16,384 for the default model's tuned SSMs or with `draft_vocab_file`, else the whole vocabulary.
     draft_vocab_size: int | None = None

@@ -114,7 +114,9 @@ class LLM:
         if self.engine_config.compile:
             for model in [self.model, *self.ssms]:
                 compile_blocks(model, self.engine_config.fold_decode)
-        if device.type == "cpu" and cpu_linear.available(dtype) and self.tp is None and not self.engine_config.compile:
+        config = self.engine_config
+        if (device.type == "cpu" and config.pack_cpu_weights and cpu_linear.available(dtype) and self.tp is None
+                and not config.compile):
             cpu_linear.pack_linears([self.model, *self.ssms])  # weights blocked once for oneDNN (layers/cpu_linear.py)
         self.eos_token_ids = self.tokenizer.eos_token_ids or self.model.config.eos_token_ids
         self._managers: dict[str, RequestManager] = {}

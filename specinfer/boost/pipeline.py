@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     held_out_prompts, tree_prompts = judged_sample(held_out_prompts, args.max_held_out)
     llm = LLM(args.llm, ssms=[], tokenizer=args.tokenizer,
               engine=EngineConfig(max_batch_size=args.generation_batch_size, max_sequence_length=args.max_sequence_length,
-                                  device=args.device, dtype=args.dtype, fuse_projections=False),  # SSMs copy its layers
+                                  device=args.device, dtype=args.dtype, fuse_projections=False,
+                                  pack_cpu_weights=False),  # SSMs copy its layers
               speculation=SpeculationConfig(mode="incremental"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompts.json").write_text(json.dumps({
