@@ -151,7 +151,7 @@ class LLM:
             return torch.float32
         try:  # measured on the model's own product shapes
             layer = tuple(layer_products(read_config(model_path)))
-        except (SpecInferError, OSError, KeyError, TypeError, ValueError):  # loading it says what is wrong
+        except (SpecInferError, OSError, AttributeError, KeyError, TypeError, ValueError):  # loading says what is wrong
             layer = None
         dtype, why = auto_cpu_dtype(layer)  # bf16 where this CPU's products measure faster in it
         self.dtype_reason = f"auto: {why}"
