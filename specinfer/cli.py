@@ -188,7 +188,7 @@ def compare_outputs(llm, results, baseline, use_template: bool, sampled: bool) -
                for r, b in differing]
     verdict = "equivalent" if max(margins) <= bound else "NOT equivalent (a bug: please report it)"
     return (f"outputs {verdict}: {len(results) - len(differing)} of {len(results)} identical, the others first "
-            f"differ where the LLM's top two logits are {max(margins):.3g} apart at most ({str(llm.dtype)[6:]} rounding "
+            f"differ where the LLM's top two logits are {max(margins):.3g} apart at most ({str(llm.dtype).removeprefix('torch.')} rounding "
             f"bound {bound:g}, where either token is a greedy choice)")
 
 

@@ -85,7 +85,9 @@ class LLM:
         self.tp, device_name = from_environment(self.engine_config.tensor_parallel_size, self.engine_config.device)
         device = torch.device(device_name)
         model_path = Path(model) if model is not None else default_model_path()
-        self.dtype = dtype = self._dtype(device, model_path)  # the models' activations (weights too, unless quantized)
+        # The models' activations (weights too, unless quantized), and how it was chosen, in words.
+        self.dtype, self.dtype_reason = self._dtype(device, model_path)
+        dtype = self.dtype
         self.model_path = model_path
         budget = self.engine_config.gpu_memory_gb
         # Offloading loads on the host first: the model may not fit the device at all.
@@ -137,25 +139,21 @@ class LLM:
             )
         return self._managers[mode]
 
-    def _dtype(self, device: torch.device, model_path: Path) -> torch.dtype:
-        """The models' dtype; `self.dtype_reason` says how `auto` chose it."""
+    def _dtype(self, device: torch.device, model_path: Path) -> tuple[torch.dtype, str]:
+        """The models' dtype, and how it was chosen."""
         name, config = self.engine_config.dtype, self.engine_config
-        self.dtype_reason = "asked for"
         if name != "auto":
-            return _DTYPES[name]
+            return _DTYPES[name], "asked for"
         if device.type == "cuda":
-            self.dtype_reason = "auto on a GPU"
-            return torch.bfloat16
+            return torch.bfloat16, "auto on a GPU"
         if config.quantization or config.tensor_parallel_size > 1:  # their CPU paths are fp32's
-            self.dtype_reason = "auto on a CPU with " + ("quantization" if config.quantization else "tensor parallelism")
-            return torch.float32
+            return torch.float32, "auto on a CPU with " + ("quantization" if config.quantization else "tensor parallelism")
         try:  # measured on the model's own product shapes
             layer = tuple(layer_products(read_config(model_path)))
         except (SpecInferError, OSError, AttributeError, KeyError, TypeError, ValueError):  # loading says what is wrong
             layer = None
         dtype, why = auto_cpu_dtype(layer)  # bf16 where this CPU's products measure faster in it
-        self.dtype_reason = f"auto: {why}"
-        return dtype
+        return dtype, f"auto: {why}"
 
     def _load_ssm(self, spec: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
         if spec.startswith("self:"):

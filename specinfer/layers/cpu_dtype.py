@@ -5,9 +5,11 @@ step, but only where the CPU multiplies bf16 natively (AVX512-BF16 or AMX, which
 PyTorch takes that path. On a 2-core AMD EPYC (Zen 4) the products of a 30-layer stack of the default
 model's shapes, weights streaming from memory, took 18.9 ms in bf16 against 33.9 ms in fp32 for one
 row and 27.5 against 67.5 ms for 21 rows (a verified tree), and the default model's incremental step
-went from 62 to 37 ms; an x86 Xeon with AMX once decoded slower in bf16 with an earlier engine. So the
-choice is measured once per process: a chain of products over a working set larger than the caches,
-in both dtypes, bf16 taken where it is at least `MIN_SPEEDUP` times faster. `SPECINFER_CPU_DTYPE`
+went from 62 to 37 ms (plain products, before layers/cpu_linear.py); an x86 Xeon with AMX once decoded
+slower in bf16 with an earlier engine, and bf16's lead narrows for wider layers. So the choice is
+measured once per process and model shape: a chain of the model's own products over a working set larger
+than the caches, in both dtypes, multiplied as the engine will (about 0.1 s for the default model), bf16
+taken where it is at least `MIN_SPEEDUP` times faster. `SPECINFER_CPU_DTYPE`
 (float32 or bfloat16) fixes the choice instead (the tests pin float32, whose rounding bound they assert).
 """
 
