@@ -141,3 +141,36 @@ def test_dependent_launches_give_the_logits_of_serial_launches_on_gpu(tmp_path, 
             token = int(step.argmax())
         logits[dependent] = torch.stack(steps)
     assert torch.equal(logits["1"], logits["0"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+def test_every_strip_shape_computes_the_product_on_gpu(mode):
+    """Each of the autotuner's strip shapes (decode_gemv.strip_shapes), at widths its steps divide and at
+    widths they do not (masked loads), with the norm folded in and with a residual: the product of the
+    layer's own (dequantized) weights, every output written (the output buffer is poisoned first)."""
+    from specinfer.layers import decode_gemv
+    from specinfer.quant.linear import QuantizedLinear
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    for in_features, out_features in [(4096, 1024), (1536, 576)]:
+        linear = torch.nn.Linear(in_features, out_features, bias=False, device="cuda", dtype=dtype)
+        layer = linear if mode is None else QuantizedLinear(linear, mode, group_size=64)
+        weight = linear.weight.double() if mode is None else layer.dequantized(torch.float64)
+        kind = {None: decode_gemv.HALF, "int8": decode_gemv.INT8, "int4": decode_gemv.INT4}[mode]
+        norm = torch.nn.RMSNorm(in_features, eps=1e-5, device="cuda", dtype=dtype)
+        torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+        x = torch.randn(1, in_features, device="cuda", dtype=dtype)
+        residual = torch.randn(1, out_features, device="cuda", dtype=dtype)
+        normed = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.double()
+        for strip in decode_gemv.strip_shapes(kind, 64):
+            for folded in (False, True):
+                expected = (normed if folded else x.double()) @ weight.T + (0 if folded else residual.double())
+                poison = torch.full((out_features,), float("nan"), device="cuda", dtype=dtype)
+                del poison  # the allocator hands the next output this poisoned memory
+                out = decode_gemv.decode_product(x, layer, norm=norm if folded else None,
+                                                 residual=None if folded else residual, strip=strip)
+                assert torch.isfinite(out).all(), (mode, strip, in_features)
+                error = float((out.double() - expected).norm() / expected.norm())
+                assert error < 1e-2, (mode, strip, in_features, folded, error)

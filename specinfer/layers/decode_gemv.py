@@ -74,13 +74,15 @@ def foldable(linear: nn.Module) -> bool:
 
 
 def decode_product(x: torch.Tensor, linear: nn.Module, norm: nn.Module | None = None, gated: bool = False,
-                   residual: torch.Tensor | None = None, dependent: bool = False) -> torch.Tensor:
+                   residual: torch.Tensor | None = None, dependent: bool = False,
+                   strip: tuple[int, int, int] | None = None) -> torch.Tensor:
     """`linear` applied to one row `x` (any shape holding one row, [..., K]) after `norm` (an RMSNorm with
     `weight` and `eps`), plus `residual` if given: a row of `linear.out_features` in x's shape. `gated`:
     linear's rows are [gate; up] (a fused gate/up projection) and the row returned is silu(gate) * up,
     half as long. `dependent`: launched as a dependent of the kernel before
     (dependent_launch.py), which reads the first weights before that kernel has finished; only for
-    weights that no kernel writes while a step runs (not offloaded layers)."""
+    weights that no kernel writes while a step runs (not offloaded layers). `strip`: one of
+    `strip_shapes` in place of the autotuner's choice (tests of every choice)."""
     group = 1
     if isinstance(linear, QuantizedLinear) and linear.mode == "int8":
         kind, weight, scale, minimum = INT8, linear.qweight.view(torch.int32), linear.scale, None
@@ -104,6 +106,10 @@ def decode_product(x: torch.Tensor, linear: nn.Module, norm: nn.Module | None = 
             gated, residual is not None)
     if os.environ.get("TRITON_INTERPRET") == "1":
         _decode_gemv_kernel[(triton.cdiv(N, 16),)](*args, False, BLOCK_N=16, BLOCK_K=max(64, group))
+    elif strip is not None:
+        block_n, block_k, warps = strip
+        _decode_gemv_kernel[(triton.cdiv(N, block_n),)](*args, False, BLOCK_N=block_n, BLOCK_K=block_k,
+                                                         num_warps=warps, num_stages=3)
     else:
         # Dependent launches only where they paid (H200, 7B-shaped, in flight: bf16 4.01 -> 3.91 ms, while
         # int8 went 2.84 -> 2.93 and int4 2.83 -> 2.95: their kernels are bound by instructions, probably
@@ -119,12 +125,19 @@ def decode_product(x: torch.Tensor, linear: nn.Module, norm: nn.Module | None = 
 if triton is not None:
 
     @triton.jit
-    def _row_input(x_ptr, norm_ptr, kk, k_ok, K: tl.constexpr, PROLOGUE: tl.constexpr, act: tl.constexpr):
+    def _row_input(x_ptr, norm_ptr, kk, k_ok, K: tl.constexpr, PROLOGUE: tl.constexpr, act: tl.constexpr,
+                   MASK_K: tl.constexpr):
         """The product's input at columns kk in fp32, after the prologue, and the raw row's squares."""
-        raw = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+        if MASK_K:
+            raw = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+        else:
+            raw = tl.load(x_ptr + kk).to(tl.float32)
         x = raw
         if PROLOGUE == 1:  # RMSNorm: the gain now, 1 / rms(x) once the whole row has been seen
-            x = raw * tl.load(norm_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            if MASK_K:
+                x = raw * tl.load(norm_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            else:
+                x = raw * tl.load(norm_ptr + kk).to(tl.float32)
         return x, raw * raw
 
     @triton.jit
@@ -142,18 +155,22 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
 
     @triton.jit
-    def _strip_tile(w_ptr, cols, col_ok, k, K: tl.constexpr, WEIGHT: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _strip_tile(w_ptr, cols, col_ok, k, K: tl.constexpr, WEIGHT: tl.constexpr, BLOCK_K: tl.constexpr,
+                    MASK_N: tl.constexpr):
         """The strip's weights for columns k .. k + BLOCK_K: half-precision values, or the 32-bit words
-        that hold them packed (int8: four a word, int4: eight)."""
-        if WEIGHT == 0:
-            kk = k + tl.arange(0, BLOCK_K)
-            tile = tl.load(w_ptr + cols[:, None] * K + kk[None, :], mask=col_ok[:, None] & (kk < K)[None, :], other=0.0)
+        that hold them packed (int8: four a word, int4: eight). Masked only where the shape needs it: a
+        mask the compiler cannot prove true splits each 16-byte load into predicated 4-byte ones."""
+        PER_WORD: tl.constexpr = 1 if WEIGHT == 0 else (4 if WEIGHT == 1 else 8)
+        WIDTH: tl.constexpr = BLOCK_K // PER_WORD  # elements (half) or words a row of the tile
+        p = tl.max_contiguous(tl.multiple_of(k // PER_WORD + tl.arange(0, WIDTH), WIDTH), WIDTH)
+        pointers = w_ptr + cols[:, None] * (K // PER_WORD) + p[None, :]
+        if K % BLOCK_K != 0:
+            tile = tl.load(pointers, mask=col_ok[:, None] & (p < K // PER_WORD)[None, :], other=0)
+        elif MASK_N:
+            tile = tl.load(pointers, mask=col_ok[:, None], other=0)
         else:
-            PER_WORD: tl.constexpr = 4 if WEIGHT == 1 else 8
-            p = k // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
-            tile = tl.load(w_ptr + cols[:, None] * (K // PER_WORD) + p[None, :],
-                           mask=col_ok[:, None] & (p < K // PER_WORD)[None, :], other=0).to(tl.uint32, bitcast=True)
-        return tile
+            tile = tl.load(pointers)
+        return tile if WEIGHT == 0 else tile.to(tl.uint32, bitcast=True)
 
     @triton.jit
     def _accumulate(acc, squares, tile, k, x_ptr, scale_ptr, min_ptr, norm_ptr, cols, col_ok, K: tl.constexpr,
@@ -162,7 +179,7 @@ if triton is not None:
         """Fold the strip's tile for columns k .. k + BLOCK_K into its sums (and the row's squares)."""
         if WEIGHT == 0:
             kk = k + tl.arange(0, BLOCK_K)
-            x, sq = _row_input(x_ptr, norm_ptr, kk, kk < K, K, PROLOGUE, act)
+            x, sq = _row_input(x_ptr, norm_ptr, kk, kk < K, K, PROLOGUE, act, K % BLOCK_K != 0)
             squares += sq
             acc += tile.to(tl.float32) * x[None, :]
         elif WEIGHT == 1:
@@ -170,7 +187,7 @@ if triton is not None:
             p_ok = p < K // 4
             words = tile ^ 0x80808080  # q + 128 in each byte
             for j in tl.static_range(4):
-                x, sq = _row_input(x_ptr, norm_ptr, 4 * p + j, p_ok, K, PROLOGUE, act)
+                x, sq = _row_input(x_ptr, norm_ptr, 4 * p + j, p_ok, K, PROLOGUE, act, K % BLOCK_K != 0)
                 squares += sq
                 if j < 2:  # bytes 0 and 1 stay in place: (q + 128) * 256^j
                     v = _field(words, 8 * j, 8, True, 128.0 * (1 << (8 * j)))
@@ -186,7 +203,7 @@ if triton is not None:
             qx = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
             x_sum = tl.zeros((WORDS,), dtype=tl.float32)
             for i in tl.static_range(8):
-                x, sq = _row_input(x_ptr, norm_ptr, 8 * p + i, p_ok, K, PROLOGUE, act)
+                x, sq = _row_input(x_ptr, norm_ptr, 8 * p + i, p_ok, K, PROLOGUE, act, K % BLOCK_K != 0)
                 squares += sq
                 x_sum += x
                 if i < 5:  # nibbles 0-4 stay in place: q * 16^i, under 2^23
@@ -203,7 +220,8 @@ if triton is not None:
         return acc, squares
 
     @triton.jit
-    def _decode_gemv_kernel(x_ptr, w_ptr, scale_ptr, min_ptr, norm_ptr, res_ptr, out_ptr, N, eps, K: tl.constexpr,
+    def _decode_gemv_kernel(x_ptr, w_ptr, scale_ptr, min_ptr, norm_ptr, res_ptr, out_ptr, N: tl.constexpr, eps,
+                            K: tl.constexpr,
                             PROLOGUE: tl.constexpr, WEIGHT: tl.constexpr, GROUP: tl.constexpr, GATED: tl.constexpr,
                             HAS_RESIDUAL: tl.constexpr, DEPENDENT: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr):
@@ -217,9 +235,11 @@ if triton is not None:
             units = pid * (BLOCK_N // 2) + strip // 2
             cols = units + (strip % 2) * (N // 2)
             col_ok = units < N // 2
+            MASK_N: tl.constexpr = (N // 2) % (BLOCK_N // 2) != 0
         else:
             cols = pid * BLOCK_N + strip
             col_ok = cols < N
+            MASK_N: tl.constexpr = N % BLOCK_N != 0
         act = out_ptr.dtype.element_ty
         if WEIGHT == 0:
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -232,14 +252,14 @@ if triton is not None:
             squares = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
         # The first tile of weights is read before waiting on the kernel before (dependent_launch.py):
         # weights are no kernel's output, and their first trip to memory then overlaps its tail.
-        tile = _strip_tile(w_ptr, cols, col_ok, 0, K, WEIGHT, BLOCK_K)
+        tile = _strip_tile(w_ptr, cols, col_ok, 0, K, WEIGHT, BLOCK_K, MASK_N)
         if DEPENDENT:
             gdc_launch_dependents()
             gdc_wait()
         acc, squares = _accumulate(acc, squares, tile, 0, x_ptr, scale_ptr, min_ptr, norm_ptr, cols, col_ok, K,
                                    PROLOGUE, WEIGHT, GROUP, BLOCK_N, BLOCK_K, act)
         for k in range(BLOCK_K, K, BLOCK_K):  # a for loop, so that Triton pipelines the loads across iterations
-            tile = _strip_tile(w_ptr, cols, col_ok, k, K, WEIGHT, BLOCK_K)
+            tile = _strip_tile(w_ptr, cols, col_ok, k, K, WEIGHT, BLOCK_K, MASK_N)
             acc, squares = _accumulate(acc, squares, tile, k, x_ptr, scale_ptr, min_ptr, norm_ptr, cols, col_ok, K,
                                        PROLOGUE, WEIGHT, GROUP, BLOCK_N, BLOCK_K, act)
         out = tl.sum(acc, axis=1)
@@ -260,18 +280,30 @@ if triton is not None:
 _TUNED: dict[tuple[int, int], object] = {}
 
 
+def strip_shapes(kind: int, group: int) -> list[tuple[int, int, int]]:
+    """The autotuner's choices for one weight kind: (rows a strip, columns a step, warps).
+
+    The packed kinds' instructions a weight (the loop's `sass`, sm_90) fall as one thread holds more
+    rows of its columns, since the input row's work (loads, nibble scales, sums) is shared by the rows
+    a thread holds: int4 group 64, 6.8 at 16 x 512 on 4 warps against 4.5 at 64 x 512 on 2; int8 4.6
+    and 4.1. Wide strips leave 4096-row layers few programs, so narrow ones stay in the set."""
+    if kind == HALF:
+        return [(n, k, w) for n in (4, 8, 16) for k in (128, 256, 512) for w in (4, 8)] + [(32, 256, 2), (32, 512, 4)]
+    if kind == INT8:
+        return [(64, 256, 2), (64, 256, 1), (32, 512, 2), (32, 256, 1), (16, 1024, 2), (16, 512, 1), (16, 512, 4),
+                (8, 1024, 4), (8, 512, 1), (4, 1024, 4)]
+    shapes = [(64, 512, 2), (64, 256, 1), (32, 512, 1), (32, 1024, 2), (32, 512, 4), (16, 1024, 1), (16, 512, 2),
+              (16, 512, 4), (8, 512, 1), (8, 1024, 2)]
+    return [(n, k, w) for n, k, w in shapes if k % group == 0] or [(16, group, 4)]  # whole groups a step
+
+
 def _tuned(kind: int, group: int):
     """The kernel autotuned per shape and variant, for one weight kind and group size (built on first use;
     each shape and variant compiles its configs once, and Triton caches them on disk after)."""
     if (kind, group) not in _TUNED:
-        # Strips of 4-16 rows (32 too for int4, whose rows are short) and 128-1024 columns a step,
-        # whole groups of int4 at a time.
-        block_ks = {HALF: (128, 256, 512), INT8: (256, 512, 1024)}.get(
-            kind, tuple(k for k in (128, 256, 512, 1024) if k % group == 0) or (group,))
-        rows = (4, 8, 16, 32) if kind == INT4 else (4, 8, 16)
         configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=3)
-                   for n in rows for k in block_ks for w in (4, 8)]
-        if os.environ.get("SPECINFER_QUICK_AUTOTUNE") == "1":  # tests: the narrowest and widest strips only
+                   for n, k, w in strip_shapes(kind, group)]
+        if os.environ.get("SPECINFER_QUICK_AUTOTUNE") == "1":  # tests: the widest and narrowest strips only
             configs = [configs[0], configs[-1]]
         _TUNED[kind, group] = triton.autotune(configs=configs, key=["N", "K", "PROLOGUE", "GATED", "HAS_RESIDUAL"])(
             _decode_gemv_kernel)

@@ -79,6 +79,7 @@ def decode_supported(qkv: torch.Tensor, cache_k: torch.Tensor, tree_mask: torch.
     """Whether `decode_attention` serves this step (otherwise: rotary, cache write, `tree_attention`): one
     token per row that sees the prefix and, by its mask, itself (an SSM's later tree levels see more)."""
     return (triton is not None and os.environ.get("SPECINFER_ATTENTION") != "sdpa"
+            and os.environ.get("SPECINFER_DECODE_ATTENTION") != "0"  # A/B benchmarks against the unfolded path
             and (qkv.is_cuda or _interpreting()) and qkv.dtype == cache_k.dtype and cache_k.shape[-1] in HEAD_DIMS
             and qkv.shape[1] == 1 and tree_mask.shape[1:] == (1, 1))
 
