@@ -34,9 +34,12 @@ def test_tree_attention_compiles_for_hopper(rotate, dependent):
                  part_sum_ptr=fp32, arrivals_ptr="*i32", slots_ptr=index, prefix_ptr=index, mask_ptr="*i1",
                  cos_ptr=fp32, sin_ptr=fp32, write_slots_ptr=index, write_offsets_ptr=index, scale="fp32")
     constexprs = dict(GROUP=1, HEAD_DIM=128, BLOCK_M=16, BLOCK_N=64, MAX_SPLITS=tree_attention.MAX_SPLITS,
-                      PRECISION="tf32", ROTATE=rotate, DEPENDENT=dependent)
+                      PRECISION="tf32", ROTATE=tree_attention.UNFUSED_ROTATION if rotate else 0, DEPENDENT=dependent)
     ptx = compile_for_hopper(tree_attention._tree_attention_kernel, types, constexprs).asm["ptx"]
     # The splits' combination: one arrival per program, released and acquired at GPU scope, and the
     # partials read past the multiprocessor's own cache.
     assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx
     assert ("griddepcontrol.wait" in ptx) == dependent
+    # The decode variant's rotary products rounded one by one (no multiply-add, no flush to zero), as
+    # PyTorch's are.
+    assert ("mul.rn.f32 a" in ptx) == rotate

@@ -36,6 +36,7 @@ try:
 except ImportError:  # CPU-only installs: attention falls back to SDPA (layers/attention.py)
     triton = None
 
+NO_ROTATION, FUSED_ROTATION, UNFUSED_ROTATION = 0, 1, 2  # decode_attention's rotary products: see _rotated
 MAX_TOKENS = 256  # longer chunks (prefills) take SDPA
 MAX_SPLITS = 8
 HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -146,7 +147,8 @@ def _launch(q, num_heads, q_strides, out, cache_k, cache_v, read_slots, prefix_l
         tree_mask.stride(0), tree_mask.stride(1),
         T, width, capacity, scale, splits,
         GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, MAX_SPLITS=MAX_SPLITS,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ROTATE=rotation is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        ROTATE=NO_ROTATION if rotation is None else (FUSED_ROTATION if _interpreting() else UNFUSED_ROTATION),
         DEPENDENT=dependent, **dependent_launch.launch_options(dependent),
     )
 
@@ -187,14 +189,23 @@ if triton is not None:
         return new_max, row_sum, acc
 
     @triton.jit
-    def _rotated(row_ptrs, row_ok, cos, sin, HEAD_DIM: tl.constexpr):
-        """Rows [BLOCK_M] (or one row) of the q/k/v output, rotated as `rotary.apply_rotary` does (fp32)."""
+    def _rotated(row_ptrs, row_ok, cos, sin, HEAD_DIM: tl.constexpr, ROTATE: tl.constexpr):
+        """Rows [BLOCK_M] (or one row) of the q/k/v output, rotated as `rotary.apply_rotary` does (fp32).
+        ROTATE == UNFUSED_ROTATION rounds each product before the sum, as PyTorch's separate kernels do (the
+        compiler would fuse one into a multiply-add, and cache entries would differ from the unfolded
+        path's in the last bit); Triton's interpreter has no such intrinsic and never fuses."""
         dims = tl.arange(0, HEAD_DIM)
         partner = (dims + HEAD_DIM // 2) % HEAD_DIM  # the other half's element of the same pair
         x = tl.load(row_ptrs + dims, mask=row_ok, other=0.0)
         other = tl.load(row_ptrs + partner, mask=row_ok, other=0.0).to(tl.float32)
         rotated = tl.where(dims < HEAD_DIM // 2, -other, other)
-        return (x.to(tl.float32) * cos + rotated * sin).to(x.dtype)
+        if ROTATE == 2:  # UNFUSED_ROTATION
+            out = tl.inline_asm_elementwise(
+                "{ .reg .f32 a, b; mul.rn.f32 a, $1, $2; mul.rn.f32 b, $3, $4; add.rn.f32 $0, a, b; }",
+                "=f,f,f,f,f", [x.to(tl.float32), cos, rotated, sin], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            out = x.to(tl.float32) * cos + rotated * sin
+        return out.to(x.dtype)
 
     # Sizes that change from step to step are not specialised on (Triton would compile a variant for
     # each value that is 1 or a multiple of 16, in the middle of serving).
@@ -232,9 +243,10 @@ if triton is not None:
             cos = tl.load(cos_ptr + b * HEAD_DIM + dims)
             sin = tl.load(sin_ptr + b * HEAD_DIM + dims)
             q_row = q_ptr + b * stride_qb
-            q = _rotated(q_row + head[:, None] * stride_qh, row_ok[:, None], cos[None, :], sin[None, :], HEAD_DIM)
+            q = _rotated(q_row + head[:, None] * stride_qh, row_ok[:, None], cos[None, :], sin[None, :], HEAD_DIM,
+                         ROTATE)
             if last:  # the token's key and value into the cache, where the loop below reads them back
-                key = _rotated(q_row + (H + kv_head) * stride_qh, dims < HEAD_DIM, cos, sin, HEAD_DIM)
+                key = _rotated(q_row + (H + kv_head) * stride_qh, dims < HEAD_DIM, cos, sin, HEAD_DIM, ROTATE)
                 value = tl.load(q_row + (H + num_kv_heads + kv_head) * stride_qh + dims)
                 write_slot = tl.load(write_slots_ptr + b).to(tl.int64)
                 write_offset = tl.load(write_offsets_ptr + b).to(tl.int64)
