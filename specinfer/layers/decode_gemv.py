@@ -75,14 +75,20 @@ def foldable(linear: nn.Module) -> bool:
 
 def decode_product(x: torch.Tensor, linear: nn.Module, norm: nn.Module | None = None, gated: bool = False,
                    residual: torch.Tensor | None = None, dependent: bool = False,
-                   strip: tuple[int, int, int] | None = None) -> torch.Tensor:
+                   strip: tuple[int, ...] | None = None) -> torch.Tensor:
     """`linear` applied to one row `x` (any shape holding one row, [..., K]) after `norm` (an RMSNorm with
     `weight` and `eps`), plus `residual` if given: a row of `linear.out_features` in x's shape. `gated`:
     linear's rows are [gate; up] (a fused gate/up projection) and the row returned is silu(gate) * up,
     half as long. `dependent`: launched as a dependent of the kernel before
     (dependent_launch.py), which reads the first weights before that kernel has finished; only for
     weights that no kernel writes while a step runs (not offloaded layers). `strip`: one of
-    `strip_shapes` in place of the autotuner's choice (tests of every choice)."""
+    `strip_shapes` in place of the autotuner's choice (tests of every choice).
+
+    Products with nothing folded in before them (o and down, which end a half of the block) may split
+    the row's columns among several programs per strip (`SPLIT_K`): a 4096-row layer has too few strips
+    to keep the GPU's memory busy once a strip is wide enough to share the row's work. The splits' sums
+    meet in a per-layer buffer and the last split to arrive adds them up in split order (the same sum
+    on every run) and finishes the strip."""
     group = 1
     if isinstance(linear, QuantizedLinear) and linear.mode == "int8":
         kind, weight, scale, minimum = INT8, linear.qweight.view(torch.int32), linear.scale, None
@@ -100,16 +106,22 @@ def decode_product(x: torch.Tensor, linear: nn.Module, norm: nn.Module | None = 
     width = N // 2 if gated else N
     out = torch.empty(width, dtype=x.dtype, device=x.device)
     unread = out  # a placeholder for the pointers a variant does not read
+    splittable = norm is None and not gated
+    partials, arrivals = _split_buffers(linear, x.device) if splittable else (unread, unread)
     args = (row.contiguous(), weight, unread if scale is None else scale, unread if minimum is None else minimum,
             unread if norm is None else norm.weight, unread if residual is None else residual.reshape(-1), out,
-            N, float(norm.eps) if norm is not None else 0.0, K, RMSNORM if norm is not None else NONE, kind, group,
-            gated, residual is not None)
+            partials, arrivals, N, float(norm.eps) if norm is not None else 0.0, K,
+            RMSNORM if norm is not None else NONE, kind, group, gated, residual is not None)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        _decode_gemv_kernel[(triton.cdiv(N, 16),)](*args, False, BLOCK_N=16, BLOCK_K=max(64, group))
+        block_k = max(64, group)
+        split = 2 if splittable and _split_fits(K, block_k, 2) else 1  # the split path too
+        _decode_gemv_kernel[(triton.cdiv(N, 16), split)](*args, False, BLOCK_N=16, BLOCK_K=block_k, SPLIT_K=split)
     elif strip is not None:
-        block_n, block_k, warps = strip
-        _decode_gemv_kernel[(triton.cdiv(N, block_n),)](*args, False, BLOCK_N=block_n, BLOCK_K=block_k,
-                                                         num_warps=warps, num_stages=3)
+        block_n, block_k, warps, split = (*strip, 1)[:4]
+        if split > 1 and not (splittable and _split_fits(K, block_k, split)):
+            raise ValueError(f"strip {strip} cannot split this product")
+        _decode_gemv_kernel[(triton.cdiv(N, block_n), split)](*args, False, BLOCK_N=block_n, BLOCK_K=block_k,
+                                                               SPLIT_K=split, num_warps=warps, num_stages=3)
     else:
         # Dependent launches only where they paid (H200, 7B-shaped, in flight: bf16 4.01 -> 3.91 ms, while
         # int8 went 2.84 -> 2.93 and int4 2.83 -> 2.95: their kernels are bound by instructions, probably
@@ -117,7 +129,7 @@ def decode_product(x: torch.Tensor, linear: nn.Module, norm: nn.Module | None = 
         # calls, the autotuner's timings among them (first use, before any capture), launch serially.
         dependent = (dependent and kind == HALF and dependent_launch.enabled(x)
                      and torch.cuda.is_current_stream_capturing())
-        _tuned(kind, group)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
+        _tuned(kind, group, splittable)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])](
             *args, dependent, **dependent_launch.launch_options(dependent))
     return out.view(*x.shape[:-1], width)
 
@@ -220,11 +232,11 @@ if triton is not None:
         return acc, squares
 
     @triton.jit
-    def _decode_gemv_kernel(x_ptr, w_ptr, scale_ptr, min_ptr, norm_ptr, res_ptr, out_ptr, N: tl.constexpr, eps,
-                            K: tl.constexpr,
+    def _decode_gemv_kernel(x_ptr, w_ptr, scale_ptr, min_ptr, norm_ptr, res_ptr, out_ptr, part_ptr, arrivals_ptr,
+                            N: tl.constexpr, eps, K: tl.constexpr,
                             PROLOGUE: tl.constexpr, WEIGHT: tl.constexpr, GROUP: tl.constexpr, GATED: tl.constexpr,
                             HAS_RESIDUAL: tl.constexpr, DEPENDENT: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr):
+                            BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
         # w: [N, K] half precision; or int8 [N, K] with a per-row fp32 scale, read as int32 [N, K / 4];
         # or int4 [N, K / 2] bytes read as int32 [N, K / 8] (nibble i of a word is column 8p + i), with fp16
         # scale and minimum [N, K / GROUP]. K is a compile-time constant: a model has a few widths, and
@@ -250,19 +262,52 @@ if triton is not None:
         else:
             acc = tl.zeros((BLOCK_N, BLOCK_K // GROUP), dtype=tl.float32)
             squares = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+        # This program's columns: all of them, or split `split`'s share of whole steps (none is empty:
+        # _split_fits).
+        STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+        CHUNK: tl.constexpr = (STEPS + SPLIT_K - 1) // SPLIT_K
+        split = tl.program_id(1)
+        k_lo = split * (CHUNK * BLOCK_K)
+        if SPLIT_K > 1:
+            k_hi = tl.minimum(k_lo + CHUNK * BLOCK_K, K)
+        else:
+            k_hi = K
         # The first tile of weights is read before waiting on the kernel before (dependent_launch.py):
         # weights are no kernel's output, and their first trip to memory then overlaps its tail.
-        tile = _strip_tile(w_ptr, cols, col_ok, 0, K, WEIGHT, BLOCK_K, MASK_N)
+        tile = _strip_tile(w_ptr, cols, col_ok, k_lo, K, WEIGHT, BLOCK_K, MASK_N)
         if DEPENDENT:
             gdc_launch_dependents()
             gdc_wait()
-        acc, squares = _accumulate(acc, squares, tile, 0, x_ptr, scale_ptr, min_ptr, norm_ptr, cols, col_ok, K,
+        acc, squares = _accumulate(acc, squares, tile, k_lo, x_ptr, scale_ptr, min_ptr, norm_ptr, cols, col_ok, K,
                                    PROLOGUE, WEIGHT, GROUP, BLOCK_N, BLOCK_K, act)
-        for k in range(BLOCK_K, K, BLOCK_K):  # a for loop, so that Triton pipelines the loads across iterations
+        for k in range(k_lo + BLOCK_K, k_hi, BLOCK_K):  # a for loop, so that Triton pipelines the loads
             tile = _strip_tile(w_ptr, cols, col_ok, k, K, WEIGHT, BLOCK_K, MASK_N)
             acc, squares = _accumulate(acc, squares, tile, k, x_ptr, scale_ptr, min_ptr, norm_ptr, cols, col_ok, K,
                                        PROLOGUE, WEIGHT, GROUP, BLOCK_N, BLOCK_K, act)
         out = tl.sum(acc, axis=1)
+        if SPLIT_K == 1:
+            _finish(out, cols, col_ok, pid, scale_ptr, res_ptr, out_ptr, squares, eps, N, K, PROLOGUE, WEIGHT,
+                    GATED, HAS_RESIDUAL, BLOCK_N)
+        else:
+            # Each split's sums into the layer's buffer; the barrier orders every thread's writes before the
+            # count (released at GPU scope), and the last arrival's acquire then sees every split's.
+            tl.store(part_ptr + split * N + cols, out, mask=col_ok)
+            tl.debug_barrier()
+            if tl.atomic_add(arrivals_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1:
+                tl.store(arrivals_ptr + pid, 0)  # ready for the layer's next call
+                total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for s in tl.static_range(SPLIT_K):  # in split order, whichever split arrived last
+                    total += tl.load(part_ptr + s * N + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
+                _finish(total, cols, col_ok, pid, scale_ptr, res_ptr, out_ptr, squares, eps, N, K, PROLOGUE,
+                        WEIGHT, GATED, HAS_RESIDUAL, BLOCK_N)
+
+    @triton.jit
+    def _finish(out, cols, col_ok, pid, scale_ptr, res_ptr, out_ptr, squares, eps, N: tl.constexpr,
+                K: tl.constexpr, PROLOGUE: tl.constexpr, WEIGHT: tl.constexpr, GATED: tl.constexpr,
+                HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The strip's epilogue on its rows' sums: int8's row scale, the norm's 1 / rms, SwiGLU or the
+        residual add, and the store."""
+        act = out_ptr.dtype.element_ty
         if WEIGHT == 1:
             out = out * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
         if PROLOGUE == 1:
@@ -277,34 +322,69 @@ if triton is not None:
             tl.store(out_ptr + cols, out.to(act), mask=col_ok)
 
 
-_TUNED: dict[tuple[int, int], object] = {}
+_TUNED: dict[tuple[int, int, bool], object] = {}
+MAX_SPLIT_K = 8
 
 
-def strip_shapes(kind: int, group: int) -> list[tuple[int, int, int]]:
-    """The autotuner's choices for one weight kind: (rows a strip, columns a step, warps).
+def strip_shapes(kind: int, group: int, splittable: bool = False) -> list[tuple[int, int, int, int]]:
+    """The autotuner's choices for one weight kind: (rows a strip, columns a step, warps, splits).
 
     The packed kinds' instructions a weight (the loop's `sass`, sm_90) fall as one thread holds more
     rows of its columns, since the input row's work (loads, nibble scales, sums) is shared by the rows
     a thread holds: int4 group 64, 6.8 at 16 x 512 on 4 warps against 4.5 at 64 x 512 on 2; int8 4.6
-    and 4.1. Wide strips leave 4096-row layers few programs, so narrow ones stay in the set."""
+    and 4.1. Wide strips leave a 4096-row layer few programs (64 strips of 64 rows for 132
+    multiprocessors): there its columns split among programs (`splittable`: nothing folded in before
+    the product), and narrow unsplit strips stay in the set."""
     if kind == HALF:
-        return [(n, k, w) for n in (4, 8, 16) for k in (128, 256, 512) for w in (4, 8)] + [(32, 256, 2), (32, 512, 4)]
-    if kind == INT8:
-        return [(64, 256, 2), (64, 256, 1), (32, 512, 2), (32, 256, 1), (16, 1024, 2), (16, 512, 1), (16, 512, 4),
-                (8, 1024, 4), (8, 512, 1), (4, 1024, 4)]
-    shapes = [(64, 512, 2), (64, 256, 1), (32, 512, 1), (32, 1024, 2), (32, 512, 4), (16, 1024, 1), (16, 512, 2),
-              (16, 512, 4), (8, 512, 1), (8, 1024, 2)]
-    return [(n, k, w) for n, k, w in shapes if k % group == 0] or [(16, group, 4)]  # whole groups a step
+        shapes = [(n, k, w) for n in (4, 8, 16) for k in (128, 256, 512) for w in (4, 8)] + [(32, 256, 2), (32, 512, 4)]
+        split = [(16, 256, 4, 2), (16, 512, 4, 4), (32, 256, 2, 4)]
+    elif kind == INT8:
+        shapes = [(64, 256, 2), (64, 256, 1), (32, 512, 2), (32, 256, 1), (16, 1024, 2), (16, 512, 1), (16, 512, 4),
+                  (8, 1024, 4), (8, 512, 1), (4, 1024, 4)]
+        split = [(64, 256, 2, 4), (32, 512, 2, 4), (32, 256, 1, 4), (16, 512, 1, 4), (64, 256, 1, 8)]
+    else:
+        shapes = [(64, 512, 2), (64, 256, 1), (32, 512, 1), (32, 1024, 2), (32, 512, 4), (16, 1024, 1), (16, 512, 2),
+                  (16, 512, 4), (8, 512, 1), (8, 1024, 2)]
+        split = [(64, 256, 1, 4), (64, 512, 2, 4), (32, 256, 1, 4), (32, 512, 2, 4), (64, 256, 1, 8), (32, 256, 1, 8)]
+    shapes = [(n, k, w, 1) for n, k, w in shapes] + (split if splittable else [])
+    if kind == INT4:  # whole groups a step
+        shapes = [shape for shape in shapes if shape[1] % group == 0] or [(16, group, 4, 1)]
+    return shapes
 
 
-def _tuned(kind: int, group: int):
+def _split_fits(K: int, block_k: int, splits: int) -> bool:
+    """Whether K's columns split into `splits` shares of whole unmasked steps, none of them empty."""
+    steps = K // block_k
+    return splits == 1 or (K % block_k == 0 and (splits - 1) * -(-steps // splits) < steps)
+
+
+def _split_buffers(linear: nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's own fp32 buffer for its splits' sums and its zeroed arrival counts (one per strip),
+    made on its first call (eager, before any graph captures it): a layer's products run one after
+    another, so no two launches share them while either runs."""
+    buffers = getattr(linear, "_decode_split_buffers", None)
+    if buffers is None or buffers[0].device != device:
+        buffers = (torch.empty(MAX_SPLIT_K * linear.out_features, device=device, dtype=torch.float32),
+                   torch.zeros(linear.out_features, device=device, dtype=torch.int32))
+        linear._decode_split_buffers = buffers
+    return buffers
+
+
+def _prune(configs, named_args, **kwargs):
+    """The autotuner's choices this product can take: splits only of whole steps (see _split_fits)."""
+    fitting = [c for c in configs if _split_fits(named_args["K"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"])]
+    return fitting or [c for c in configs if c.kwargs["SPLIT_K"] == 1]
+
+
+def _tuned(kind: int, group: int, splittable: bool):
     """The kernel autotuned per shape and variant, for one weight kind and group size (built on first use;
     each shape and variant compiles its configs once, and Triton caches them on disk after)."""
-    if (kind, group) not in _TUNED:
-        configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=3)
-                   for n, k, w in strip_shapes(kind, group)]
-        if os.environ.get("SPECINFER_QUICK_AUTOTUNE") == "1":  # tests: the widest and narrowest strips only
+    if (kind, group, splittable) not in _TUNED:
+        configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": split}, num_warps=w, num_stages=3)
+                   for n, k, w, split in strip_shapes(kind, group, splittable)]
+        if os.environ.get("SPECINFER_QUICK_AUTOTUNE") == "1":  # tests: the widest and narrowest strips, a split
             configs = [configs[0], configs[-1]]
-        _TUNED[kind, group] = triton.autotune(configs=configs, key=["N", "K", "PROLOGUE", "GATED", "HAS_RESIDUAL"])(
-            _decode_gemv_kernel)
-    return _TUNED[kind, group]
+        _TUNED[kind, group, splittable] = triton.autotune(
+            configs=configs, key=["N", "K", "PROLOGUE", "GATED", "HAS_RESIDUAL"],
+            prune_configs_by={"early_config_prune": _prune})(_decode_gemv_kernel)
+    return _TUNED[kind, group, splittable]
