@@ -1,6 +1,6 @@
 """Instructions a weight in the batch-1 product kernel's loop, compiled for Hopper without a GPU.
 
-    python benchmarks/kernel_sass.py [--kinds int8,int4] [--group-size 64] [--k 16384] [--n 12288]
+    python benchmarks/kernel_sass.py [--kinds int8,int4,int4-pairs] [--group-size 64] [--k 16384] [--n 12288]
 
 At one row a product reads each weight once, so the kernel must retire its instructions as fast as the
 memory delivers weights: on an H100 (3.0 TB/s, 132 multiprocessors at ~1.75 GHz, 4 schedulers each) that
@@ -32,7 +32,8 @@ from triton.compiler import ASTSource
 
 from specinfer.layers import decode_gemv
 
-KINDS = {"half": decode_gemv.HALF, "int8": decode_gemv.INT8, "int4": decode_gemv.INT4}
+KINDS = {"half": decode_gemv.HALF, "int8": decode_gemv.INT8, "int4": decode_gemv.INT4,
+         "int4-pairs": decode_gemv.INT4_PAIRS}
 
 
 def compile_kernel(kind: int, group: int, N: int, K: int, block_n: int, block_k: int, warps: int, split: int = 1,
@@ -79,7 +80,7 @@ def opcode(instruction: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kinds", default="int8,int4")
+    p.add_argument("--kinds", default="int8,int4,int4-pairs")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--k", type=int, default=16384, help="input width (large, so that every shape loops)")
     p.add_argument("--n", type=int, default=12288)

@@ -144,8 +144,8 @@ def test_dependent_launches_give_the_logits_of_serial_launches_on_gpu(tmp_path, 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", [None, "int8", "int4"])
-def test_every_strip_shape_computes_the_product_on_gpu(mode):
+@pytest.mark.parametrize("mode", [None, "int8", "int4", "int4-pairs"])
+def test_every_strip_shape_computes_the_product_on_gpu(mode, monkeypatch):
     """Each of the autotuner's strip shapes (decode_gemv.strip_shapes), at widths its steps divide and at
     widths they do not (masked loads), with the norm folded in and with a residual (split among
     programs too): the product of the
@@ -155,11 +155,14 @@ def test_every_strip_shape_computes_the_product_on_gpu(mode):
 
     torch.manual_seed(0)
     dtype = torch.bfloat16
+    if mode == "int4-pairs":  # the experimental bf16-pair arithmetic (decode_gemv._word_in_pairs)
+        monkeypatch.setenv("SPECINFER_INT4_PAIRS", "1")
     for in_features, out_features in [(4096, 1024), (1536, 576)]:
         linear = torch.nn.Linear(in_features, out_features, bias=False, device="cuda", dtype=dtype)
-        layer = linear if mode is None else QuantizedLinear(linear, mode, group_size=64)
+        layer = linear if mode is None else QuantizedLinear(linear, mode[:4], group_size=64)
         weight = linear.weight.double() if mode is None else layer.dequantized(torch.float64)
-        kind = {None: decode_gemv.HALF, "int8": decode_gemv.INT8, "int4": decode_gemv.INT4}[mode]
+        kind = {None: decode_gemv.HALF, "int8": decode_gemv.INT8, "int4": decode_gemv.INT4,
+                "int4-pairs": decode_gemv.INT4_PAIRS}[mode]
         norm = torch.nn.RMSNorm(in_features, eps=1e-5, device="cuda", dtype=dtype)
         torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
         x = torch.randn(1, in_features, device="cuda", dtype=dtype)

@@ -45,7 +45,7 @@ def test_tree_attention_compiles_for_hopper(rotate, dependent):
     assert ("mul.rn.f32 a" in ptx) == rotate
 
 
-@pytest.mark.parametrize("weight", ["half", "int8", "int4"])
+@pytest.mark.parametrize("weight", ["half", "int8", "int4", "int4-pairs"])
 @pytest.mark.parametrize("split", [1, 4])
 def test_decode_product_compiles_for_hopper(weight, split):
     """The batch-1 product kernel (layers/decode_gemv.py), its o/down form with a residual add, unsplit and
@@ -53,7 +53,8 @@ def test_decode_product_compiles_for_hopper(weight, split):
     strip, and the last reads the others' sums past its multiprocessor's cache."""
     from specinfer.layers import decode_gemv
 
-    kind = {"half": decode_gemv.HALF, "int8": decode_gemv.INT8, "int4": decode_gemv.INT4}[weight]
+    kind = {"half": decode_gemv.HALF, "int8": decode_gemv.INT8, "int4": decode_gemv.INT4,
+            "int4-pairs": decode_gemv.INT4_PAIRS}[weight]
     half = "*bf16"
     types = dict(x_ptr=half, w_ptr=half if weight == "half" else "*i32", scale_ptr="*fp32" if weight == "int8" else "*fp16",
                  min_ptr="*fp16", norm_ptr=half, res_ptr=half, out_ptr=half, part_ptr="*fp32", arrivals_ptr="*i32",
@@ -62,3 +63,4 @@ def test_decode_product_compiles_for_hopper(weight, split):
                       DEPENDENT=False, BLOCK_N=32, BLOCK_K=256, SPLIT_K=split)
     ptx = compile_for_hopper(decode_gemv._decode_gemv_kernel, types, constexprs).asm["ptx"]
     assert ("atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx) == (split > 1)
+    assert ("fma.rn.bf16x2" in ptx) == (weight == "int4-pairs")  # two products an instruction
