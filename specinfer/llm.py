@@ -148,11 +148,12 @@ class LLM:
             return torch.bfloat16, "auto on a GPU"
         if config.quantization or config.tensor_parallel_size > 1:  # their CPU paths are fp32's
             return torch.float32, "auto on a CPU with " + ("quantization" if config.quantization else "tensor parallelism")
-        try:  # measured on the model's own product shapes
-            layer = tuple(layer_products(read_config(model_path)))
+        try:  # measured on the model's own product shapes and size
+            model_config = read_config(model_path)
+            layer, num_layers = tuple(layer_products(model_config)), model_config.num_layers
         except (SpecInferError, OSError, AttributeError, KeyError, TypeError, ValueError):  # loading says what is wrong
-            layer = None
-        dtype, why = auto_cpu_dtype(layer)  # bf16 where this CPU's products measure faster in it
+            layer, num_layers = None, None
+        dtype, why = auto_cpu_dtype(layer, num_layers)  # bf16 where this CPU's products measure faster in it
         return dtype, f"auto: {why}"
 
     def _load_ssm(self, spec: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

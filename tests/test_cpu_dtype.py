@@ -23,12 +23,26 @@ def test_the_measurement_compares_both_dtypes():
     assert math.isfinite(speedup) and speedup > 0
 
 
+def test_the_measurement_streams_the_models_own_weights_within_limits():
+    """Over the model's layers (a cache that holds a small chain in both dtypes hides bf16's gain), but
+    never less than WORKING_SET nor more than MAX_WORKING_SET fp32 bytes."""
+    layer = cpu_dtype.DEFAULT_LAYER
+    layer_bytes = 4 * sum(k * n for k, n in layer)
+
+    def chained(num_layers):
+        return 4 * sum(k * n for k, n in cpu_dtype.chain_shapes(layer, num_layers))
+
+    assert cpu_dtype.WORKING_SET <= chained(None) < cpu_dtype.WORKING_SET + layer_bytes
+    assert 30 * layer_bytes <= chained(30) < 31 * layer_bytes  # the default model: 405 MiB
+    assert cpu_dtype.MAX_WORKING_SET <= chained(1000) < cpu_dtype.MAX_WORKING_SET + layer_bytes
+
+
 @pytest.mark.parametrize("native,speedup,expected", [
     (False, 3.0, torch.float32), (True, 1.1, torch.float32), (True, 1.9, torch.bfloat16)])
 def test_auto_takes_bf16_only_where_native_and_measured_faster(monkeypatch, fresh_choice, native, speedup, expected):
     monkeypatch.delenv("SPECINFER_CPU_DTYPE", raising=False)
     monkeypatch.setattr(cpu_dtype, "native_bf16", lambda: native)
-    monkeypatch.setattr(cpu_dtype, "bf16_speedup", lambda *args: speedup)
+    monkeypatch.setattr(cpu_dtype, "bf16_speedup", lambda *args, **kwargs: speedup)
     dtype, why = cpu_dtype.auto_cpu_dtype()
     assert dtype == expected
     assert ("measured" in why) == native
