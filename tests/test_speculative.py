@@ -358,3 +358,23 @@ def test_a_seed_samples_the_same_tokens_with_or_without_speculation(random_model
     switching = serve(switching_manager)
     assert fixed == incremental and switching == incremental
     assert sum(fixed_manager.requests[i].stats.num_accepted for i in fixed_manager.requests) > 0
+
+
+def test_bf16_tree_greedy_equals_incremental_on_cpu(tmp_path):
+    """bf16 on a CPU (what `--dtype auto` picks where bf16 products are faster): tree speculation with a
+    fitted shape and two SSMs gives the tokens of incremental decoding within bf16's rounding bound. Its
+    products round each row alike at any row count, and attention runs in fp64 (layers/attention.py),
+    where the CPU's bf16 SDPA rounded a row differently with the rows and cache length around it."""
+    from specinfer.exactness import ROUNDING_BOUNDS
+
+    reference = save_random_llama(tmp_path / "llm")
+    for k in range(2):
+        torch.manual_seed(100 + k)
+        save_random_llama(tmp_path / f"ssm{k}", noise_from=reference)
+    llm = load_model(tmp_path / "llm", "cpu", torch.bfloat16)
+    ssms = [load_model(tmp_path / f"ssm{k}", "cpu", torch.bfloat16) for k in range(2)]
+    expected = generate(llm, [], PROMPTS, mode="incremental", max_new=40)
+    got = generate(llm, ssms, PROMPTS, tree=FITTED_TREE, batch=4, max_new=40)
+    for prompt, g, e in zip(PROMPTS, got, expected):
+        assert_greedy_equivalent(llm, prompt, g.output_tokens, e.output_tokens, bound=ROUNDING_BOUNDS[torch.bfloat16])
+    assert sum(r.stats.num_accepted for r in got) > 0

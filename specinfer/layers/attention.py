@@ -21,6 +21,9 @@ import torch.nn.functional as F
 
 from . import tree_attention
 
+# The dtype a bf16 model's attention computes in on a CPU (see cached_attention).
+CPU_BF16_ATTENTION_DTYPE = torch.float64
+
 
 @dataclass(slots=True)
 class AttentionMetadata:
@@ -76,9 +79,19 @@ def cached_attention(
         keys, values = cache_k[rows.first : end, :, : meta.kv_len], cache_v[rows.first : end, :, : meta.kv_len]
         if rows.by_slot is not None:
             q = q[rows.by_slot]
+    # bf16 on a CPU attends in fp64. The CPU's SDPA rounds a query's row differently with the number of
+    # queries beside it and the cache length it reads (its blocks fall elsewhere), and one flipped bf16
+    # bit drifts through the layers: on a 2-core Xeon with AMX (2026-12-07) verified trees and incremental
+    # steps drifted apart beyond bf16's rounding bound (top-two margins of 0.25 at the first difference,
+    # 2 runs of the main command in 5; in fp32 still 0.19 in engine_speed.py). In fp64 the rows' rounding
+    # differences sit far below one bf16 step: a chain of 6 tokens scored in one pass gave every layer's
+    # output bitwise as 6 single steps did, and engine_speed.py's 24 speculative generations were all
+    # identical to incremental decoding (the products already round each row alike at any row count).
+    # It costs 2.7 ms of a 25 ms step at 300 cached tokens, 6 ms of 27 at 900.
+    compute = CPU_BF16_ATTENTION_DTYPE if q.dtype == torch.bfloat16 and not q.is_cuda else q.dtype
     out = F.scaled_dot_product_attention(
-        q, keys.to(q.dtype), values.to(q.dtype), attn_mask=rows.mask, enable_gqa=keys.shape[1] != q.shape[1]
-    )
+        q.to(compute), keys.to(compute), values.to(compute), attn_mask=rows.mask,
+        enable_gqa=keys.shape[1] != q.shape[1]).to(q.dtype)
     return out if rows.order is None else out[rows.order]
 
 
