@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Weight-only quantization on one GPU in one call (random 7B-shaped weights, a projection): the batch-1
 # product kernels' GPU tests, their per-layer times with and without the experimental bf16-pair int4 path
-# (SPECINFER_INT4_PAIRS=1), and the 7B-shaped decode step in bf16, int8 and int4. About 8 minutes on an H100.
+# (SPECINFER_INT4_PAIRS=1), and the 7B-shaped decode step in bf16, int8 and int4. About 11 minutes on an H100
+# (estimated), more than one device call allows: run `gpu_tests kernels kernels_pairs` and `step` as two calls.
 #
 #   bash benchmarks/gpu_quant_suite.sh [OUT] [STEPS]
 #
