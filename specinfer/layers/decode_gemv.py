@@ -75,7 +75,7 @@ def foldable(linear: nn.Module) -> bool:
 
 def decode_product(x: torch.Tensor, linear: nn.Module, norm: nn.Module | None = None, gated: bool = False,
                    residual: torch.Tensor | None = None, dependent: bool = False,
-                   strip: tuple[int, ...] | None = None) -> torch.Tensor:
+                   strip: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """`linear` applied to one row `x` (any shape holding one row, [..., K]) after `norm` (an RMSNorm with
     `weight` and `eps`), plus `residual` if given: a row of `linear.out_features` in x's shape. `gated`:
     linear's rows are [gate; up] (a fused gate/up projection) and the row returned is silu(gate) * up,
@@ -119,7 +119,7 @@ def decode_product(x: torch.Tensor, linear: nn.Module, norm: nn.Module | None = 
         split = 2 if splittable and _split_fits(K, block_k, 2) else 1  # the split path too
         _decode_gemv_kernel[(triton.cdiv(N, 16), split)](*args, False, BLOCK_N=16, BLOCK_K=block_k, SPLIT_K=split)
     elif strip is not None:
-        block_n, block_k, warps, split = (*strip, 1)[:4]
+        block_n, block_k, warps, split = strip
         if split > 1 and not (splittable and _split_fits(K, block_k, split)):
             raise ValueError(f"strip {strip} cannot split this product")
         _decode_gemv_kernel[(triton.cdiv(N, block_n), split)](*args, False, BLOCK_N=block_n, BLOCK_K=block_k,
@@ -176,6 +176,15 @@ if triton is not None:
         high = (high.to(tl.bfloat16).to(tl.float32) * factor).to(tl.bfloat16)
         return tl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h", [low, high], dtype=tl.uint32,
                                          is_pure=True, pack=1)
+
+    @triton.jit
+    def _input_pair(x_ptr, norm_ptr, p, p_ok, I: tl.constexpr, K: tl.constexpr, PROLOGUE: tl.constexpr,
+                    act: tl.constexpr, MASKED: tl.constexpr):
+        """The inputs at columns 8p + I and 8p + I + 4 (nibbles I and I + 4 of word p) as a bf16 pair and
+        as -128 times it (`_word_in_pairs`), and their squares' and values' sums."""
+        low, low_sq = _row_input(x_ptr, norm_ptr, 8 * p + I, p_ok, K, PROLOGUE, act, MASKED)
+        high, high_sq = _row_input(x_ptr, norm_ptr, 8 * p + I + 4, p_ok, K, PROLOGUE, act, MASKED)
+        return _bf16_pair(low, high), _bf16_pair(low, high, -128.0), low_sq + high_sq, low + high
 
     @triton.jit
     def _word_in_pairs(words, x04, x15, x26, x37, c04, c15, c26, c37):
@@ -266,20 +275,16 @@ if triton is not None:
             x_sum = tl.zeros((WORDS,), dtype=tl.float32)
             if WEIGHT == 3:  # INT4_PAIRS: a word's eight products in bf16 pairs (_word_in_pairs)
                 MASKED: tl.constexpr = K % BLOCK_K != 0
-                x0, sq0 = _row_input(x_ptr, norm_ptr, 8 * p, p_ok, K, PROLOGUE, act, MASKED)
-                x1, sq1 = _row_input(x_ptr, norm_ptr, 8 * p + 1, p_ok, K, PROLOGUE, act, MASKED)
-                x2, sq2 = _row_input(x_ptr, norm_ptr, 8 * p + 2, p_ok, K, PROLOGUE, act, MASKED)
-                x3, sq3 = _row_input(x_ptr, norm_ptr, 8 * p + 3, p_ok, K, PROLOGUE, act, MASKED)
-                x4, sq4 = _row_input(x_ptr, norm_ptr, 8 * p + 4, p_ok, K, PROLOGUE, act, MASKED)
-                x5, sq5 = _row_input(x_ptr, norm_ptr, 8 * p + 5, p_ok, K, PROLOGUE, act, MASKED)
-                x6, sq6 = _row_input(x_ptr, norm_ptr, 8 * p + 6, p_ok, K, PROLOGUE, act, MASKED)
-                x7, sq7 = _row_input(x_ptr, norm_ptr, 8 * p + 7, p_ok, K, PROLOGUE, act, MASKED)
-                squares += sq0 + sq1 + sq2 + sq3 + sq4 + sq5 + sq6 + sq7
-                x_sum += x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
-                qx = _word_in_pairs(tile, _bf16_pair(x0, x4)[None, :], _bf16_pair(x1, x5)[None, :],
-                                    _bf16_pair(x2, x6)[None, :], _bf16_pair(x3, x7)[None, :],
-                                    _bf16_pair(x0, x4, -128.0)[None, :], _bf16_pair(x1, x5, -128.0)[None, :],
-                                    _bf16_pair(x2, x6, -128.0)[None, :], _bf16_pair(x3, x7, -128.0)[None, :])
+                x04, c04, sq, xs = _input_pair(x_ptr, norm_ptr, p, p_ok, 0, K, PROLOGUE, act, MASKED)
+                squares, x_sum = squares + sq, x_sum + xs
+                x15, c15, sq, xs = _input_pair(x_ptr, norm_ptr, p, p_ok, 1, K, PROLOGUE, act, MASKED)
+                squares, x_sum = squares + sq, x_sum + xs
+                x26, c26, sq, xs = _input_pair(x_ptr, norm_ptr, p, p_ok, 2, K, PROLOGUE, act, MASKED)
+                squares, x_sum = squares + sq, x_sum + xs
+                x37, c37, sq, xs = _input_pair(x_ptr, norm_ptr, p, p_ok, 3, K, PROLOGUE, act, MASKED)
+                squares, x_sum = squares + sq, x_sum + xs
+                qx = _word_in_pairs(tile, x04[None, :], x15[None, :], x26[None, :], x37[None, :],
+                                    c04[None, :], c15[None, :], c26[None, :], c37[None, :])
             else:
                 for i in tl.static_range(8):
                     x, sq = _row_input(x_ptr, norm_ptr, 8 * p + i, p_ok, K, PROLOGUE, act, K % BLOCK_K != 0)
@@ -449,7 +454,8 @@ def _tuned(kind: int, group: int, splittable: bool):
     if (kind, group, splittable) not in _TUNED:
         configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": split}, num_warps=w, num_stages=3)
                    for n, k, w, split in strip_shapes(kind, group, splittable)]
-        if os.environ.get("SPECINFER_QUICK_AUTOTUNE") == "1":  # tests: the widest and narrowest strips, a split
+        if os.environ.get("SPECINFER_QUICK_AUTOTUNE") == "1":  # tests: the first and last choices (a split one
+            # where the product can split)
             configs = [configs[0], configs[-1]]
         _TUNED[kind, group, splittable] = triton.autotune(
             configs=configs, key=["N", "K", "PROLOGUE", "GATED", "HAS_RESIDUAL"],
