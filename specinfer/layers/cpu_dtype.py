@@ -13,7 +13,7 @@ engine will (about 0.5 s for the default model), bf16 taken where it is at least
 faster. The model's own size matters: on a 2-core Xeon with AMX and a 300 MiB L3 (2026-12-07) a 48 MiB
 chain sat in the cache in both dtypes and measured 0.98-1.8x, which kept fp32 (the main command decoded
 at 22.8 tok/s), while over the default model's 405 MiB of fp32 layers bf16 measures 2.0-2.2x (its bf16
-weights nearly fit that cache, its fp32 ones do not) and the main command decodes at 33-40 tok/s. `SPECINFER_CPU_DTYPE`
+weights nearly fit that cache, its fp32 ones do not) and the main command decodes at 27-40 tok/s. `SPECINFER_CPU_DTYPE`
 (float32 or bfloat16) fixes the choice instead (the tests pin float32, whose rounding bound they assert).
 """
 
