@@ -169,35 +169,40 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
 
     @triton.jit
-    def _bf16_pair(low, high, factor: tl.constexpr = 1.0):
-        """Two fp32 vectors as bf16 pairs in 32-bit words (low in the low half), each times `factor` (a power
-        of two, so that factor * bf16(x) is exact)."""
-        low = (low.to(tl.bfloat16).to(tl.float32) * factor).to(tl.bfloat16)
-        high = (high.to(tl.bfloat16).to(tl.float32) * factor).to(tl.bfloat16)
+    def _bf16_pair(low, high):
+        """Two bf16 vectors as pairs in 32-bit words (low in the low half)."""
         return tl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h", [low, high], dtype=tl.uint32,
                                          is_pure=True, pack=1)
 
     @triton.jit
     def _input_pair(x_ptr, norm_ptr, p, p_ok, I: tl.constexpr, K: tl.constexpr, PROLOGUE: tl.constexpr,
                     act: tl.constexpr, MASKED: tl.constexpr):
-        """The inputs at columns 8p + I and 8p + I + 4 (nibbles I and I + 4 of word p) as a bf16 pair and
-        as -128 times it (`_word_in_pairs`), and their squares' and values' sums."""
+        """The inputs at columns 8p + I and 8p + I + 4 (nibbles I and I + 4 of word p) as a bf16 pair x, the
+        pair c = bf16(-136 x) that `_word_in_pairs` adds to (128 + q) x, the sum of c + 128 x over the two
+        (what a product carries beyond q x: -8 x and c's rounding, exact in fp32, taken off per group), and
+        the inputs' squares' and values' sums."""
         low, low_sq = _row_input(x_ptr, norm_ptr, 8 * p + I, p_ok, K, PROLOGUE, act, MASKED)
         high, high_sq = _row_input(x_ptr, norm_ptr, 8 * p + I + 4, p_ok, K, PROLOGUE, act, MASKED)
-        return _bf16_pair(low, high), _bf16_pair(low, high, -128.0), low_sq + high_sq, low + high
+        low_x, high_x = low.to(tl.bfloat16).to(tl.float32), high.to(tl.bfloat16).to(tl.float32)
+        low_c, high_c = (low_x * -136.0).to(tl.bfloat16), (high_x * -136.0).to(tl.bfloat16)
+        carried = (low_c.to(tl.float32) + 128.0 * low_x) + (high_c.to(tl.float32) + 128.0 * high_x)
+        return (_bf16_pair(low_x.to(tl.bfloat16), high_x.to(tl.bfloat16)), _bf16_pair(low_c, high_c), carried,
+                low_sq + high_sq, low + high)
 
     @triton.jit
     def _word_in_pairs(words, x04, x15, x26, x37, c04, c15, c26, c37):
         """sum_i q_i x_i over the eight nibbles of each 32-bit word, two at a time in bf16 pairs: nibbles i
         and i + 4 (bits 4i and 16 + 4i) OR-ed into the mantissas of a pair of 128.0 read as 128 + q, and
-        one fused multiply-add a pair, (128 + q) x + (-128 x) = q x rounded once (c = -128 x, exact); the
-        four pair products summed in bf16 and the pair's halves in fp32. 18 instructions a word, 2.25 a
-        weight, against 4.5 for the fp32 path (benchmarks/kernel_sass.py); bf16 has fp32's range, so no
-        input overflows. The price is rounding: a 4096-wide product's relative error against fp64, emulated
-        in PyTorch on the same arithmetic, is 6.2e-3 (before the output's own rounding), against about 1e-6
-        for the fp32 path, since q in [0, 15] makes each product large against the group's sum with its
-        minimum. Experimental (`SPECINFER_INT4_PAIRS=1`), not yet run on a GPU: its speed, and whether
-        speculation over it stays within the rounding bounds of incremental decoding, are unmeasured."""
+        one fused multiply-add a pair, (128 + q) x + c with c = bf16(-136 x): (q - 8) x plus c's rounding,
+        rounded once (the caller takes c + 128 x off per group, `_input_pair`); the four pair products summed
+        in bf16 and the pair's halves in fp32. 18 instructions a word, 2.25 a weight, against 4.5 for the
+        fp32 path (benchmarks/kernel_sass.py); bf16 has fp32's range, so no input overflows. The price is
+        rounding: a 4096-wide product of normal weights quantized in groups of 64, emulated in PyTorch on
+        the same arithmetic, is 2.9e-3 off fp64 in relative norm before the output's own rounding (against
+        about 1e-6 for the fp32 path; 7.8e-3 with c = -128 x, whose products q x in [0, 15 x] are large
+        against a group's sum with its minimum, where (q - 8) x is centred). Experimental
+        (`SPECINFER_INT4_PAIRS=1`): whether speculation over it stays within the rounding bounds of
+        incremental decoding is untested."""
         return tl.inline_asm_elementwise(
             """{
             .reg .b32 t, p, a, b;
@@ -273,16 +278,17 @@ if triton is not None:
             p_ok = p < K // 8
             qx = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
             x_sum = tl.zeros((WORDS,), dtype=tl.float32)
+            carried = tl.zeros((WORDS,), dtype=tl.float32)  # INT4_PAIRS: beyond q x in the products
             if WEIGHT == 3:  # INT4_PAIRS: a word's eight products in bf16 pairs (_word_in_pairs)
                 MASKED: tl.constexpr = K % BLOCK_K != 0
-                x04, c04, sq, xs = _input_pair(x_ptr, norm_ptr, p, p_ok, 0, K, PROLOGUE, act, MASKED)
-                squares, x_sum = squares + sq, x_sum + xs
-                x15, c15, sq, xs = _input_pair(x_ptr, norm_ptr, p, p_ok, 1, K, PROLOGUE, act, MASKED)
-                squares, x_sum = squares + sq, x_sum + xs
-                x26, c26, sq, xs = _input_pair(x_ptr, norm_ptr, p, p_ok, 2, K, PROLOGUE, act, MASKED)
-                squares, x_sum = squares + sq, x_sum + xs
-                x37, c37, sq, xs = _input_pair(x_ptr, norm_ptr, p, p_ok, 3, K, PROLOGUE, act, MASKED)
-                squares, x_sum = squares + sq, x_sum + xs
+                x04, c04, d, sq, xs = _input_pair(x_ptr, norm_ptr, p, p_ok, 0, K, PROLOGUE, act, MASKED)
+                squares, x_sum, carried = squares + sq, x_sum + xs, carried + d
+                x15, c15, d, sq, xs = _input_pair(x_ptr, norm_ptr, p, p_ok, 1, K, PROLOGUE, act, MASKED)
+                squares, x_sum, carried = squares + sq, x_sum + xs, carried + d
+                x26, c26, d, sq, xs = _input_pair(x_ptr, norm_ptr, p, p_ok, 2, K, PROLOGUE, act, MASKED)
+                squares, x_sum, carried = squares + sq, x_sum + xs, carried + d
+                x37, c37, d, sq, xs = _input_pair(x_ptr, norm_ptr, p, p_ok, 3, K, PROLOGUE, act, MASKED)
+                squares, x_sum, carried = squares + sq, x_sum + xs, carried + d
                 qx = _word_in_pairs(tile, x04[None, :], x15[None, :], x26[None, :], x37[None, :],
                                     c04[None, :], c15[None, :], c26[None, :], c37[None, :])
             else:
@@ -300,6 +306,8 @@ if triton is not None:
             minimum = tl.load(min_ptr + cols[:, None] * num_groups + g[None, :], mask=g_ok, other=0.0)
             per_group = tl.sum(tl.reshape(qx, (BLOCK_N, GROUPS, WORDS // GROUPS)), axis=2)
             group_sum = tl.sum(tl.reshape(x_sum, (GROUPS, WORDS // GROUPS)), axis=1)
+            if WEIGHT == 3:
+                per_group -= tl.sum(tl.reshape(carried, (GROUPS, WORDS // GROUPS)), axis=1)[None, :]
             acc += per_group * scale.to(tl.float32) + minimum.to(tl.float32) * group_sum[None, :]
         return acc, squares
 
