@@ -9,10 +9,9 @@
 # gpu_tests, engine_speed, batch_throughput, sampled_drafts, step_timeline and step_timeline_overlap
 # (the same with each next draft launched before the read-back; default: all, about 16 minutes on an H200).
 # Weight-only quantization's steps, on random 7B-shaped weights (a projection) and only when named:
-# quant_tests (the product kernels' and decode attention's GPU tests), quant_kernels and
-# quant_kernels_pairs (per-layer kernel tables, the second with the experimental SPECINFER_INT4_PAIRS=1)
-# and quant_step (the decode step in bf16, int8 and int4); about 11 minutes on an H100 (estimated), so two
-# device calls: STEPS "quant_tests quant_kernels quant_kernels_pairs", then "quant_step".
+# quant_tests (the product kernels' and decode attention's GPU tests, 6 minutes on an H100), quant_kernels
+# (per-layer kernel table, with the experimental bf16-pair int4 kernel beside the default one) and
+# quant_step (the decode step in bf16, int8, int4 and int4 in bf16 pairs); one device call each.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 model=${1:-}
@@ -45,8 +44,6 @@ run step_timeline_overlap python benchmarks/step_profile.py "${llm[@]}" --device
 run quant_tests python -m pytest -q -m gpu tests/test_decode_gemv.py tests/test_tree_attention.py --tb=short
 run quant_kernels python benchmarks/quant_kernels.py --device cuda --dtype bfloat16 --rows 1 --group-size 64 \
     --tag gpu_bf16 --out "$out"
-run quant_kernels_pairs env SPECINFER_INT4_PAIRS=1 python benchmarks/quant_kernels.py --device cuda \
-    --dtype bfloat16 --rows 1 --group-size 64 --tag gpu_bf16_int4_pairs --out "$out"
 run quant_step python benchmarks/scale_study.py --device cuda --compile --dtype bfloat16 \
     --sections bandwidth,incremental,quant --batches 1 --tree-sizes 16 --expansion 2,2,1 --out "$out"
 exit $status

@@ -6,7 +6,7 @@ The linear layers of a 7B-shaped LLaMA (q/k/v and gate/up fused, as the engine r
 weights, 1 to 4 rows (decode and small trees): full precision (cuBLAS), int8 (our tile kernel) and int4
 (PyTorch's tinygemm); at one row also our matrix-vector kernel, the batch-1 decode step's, which folds
 norms and residual adds into its products (layers/decode_gemv.py, "decode" columns; here with nothing
-folded in). The H100 table of 2026-11-23 (`quant_kernels_h100.md`) timed an earlier matrix-vector kernel. Each time is a median
+folded in; "int4 pairs": its experimental bf16-pair arithmetic, SPECINFER_INT4_PAIRS=1). The H100 table of 2026-11-23 (`quant_kernels_h100.md`) timed an earlier matrix-vector kernel. Each time is a median
 over repeats of a CUDA graph that calls the kernel on 8 distinct copies of the layer back to
 back (so that no weight is served from L2, and no host launch cost counts). Writes JSON and a Markdown table (device, torch version, date) to
 docs/benchmarks/.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -56,6 +57,18 @@ def per_call_ms(calls: list, repeats: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def in_bf16_pairs(call):
+    """`call` with int4 products through the experimental bf16-pair kernel (SPECINFER_INT4_PAIRS=1, which
+    decode_product reads at each launch, the graph's capture included)."""
+    def paired():
+        os.environ["SPECINFER_INT4_PAIRS"] = "1"
+        try:
+            return call()
+        finally:
+            os.environ.pop("SPECINFER_INT4_PAIRS")
+    return paired
+
+
 def kernel_calls(linear: nn.Linear, q8: QuantizedLinear, q4: QuantizedLinear, x: torch.Tensor) -> dict:
     """label -> (call, bytes of weights it reads)."""
     n, k = linear.weight.shape
@@ -67,6 +80,8 @@ def kernel_calls(linear: nn.Linear, q8: QuantizedLinear, q4: QuantizedLinear, x:
     if x.shape[0] == 1:  # the batch-1 decode kernel (layers/decode_gemv.py), here with nothing folded in
         for label, layer, weight_bytes in (("fp", linear, 2 * n * k), ("int8", q8, n * k), ("int4", q4, n * k // 2)):
             calls[f"{label} decode"] = (lambda layer=layer: decode_product(x, layer), weight_bytes)
+        if x.is_cuda:
+            calls["int4 pairs decode"] = (in_bf16_pairs(lambda: decode_product(x, q4)), n * k // 2)
     if q4._tinygemm() is not None:
         weight, scales_and_zeros = q4._tinygemm()
         x_bf16 = x.to(torch.bfloat16)
@@ -89,6 +104,8 @@ def measure(layers: list[tuple[nn.Linear, QuantizedLinear, QuantizedLinear]], x:
         row["fp_decode_rel_error"] = float((decode_product(x, linear).float() - expected).abs().max() / expected.abs().max())
         for layer in (q8, q4):
             row[f"{layer.mode}_decode_rel_error"] = relative_error(decode_product(x, layer), layer)
+        if x.is_cuda:
+            row["int4_pairs_decode_rel_error"] = relative_error(in_bf16_pairs(lambda: decode_product(x, q4))(), q4)
     per_copy = [kernel_calls(*copy, x) for copy in layers]
     for label, (_, weight_bytes) in per_copy[0].items():
         ms = per_call_ms([calls[label][0] for calls in per_copy])
@@ -127,14 +144,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     name = "quant_kernels" + (f"_{args.tag}" if args.tag else "")
     (out / f"{name}.json").write_text(json.dumps(results, indent=2))
-    labels = ["fp", "fp decode", "int8 decode", "int8 tile", "int4 decode", "int4 tinygemm"]
+    labels = ["fp", "fp decode", "int8 decode", "int8 tile", "int4 decode", "int4 pairs decode", "int4 tinygemm"]
     lines = ["# Quantized matmul kernels at decode shapes\n",
              (f"{results['meta']['date']} · {results['meta']['device']} · torch {results['meta']['torch']} · "
              f"{args.dtype} activations · int4 group {args.group_size} · random 7B-shaped layers (q/k/v and gate/up fused)\n"
              "\nMedian kernel time in µs, and the weight bandwidth it reaches (GB/s).\n"),
              "| layer | rows | " + " | ".join(labels) + " |", "|---|---:|" + "---:|" * len(labels)]
     for row in results["rows"]:
-        cells = [f"{row[l]['ms'] * 1e3:.0f} µs, {row[l]['GBps']:.0f}" if l in row else "–" for l in labels]
+        cells = [f"{row[l]['ms'] * 1e3:.1f} µs, {row[l]['GBps']:.0f}" if l in row else "–" for l in labels]
         lines.append(f"| {row['layer']} {row['shape'][0]}×{row['shape'][1]} | {row['rows']} | " + " | ".join(cells) + " |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out}/{name}.md")

@@ -14,7 +14,9 @@ repeats after warm-up, CUDA graphs on where the engine uses them):
 - draft: one SSM expansion (68M- and 160M-shaped SSMs) of the tree `--expansion`, per batch size;
 - projection: speed-up = tokens per step x decode step / (draft + verification), with the tokens per
   step given by --accepted (measured on the default model: docs/benchmarks/engine_speed_gpu*.md);
-- quant: the decode step at batch 1 with int8 and int4 weights against the unquantized one (both ways);
+- quant: the decode step at batch 1 with int8 and int4 weights against the unquantized one (both ways;
+  on CUDA also int4 through the experimental bf16-pair kernel, SPECINFER_INT4_PAIRS=1);
+- undependent: with quant, each quantized step again without dependent launches (in flight);
 - offload: the decode step and a tree verification with the weights streamed from pinned host memory
   (`--offload-gb` device budget), the host-to-device bandwidth reached, and the projected speed-up;
 - profile: device time per kernel of a batch-1 decode step and of a verification of the tree (printed).
@@ -350,7 +352,7 @@ def main() -> None:
                 t_q, t_q_flying = decode_times(llm)
                 results["quant"][mode] = t_q * 1e3
                 results["quant"][f"{mode}_in_flight"] = t_q_flying * 1e3
-                if device.type == "cuda":
+                if device.type == "cuda" and "undependent" in sections:
                     serial, serial_flying = decode_times(llm, dependent=False)
                     results["quant"][f"{mode}_not_dependent_in_flight"] = serial_flying * 1e3
                     print(f"  {mode} without dependent launches: in flight {serial_flying * 1e3:.2f} ms")
