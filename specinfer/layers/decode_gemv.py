@@ -197,10 +197,10 @@ if triton is not None:
         rounded once (the caller takes c + 128 x off per group, `_input_pair`); the four pair products summed
         in bf16 and the pair's halves in fp32. 18 instructions a word, 2.25 a weight, against 4.5 for the
         fp32 path (benchmarks/kernel_sass.py); bf16 has fp32's range, so no input overflows. The price is
-        rounding: a 4096-wide product of normal weights quantized in groups of 64, emulated in PyTorch on
-        the same arithmetic (benchmarks/int4_pairs_rounding.py), is 2.9e-3 off fp64 in relative norm before the output's own rounding (against
-        about 1e-6 for the fp32 path; 7.8e-3 with c = -128 x, whose products q x in [0, 15 x] are large
-        against a group's sum with its minimum, where (q - 8) x is centred). Experimental
+        rounding: a 4096-wide product of normal weights quantized in groups of 64, emulated in float64
+        (benchmarks/int4_pairs_rounding.py), is 2.9e-3 off in relative norm before the output's own
+        rounding (about 1e-6 for the fp32 path; 7.8e-3 with c = -128 x, whose products q x in [0, 15 x]
+        are large against a group's sum with its minimum, where (q - 8) x is centred). Experimental
         (`SPECINFER_INT4_PAIRS=1`): whether speculation over it stays within the rounding bounds of
         incremental decoding is untested."""
         return tl.inline_asm_elementwise(
