@@ -9,7 +9,7 @@
 # gpu_tests, engine_speed, batch_throughput, sampled_drafts, step_timeline and step_timeline_overlap
 # (the same with each next draft launched before the read-back; default: all, about 16 minutes on an H200).
 # Weight-only quantization's steps, on random 7B-shaped weights (a projection) and only when named:
-# quant_tests (the product kernels' and decode attention's GPU tests, 6 minutes on an H100), quant_kernels
+# quant_tests (the product kernels' and decode attention's GPU tests, 5 processes), quant_kernels
 # (per-layer kernel table, with the experimental bf16-pair int4 kernel beside the default one) and
 # quant_step (the decode step in bf16, int8, int4 and int4 in bf16 pairs); one device call each.
 set -uo pipefail
@@ -41,7 +41,18 @@ run step_timeline python benchmarks/step_profile.py "${llm[@]}" --device cuda --
     --tree "$trees/tuned1_d4_64.json" --sections timeline,sizes
 run step_timeline_overlap python benchmarks/step_profile.py "${llm[@]}" --device cuda --compile \
     --tree "$trees/tuned1_d4_64.json" --sections timeline,sizes --overlap-trees
-run quant_tests python -m pytest -q -m gpu tests/test_decode_gemv.py tests/test_tree_attention.py --tb=short
+quant_tests() {  # the strip-shape test's four weight kinds in processes of their own beside the rest: their
+    # Triton compiles (some 250 kernels) took 6 minutes in one process on an H100's host, one core at a time
+    local strips=tests/test_decode_gemv.py::test_every_strip_shape_computes_the_product_on_gpu pids=() failed=0
+    for mode in None int8 int4 int4-pairs; do
+        python -m pytest -q -m gpu "$strips[$mode]" --tb=short & pids+=($!)
+    done
+    python -m pytest -q -m gpu tests/test_decode_gemv.py tests/test_tree_attention.py -k "not strip_shape" --tb=short \
+        & pids+=($!)
+    for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    return $failed
+}
+run quant_tests quant_tests
 run quant_kernels python benchmarks/quant_kernels.py --device cuda --dtype bfloat16 --rows 1 --group-size 64 \
     --tag gpu_bf16 --out "$out"
 run quant_step python benchmarks/scale_study.py --device cuda --compile --dtype bfloat16 \
