@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import statistics
 import time
@@ -346,8 +347,8 @@ def main() -> None:
                 del llm
                 torch.cuda.empty_cache()
                 weights = "int4" if mode == "int4_pairs" else mode
-                llm = fuse(quantize_model(random_llama(args.llm_shape, device, dtype), weights,
-                                          128 if weights == "int4" else 64))
+                group = math.gcd(128, SHAPES[args.llm_shape]["hidden_size"])  # 128, or the smoke test's width
+                llm = fuse(quantize_model(random_llama(args.llm_shape, device, dtype), weights, group))
                 os.environ["SPECINFER_INT4_PAIRS"] = "1" if mode == "int4_pairs" else "0"
                 t_q, t_q_flying = decode_times(llm)
                 results["quant"][mode] = t_q * 1e3
