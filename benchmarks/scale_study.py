@@ -15,7 +15,8 @@ repeats after warm-up, CUDA graphs on where the engine uses them):
 - projection: speed-up = tokens per step x decode step / (draft + verification), with the tokens per
   step given by --accepted (measured on the default model: docs/benchmarks/engine_speed_gpu*.md);
 - quant: the decode step at batch 1 with int8 and int4 weights against the unquantized one (both ways;
-  on CUDA also int4 through the experimental bf16-pair kernel, SPECINFER_INT4_PAIRS=1);
+  on CUDA also int4 through the experimental bf16-pair kernel, SPECINFER_INT4_PAIRS=1, and that with
+  the LM head quantized too; on the CPU int4 with the LM head);
 - undependent: with quant, each quantized step again without dependent launches (in flight);
 - offload: the decode step and a tree verification with the weights streamed from pinned host memory
   (`--offload-gb` device budget), the host-to-device bandwidth reached, and the projected speed-up;
@@ -342,14 +343,17 @@ def main() -> None:
             results["quant"] = {args.dtype: base * 1e3, f"{args.dtype}_in_flight": base_flying * 1e3}
             # int4_pairs: the int4 weights through the experimental bf16-pair kernel (SPECINFER_INT4_PAIRS=1,
             # read when a product is launched, so it holds for the graphs captured inside decode_times).
-            modes = ("int8", "int4", "int4_pairs") if device.type == "cuda" else ("int8", "int4")
+            # *_lm_head: the LM head quantized too (quantize_model's lm_head; 262 MB of a 7B's bf16 bytes).
+            modes = ("int8", "int4", "int4_pairs", "int4_pairs_lm_head") if device.type == "cuda" else (
+                "int8", "int4", "int4_lm_head")
             for mode in modes:
                 del llm
                 torch.cuda.empty_cache()
-                weights = "int4" if mode == "int4_pairs" else mode
+                weights = mode.split("_")[0]
                 group = math.gcd(128, SHAPES[args.llm_shape]["hidden_size"])  # 128, or the smoke test's width
-                llm = fuse(quantize_model(random_llama(args.llm_shape, device, dtype), weights, group))
-                os.environ["SPECINFER_INT4_PAIRS"] = "1" if mode == "int4_pairs" else "0"
+                llm = fuse(quantize_model(random_llama(args.llm_shape, device, dtype), weights, group,
+                                          lm_head=mode.endswith("lm_head")))
+                os.environ["SPECINFER_INT4_PAIRS"] = "1" if "pairs" in mode else "0"
                 t_q, t_q_flying = decode_times(llm)
                 results["quant"][mode] = t_q * 1e3
                 results["quant"][f"{mode}_in_flight"] = t_q_flying * 1e3

@@ -74,12 +74,15 @@ def test_int4_needs_a_dividing_group():
         QuantizedLinear(nn.Linear(100, 8), "int4", group_size=64)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantized_llama_speculates_exactly(tmp_path, mode):
+@pytest.mark.parametrize("mode, head", [("int8", False), ("int4", False), ("int4", True)],
+                         ids=["int8", "int4", "int4-lm-head"])
+def test_quantized_llama_speculates_exactly(tmp_path, mode, head):
     full = save_random_llama(tmp_path / "llm")
     save_random_llama(tmp_path / "ssm", noise_from=full)
-    llm = quantize_model(load_model(tmp_path / "llm"), mode, group_size=32)
+    llm = quantize_model(load_model(tmp_path / "llm"), mode, group_size=32, lm_head=head)
     assert any(isinstance(m, QuantizedLinear) for m in llm.modules())
+    assert isinstance(llm.lm_head, QuantizedLinear) == head
+    assert llm.embed_tokens.weight.is_floating_point()  # a tied head's quantized copy leaves the embedding be
     ssm = load_model(tmp_path / "ssm")
     expected = generate(llm, [], PROMPTS, mode="incremental", max_new=20)
     got = generate(llm, [ssm], PROMPTS, expansion=(1, 2, 1, 1), max_new=20)

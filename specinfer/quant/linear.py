@@ -185,9 +185,12 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}{group}"
 
 
-def quantize_model(model: nn.Module, mode: str, group_size: int = 64, int4_blocks: dict | None = None) -> nn.Module:
+def quantize_model(model: nn.Module, mode: str, group_size: int = 64, int4_blocks: dict | None = None,
+                   lm_head: bool = False) -> nn.Module:
     """Replace every linear layer inside the transformer blocks with its quantized form, in place. The
-    embedding and LM head stay in full precision: they set the logits that verification compares.
+    embedding stays in full precision (a step reads one row of it); the LM head too unless `lm_head`:
+    it sets the logits, and for a 7B model it is some 7% of an int4 step's bytes. A head tied to the
+    embedding gets a quantized copy of its own.
 
     `int4_blocks` (mode int4): {parameter name: (values, scale, minimum)} of layers whose 4-bit values
     come ready-made, from a GGUF file's Q4_1 blocks (group size 32, whatever `group_size` says); they keep
@@ -201,4 +204,6 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 64, int4_block
                 ready = (int4_blocks or {}).get(f"layers.{index}.{name}.weight")
                 size = group_size if ready is None else module.in_features // ready[1].shape[1]
                 setattr(parent, child, QuantizedLinear(module, mode, size, int4_values=ready))
+    if lm_head:
+        model.lm_head = QuantizedLinear(model.lm_head, mode, group_size)
     return model
