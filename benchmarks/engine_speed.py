@@ -167,7 +167,7 @@ def write_report(llm: LLM, args: argparse.Namespace, prompts: list[str], rows: l
         "date": datetime.date.today().isoformat(), "device": device_name(args.device),
         "torch": torch.__version__, "dtype": str(llm.model.embed_tokens.weight.dtype).removeprefix("torch."),
         "llm": str(llm.model_path), "ssms": args.ssm or ["default (tuned:1)"], "prompts": len(prompts),
-        "max_new_tokens": args.max_new_tokens, "batch_size": 1, "greedy": True, "compiled": args.compile,
+        "max_new_tokens": args.max_new_tokens, "batch_size": 1, "greedy": True, "compiled": args.compile, "fold_rows": args.fold_rows,
         "draft_vocab": draft_vocab_size(llm),
     }
     out = Path(args.out)
@@ -180,7 +180,8 @@ def write_report(llm: LLM, args: argparse.Namespace, prompts: list[str], rows: l
         f"{meta['date']} · {meta['device']} · torch {meta['torch']} · {meta['dtype']} · batch 1, greedy · "
         f"{len(prompts)} prompts × up to {args.max_new_tokens} new tokens · SSMs: {', '.join(meta['ssms'])}"
         f" · draft vocabulary: {meta['draft_vocab'] or 'the whole one'}"
-        f"{' · blocks compiled (--compile)' if args.compile else ''} · each row after an untimed pass over as many other prompts", "",
+        f"{' · blocks compiled (--compile)' if args.compile else ''}"
+        f"{' · passes of several tokens folded (--fold-rows)' if args.fold_rows else ''} · each row after an untimed pass over as many other prompts", "",
         f"Reproduce: `python benchmarks/engine_speed.py {' '.join(sys.argv[1:])}`", "",
         f"Outputs vs incremental: identical prompts, and where one differs the LLM's top-two logit margin at the "
         f"first difference (equivalent if <= {bound}, the {meta['dtype']} rounding bound). The transformers rows are "
@@ -217,6 +218,8 @@ def main() -> None:
     p.add_argument("--tag", help="appended to the result files' names (e.g. the machine: engine_speed_cpu_float32_epyc.md)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers reference rows")
     p.add_argument("--compile", action="store_true", help="fuse each block's kernels with torch.compile")
+    p.add_argument("--fold-rows", action="store_true",
+                   help="with --compile: passes of several tokens with norms, SwiGLU, residuals folded into the products")
     p.add_argument("--draft-vocab", type=int, help="tokens the SSMs score (default: the engine's; 0: all)")
     args = p.parse_args()
 
@@ -224,7 +227,7 @@ def main() -> None:
     # Drafts after the read-back unless a row says otherwise (`drafts_ahead_case`).
     engine = EngineConfig(max_batch_size=1, max_sequence_length=512, device=args.device, dtype=args.dtype,
                           overlap_tree_steps=False,
-                          compile=args.compile, draft_vocab_size=args.draft_vocab)
+                          compile=args.compile, fold_rows=args.fold_rows, draft_vocab_size=args.draft_vocab)
     expansions = [parse_expansion(e) for e in args.expansions.split(";")]
     # Fixed trees (adaptive off) measure each configuration's acceptance; one adaptive row follows.
     llm = LLM(args.llm, args.ssm, engine=engine, speculation=SpeculationConfig(expansion=expansions[0], adaptive=False))

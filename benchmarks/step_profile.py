@@ -345,6 +345,8 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=1, help="requests served together (sizes and adaptive sections)")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--fold-rows", action="store_true",
+                   help="with --compile: passes of several tokens with norms, SwiGLU, residuals folded into the products")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--draft-vocab", type=int, help="tokens the SSMs score (default: the engine's; 0: all)")
     p.add_argument("--sections", default="sizes,stages,adaptive")
@@ -359,10 +361,12 @@ def main() -> None:
                                     tree=load_tree_file(args.tree) if args.tree else None)
     paths = speculation.tree or speculation.tree_shape.paths[1:]
     engine = EngineConfig(max_batch_size=args.batch, max_sequence_length=512, device=args.device, dtype=args.dtype,
-                          compile=args.compile, draft_vocab_size=args.draft_vocab, overlap_tree_steps=args.overlap_trees)
+                          compile=args.compile, fold_rows=args.fold_rows, draft_vocab_size=args.draft_vocab,
+                          overlap_tree_steps=args.overlap_trees)
     llm = LLM(args.llm, args.ssm, engine=engine, speculation=speculation)
     print(f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'} · torch {torch.__version__} · "
           f"{next(llm.model.parameters()).dtype} · tree of {len(paths)} nodes · compile={args.compile}"
+          f"{' · passes of several tokens folded' if args.fold_rows else ''}"
           f"{' · next drafts launched before the read-back' if args.overlap_trees else ''}")
     for name in sections:
         SECTIONS[name](llm, tuple(paths), args)

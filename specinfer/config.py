@@ -125,6 +125,9 @@ class EngineConfig:
     # With `compile`, on a GPU: one-token passes (batch-1 decoding) with each product's norm, SwiGLU or
     # residual add folded into its kernel (layers/decode_gemv.py). LLaMA models with plain or int8 layers.
     fold_decode: bool = True
+    # With `compile`, on a GPU: passes of 2 to 128 tokens (verification, drafting) folded the same way
+    # (layers/rows_product.py), half-precision LLaMA layers. Off until timed on a GPU.
+    fold_rows: bool = False
     # One matrix product for q/k/v and one for gate/up (models/fuse.py). Off where weights get saved.
     fuse_projections: bool = True
     # CPU linear layers with weights prepacked for oneDNN (layers/cpu_linear.py); off where the models'

@@ -115,7 +115,7 @@ class LLM:
         self._use_draft_vocabulary(model, ssms)
         if self.engine_config.compile:
             for model in [self.model, *self.ssms]:
-                compile_blocks(model, self.engine_config.fold_decode)
+                compile_blocks(model, self.engine_config.fold_decode, self.engine_config.fold_rows)
         config = self.engine_config
         if (device.type == "cpu" and config.pack_cpu_weights and cpu_linear.available(dtype) and self.tp is None
                 and not config.compile):

@@ -1,5 +1,6 @@
 """One-token passes with norms, SwiGLU and residual adds folded into the products (layers/decode_gemv.py)
-give the unfolded block's logits, in plain, int8 and int4 layers; on the CPU through Triton's interpreter."""
+give the unfolded block's logits, in plain, int8 and int4 layers, and so do passes of several tokens
+through layers/rows_product.py; on the CPU through Triton's interpreter."""
 
 from __future__ import annotations
 
@@ -68,14 +69,20 @@ def check_folded_decode(device: str, dtype: torch.dtype, tolerance: float, folde
         calls.clear()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-def test_folded_decode_in_triton_interpreter(tmp_path):
-    save_random_llama(tmp_path / "llm", vocab_size=64, hidden_size=64, intermediate_size=96)
-    code = (f"import torch; from tests.test_decode_gemv import check_folded_decode; "
-            f"check_folded_decode('cpu', torch.float32, 1e-5, {str(tmp_path / 'llm')!r})")
+def check_in_interpreter(check: str, dtype: str, tolerance: float, folder: Path) -> None:
+    """Run `check` (a function of this file) on the CPU in a process of its own under Triton's interpreter
+    (set before Triton is imported), on a small random LLaMA saved in `folder`."""
+    save_random_llama(folder, vocab_size=64, hidden_size=64, intermediate_size=96)
+    code = (f"import torch; from tests.test_decode_gemv import {check}; "
+            f"{check}('cpu', torch.{dtype}, {tolerance}, {str(folder)!r})")
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent,
                             env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_folded_decode_in_triton_interpreter(tmp_path):
+    check_in_interpreter("check_folded_decode", "float32", 1e-5, tmp_path / "llm")
 
 
 def test_blocks_with_a_layer_the_kernels_cannot_read_stay_unfolded(tmp_path):
@@ -98,10 +105,13 @@ def test_blocks_with_a_layer_the_kernels_cannot_read_stay_unfolded(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
-def test_folded_decode_on_gpu(tmp_path, dtype, tolerance):
+@pytest.mark.parametrize("passes", ["decode", "rows"])
+def test_folded_passes_on_gpu(tmp_path, dtype, tolerance, passes):
+    """One-token passes (decode_gemv.py) and passes of several tokens (rows_product.py)."""
     save_random_llama(tmp_path / "llm", vocab_size=64, hidden_size=256, intermediate_size=704,
                       num_attention_heads=4, num_key_value_heads=2)
-    check_folded_decode("cuda", dtype, tolerance, str(tmp_path / "llm"))
+    check = check_folded_decode if passes == "decode" else check_folded_rows
+    check("cuda", dtype, tolerance, str(tmp_path / "llm"))
 
 
 @pytest.mark.gpu
@@ -180,3 +190,55 @@ def test_every_strip_shape_computes_the_product_on_gpu(mode, monkeypatch):
                 assert torch.isfinite(out).all(), (mode, strip, in_features)
                 error = float((out.double() - expected).norm() / expected.norm())
                 assert error < 1e-2, (mode, strip, in_features, folded, error)
+
+
+def check_folded_rows(device: str, dtype: torch.dtype, tolerance: float, folder: str) -> None:
+    """Passes of several tokens through `LlamaBlock.rows` (layers/rows_product.py): a prompt, then chains
+    and a token tree, give the unfolded path's logits (within `tolerance` relative to the largest logit;
+    in half precision both held to the fp32 model, as check_folded_decode does), the same choices where
+    the unfolded top two are further apart than the rounding bound, and the folded path really taken."""
+    import specinfer.models.llama as llama
+    from specinfer.engine.model_runner import Chunk, ModelRunner
+    from specinfer.exactness import ROUNDING_BOUNDS
+    from specinfer.layers import rows_product
+    from specinfer.models.fuse import fuse_projections
+    from specinfer.models.loader import load_model
+
+    calls = []
+    product = rows_product.rows_product
+    rows_product.rows_product = lambda *args, **kwargs: calls.append(1) or product(*args, **kwargs)
+    try:
+        model = fuse_projections(load_model(Path(folder), device, dtype))
+        reference = copy.deepcopy(model).float() if dtype != torch.float32 else None
+        prompt, chains = [5, 17, 3, 44, 29, 8], [[9, 2, 31], [7, 7], [40, 1, 12, 6]]
+        tree = Chunk(1, [3, 11, 19, 4, 25], [-1, 0, 0, 1, 2], list(range(5)))  # two branches off one token
+        logits = {}
+        for fold in (False, True, "reference"):
+            if fold == "reference" and reference is None:
+                break
+            net = reference if fold == "reference" else model
+            net.fold_rows = fold is True
+            runner = ModelRunner(net, num_slots=2, capacity=64)
+            steps = [runner.forward([Chunk.chain(1, prompt, logits="all")])[0]]
+            runner.commit(1, list(range(len(prompt))))
+            for chain in chains:
+                steps.append(runner.forward([Chunk.chain(1, chain, logits="all")])[0])
+                runner.commit(1, list(range(len(chain))))
+            steps.append(runner.forward([tree])[0])
+            logits[fold] = torch.cat([s.reshape(-1, s.shape[-1]) for s in steps]).float()
+            assert bool(calls) == (fold is True), "the folded path was not taken" if fold is True else "folded unasked"
+            calls.clear()
+        top = logits[False].topk(2, dim=-1).values
+        clear = (top[:, 0] - top[:, 1]) > ROUNDING_BOUNDS[dtype]
+        assert clear.any() and torch.equal(logits[True].argmax(-1)[clear], logits[False].argmax(-1)[clear])
+        exact = logits.get("reference", logits[False])
+        error = {fold: float((logits[fold] - exact).abs().max() / exact.abs().max()) for fold in (False, True)}
+        assert error[True] <= max(tolerance, 1.5 * error[False]), error
+    finally:
+        rows_product.rows_product = product
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-5), ("float16", 2e-3)])  # the interpreter's bf16 dot is wrong
+def test_folded_rows_in_triton_interpreter(tmp_path, dtype, tolerance):
+    check_in_interpreter("check_folded_rows", dtype, tolerance, tmp_path / "llm")

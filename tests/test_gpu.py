@@ -18,13 +18,17 @@ from .test_speculative import FITTED_TREE, PROMPTS, assert_greedy_equivalent, ge
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,compiled", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("dtype,compiled", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True),
+                                            (torch.bfloat16, "fold-rows")])
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("tree", [None, FITTED_TREE], ids=["expansion", "fitted-tree"])
 def test_gpu_greedy_equals_incremental(tmp_path, dtype, compiled, batch, tree):
-    """Compiled: both runs use the fused blocks (models/compile.py), as the engine does with --compile.
-    The fitted tree's levels are gathered from each parent's top-k inside the drafter's CUDA graph."""
+    """Compiled: both runs use the fused blocks (models/compile.py), as the engine does with --compile;
+    "fold-rows": with fused projections, one-token passes folded (decode_gemv.py) and passes of several
+    tokens too (rows_product.py). The fitted tree's levels are gathered from each parent's top-k inside
+    the drafter's CUDA graph."""
     from specinfer.models.compile import compile_blocks
+    from specinfer.models.fuse import fuse_projections
 
     bound = ROUNDING_BOUNDS[dtype]
     reference = save_random_llama(tmp_path / "llm")
@@ -33,13 +37,17 @@ def test_gpu_greedy_equals_incremental(tmp_path, dtype, compiled, batch, tree):
     ssms = [load_model(tmp_path / "ssm", "cuda", dtype), early_exit_draft(llm, 1)]
     if compiled:
         for model in [llm, *ssms]:
-            compile_blocks(model)
+            if compiled == "fold-rows":
+                fuse_projections(model)
+            compile_blocks(model, fold_rows=compiled == "fold-rows")
     prompts = PROMPTS + [p[::-1] for p in PROMPTS]  # 8 requests, served in batches of `batch`
     expected = generate(llm, [], prompts, mode="incremental", batch=batch)
     got = generate(llm, ssms, prompts, expansion=(1, 2, 1, 1), batch=batch, tree=tree)
     for prompt, g, e in zip(prompts, got, expected):
         assert_greedy_equivalent(llm, prompt, g.output_tokens, e.output_tokens, bound)
     assert sum(r.stats.num_accepted for r in got) > 0
+    if compiled == "fold-rows":
+        assert llm._rows_folded and ssms[0]._rows_folded  # the passes of several tokens took the folded path
 
 
 @pytest.mark.gpu

@@ -64,3 +64,21 @@ def test_decode_product_compiles_for_hopper(weight, split):
     ptx = compile_for_hopper(decode_gemv._decode_gemv_kernel, types, constexprs).asm["ptx"]
     assert ("atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx) == (split > 1)
     assert ("fma.rn.bf16x2" in ptx) == (weight == "int4-pairs")  # two products an instruction
+
+
+@pytest.mark.parametrize("variant", ["norm", "gated", "residual"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_rows_product_compiles_for_hopper(variant, dtype):
+    """The few-rows product kernel (layers/rows_product.py) in its three forms: its tiles go through the
+    tensor cores (wgmma on sm_90, or mma), fp32 layers in fp32 rather than tf32."""
+    from specinfer.layers import rows_product
+
+    act = f"*{dtype}"
+    types = dict(x_ptr=act, w_ptr=act, norm_ptr=act, res_ptr=act, out_ptr=act, eps="fp32")
+    constexprs = dict(N=1152, K=576, D=64 if variant == "residual" else 576, NORM=variant != "residual", GATED=variant == "gated",
+                      HAS_RESIDUAL=variant == "residual", BLOCK_M=16, BLOCK_N=64, BLOCK_K=64)
+    ptx = compile_for_hopper(rows_product._rows_product_kernel, types, constexprs).asm["ptx"]
+    if dtype == "bf16":
+        assert "wgmma" in ptx or "mma.sync" in ptx
+    else:
+        assert "tf32" not in ptx

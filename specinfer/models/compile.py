@@ -13,7 +13,8 @@ reuse them. CUDA graphs then replay the fused kernels as before.
 
 One-token passes (batch-1 decoding) go further where the blocks allow (`fold_decode`): each product takes
 its norm, SwiGLU or residual add into its own kernel (layers/decode_gemv.py), and what is compiled of the
-block is the rotary embedding with the cache write (`rotate_and_store`).
+block is the rotary embedding with the cache write (`rotate_and_store`). With `fold_rows`, passes of a
+few tokens (tree verification, drafting levels) fold the same way through layers/rows_product.py.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from torch import nn
 from ..errors import SpecInferError
 
 
-def compile_blocks(model: nn.Module, fold_decode: bool = True) -> nn.Module:
+def compile_blocks(model: nn.Module, fold_decode: bool = True, fold_rows: bool = False) -> nn.Module:
     """Compile every block of `model` in place (idempotent). Not for tensor-parallel or offloaded models:
     their collectives and weight-swapping hooks run between the fused parts. `fold_decode`: one-token
-    passes through the folded kernels, on a GPU, where the model and its layers allow."""
+    passes through the folded kernels, on a GPU, where the model and its layers allow; `fold_rows`:
+    passes of a few tokens too (layers/rows_product.py; half-precision layers)."""
     if getattr(model, "tp", None) is not None or getattr(model, "streamer", None) is not None:
         raise SpecInferError("compiling is not supported with tensor parallelism or offloading")
     # Each model width, and sizes of 1 (specialised by dynamo), is one more entry for the shared code.
@@ -41,6 +43,8 @@ def compile_blocks(model: nn.Module, fold_decode: bool = True) -> nn.Module:
             block.compiled = True
     if hasattr(model, "fold_decode"):
         model.fold_decode = fold_decode
+    if hasattr(model, "fold_rows"):
+        model.fold_rows = fold_rows
     # Around the blocks, once per pass: the rotary angles (a handful of kernels) and the final norm (eight
     # eager kernels, one fused). A drafter runs a pass per tree level, so these count there.
     rotary, norm = getattr(model, "rotary", None), getattr(model, "norm", None)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import decode_gemv, tree_attention
+from ..layers import decode_gemv, rows_product, tree_attention
 from ..layers.attention import AttentionMetadata, cached_attention, write_kv
 from ..layers.decode_gemv import decode_product, foldable
 from ..layers.rotary import RotaryEmbedding, apply_rotary
@@ -145,6 +145,25 @@ class LlamaBlock(nn.Module):
         activation = decode_product(h, mlp.gate_up_proj, norm=self.post_attention_layernorm, gated=True, dependent=True)
         return decode_product(activation, mlp.down_proj, residual=h, dependent=True)
 
+    def rows(self, h, rope, cache_k, cache_v, meta: AttentionMetadata, cache_kv=None) -> torch.Tensor:
+        """A few rows (a token tree, a drafting level, a small batch) through the block as `decode` takes one:
+        each product with its norm, SwiGLU or residual add (layers/rows_product.py), six kernels in all.
+        The residual stream h [B, T, hidden] -> the stream after the block."""
+        attention, mlp = self.self_attn, self.mlp
+        qkv = rows_product.rows_product(h, attention.qkv_proj, norm=self.input_layernorm)
+        q = self.rotate_and_store(qkv, rope, cache_k, cache_v, meta, cache_kv)
+        attended = cached_attention(q, cache_k, cache_v, meta)  # [B, H, T, D], read in place
+        h = rows_product.rows_product(attended, attention.o_proj, residual=h, heads=True)
+        activation = rows_product.rows_product(h, mlp.gate_up_proj, norm=self.post_attention_layernorm, gated=True)
+        return rows_product.rows_product(activation, mlp.down_proj, residual=h)
+
+    def rows_folded(self) -> bool:
+        """Whether `rows` can serve this block: fused projections of plain (unquantized) weights."""
+        attention, mlp = self.self_attn, self.mlp
+        return attention.tp is None and attention.qkv_proj is not None and mlp.gate_up_proj is not None and all(
+            rows_product.foldable(linear)
+            for linear in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj))
+
     def rotate_and_store(self, qkv, rope, cache_k, cache_v, meta: AttentionMetadata, cache_kv=None) -> torch.Tensor:
         """`decode`'s rotary embedding and cache write: queries [B, H, T, D] (one kernel when compiled)."""
         q, kv = self.self_attn.rotate(qkv, rope)
@@ -177,6 +196,10 @@ class LlamaModel(nn.Module):
         # models/compile.py turns it on. None until first checked.
         self.fold_decode = False
         self._folded: bool | None = None
+        # Passes of 2 to rows_product.MAX_ROWS tokens through `LlamaBlock.rows` (models/compile.py's
+        # `fold_rows`; experimental until timed against the compiled halves on a GPU).
+        self.fold_rows = False
+        self._rows_folded: bool | None = None
 
     def forward(self, tokens: torch.Tensor, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         """tokens [B, T] -> final hidden states [B, T, hidden]; keys/values go into `kv_cache`."""
@@ -187,6 +210,10 @@ class LlamaModel(nn.Module):
             for i, layer in enumerate(self.layers):
                 x = layer.decode(x, rope, kv_cache.keys[i], kv_cache.values[i], meta, None if joint is None else joint[i])
             return self.norm(x)
+        if self.fold_rows and 1 < tokens.numel() <= rows_product.MAX_ROWS and self._folds_rows(x):
+            for i, layer in enumerate(self.layers):
+                x = layer.rows(x, rope, kv_cache.keys[i], kv_cache.values[i], meta, None if joint is None else joint[i])
+            return self.norm(x)
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, rope, kv_cache.keys[i], kv_cache.values[i], meta,
                                 None if joint is None else joint[i])
@@ -196,6 +223,11 @@ class LlamaModel(nn.Module):
         if self._folded is None:  # the layers' kinds are settled by the time a pass runs (quantized, fused)
             self._folded = all(layer.decodes_folded() for layer in self.layers)
         return self._folded and decode_gemv.available(x)
+
+    def _folds_rows(self, x: torch.Tensor) -> bool:
+        if self._rows_folded is None:
+            self._rows_folded = all(layer.rows_folded() for layer in self.layers)
+        return self._rows_folded and decode_gemv.available(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return vocab_logits(self.lm_head, hidden, self.config.vocab_size, self.tp)
