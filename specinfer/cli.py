@@ -75,6 +75,8 @@ def add_engine_arguments(p: argparse.ArgumentParser, max_sequence_length: int) -
                           "spawned here unless launched by torchrun")
     run.add_argument("--quantization", choices=["none", "int8", "int4"], default="none",
                      help="weight-only quantization of the LLM's transformer layers, done on load")
+    run.add_argument("--ssm-quantization", choices=["none", "int8", "int4"], default="none",
+                     help="the same for the SSMs' own layers (self:N drafts share the LLM's)")
     run.add_argument("--quant-group-size", type=int, default=64, help="input columns per int4 scale")
     run.add_argument("--gpu-memory-gb", type=float, metavar="GIB",
                      help="device memory for the LLM's weights; layers beyond it stay in pinned host memory and "
@@ -106,7 +108,8 @@ def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, SpeculationC
                           args.tensor_parallel_size, None if args.quantization == "none" else args.quantization,
                           args.quant_group_size, args.gpu_memory_gb, args.pinned_memory_gb, args.compile,
                           draft_vocab_size=args.draft_vocab, draft_vocab_file=args.draft_vocab_file,
-                          overlap_plain_steps=args.overlap, overlap_tree_steps=args.overlap_trees)
+                          overlap_plain_steps=args.overlap, overlap_tree_steps=args.overlap_trees,
+                          ssm_quantization=None if args.ssm_quantization == "none" else args.ssm_quantization)
     from .spec.tree_fit import load_tree_file
 
     tree = args.tree or (default_tree(args.llm, args.ssms, args.device) if args.expansion is None else None)

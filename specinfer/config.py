@@ -150,12 +150,16 @@ class EngineConfig:
     # and never lost, batch 1-64); off with the adaptive controller, which with it lost at batch 1 in one
     # of two runs (0.90x, docs/benchmarks/batch_throughput_gpu.md).
     overlap_tree_steps: bool | None = None
+    # The SSMs' own transformer layers quantized the same way (None, "int8", "int4"); `self:N` drafts share
+    # the LLM's layers, quantized or not, whatever this says.
+    ssm_quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.compile and (self.tensor_parallel_size > 1 or self.gpu_memory_gb):
             raise SpecInferError("compile cannot be combined with tensor parallelism or offloading")
-        if self.quantization not in (None, "int8", "int4"):
-            raise SpecInferError(f"quantization must be int8 or int4 (or none), got {self.quantization!r}")
+        for name in ("quantization", "ssm_quantization"):
+            if getattr(self, name) not in (None, "int8", "int4"):
+                raise SpecInferError(f"{name} must be int8 or int4 (or none), got {getattr(self, name)!r}")
         if self.quant_group_size < 2 or self.quant_group_size % 2:
             raise SpecInferError(f"quant_group_size must be an even number >= 2, got {self.quant_group_size}")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 0:

@@ -169,6 +169,8 @@ class LLM:
                                      "another): boost-tune SSMs for this LLM with `specinfer boost-tune`")
             spec = str(tuned_ssm_path(spec))
         ssm = load_model(spec, device, dtype, shared_from=self.model)
+        if self.engine_config.ssm_quantization:
+            quantize_model(ssm, self.engine_config.ssm_quantization, self.engine_config.quant_group_size)
         if self.engine_config.fuse_projections:
             fuse_projections(ssm)
         ssm_path = Path(spec)

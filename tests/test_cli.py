@@ -253,3 +253,21 @@ def test_differing_greedy_outputs_are_held_to_the_rounding_bound(model_dirs):
     assert f"{margin:.3g} apart" in verdict and "0 of 1 identical" in verdict
     assert ("NOT equivalent" in verdict) == (margin > 1e-3)
     assert "sampled" in compare_outputs(llm, [changed], baseline, False, sampled=True)
+
+
+def test_ssm_quantization_flag(model_dirs, capsys):
+    """--ssm-quantization quantizes the SSMs' own layers (not the LLM's); output stays exact; a group size
+    that does not divide the SSM's widths is a clear error."""
+    from specinfer import LLM, EngineConfig
+    from specinfer.quant import QuantizedLinear
+
+    llm = LLM(str(model_dirs / "llm"), ssms=[str(model_dirs / "ssm")],
+              engine=EngineConfig(max_sequence_length=128, ssm_quantization="int4", quant_group_size=32))
+    assert any(isinstance(m, QuantizedLinear) for m in llm.ssms[0].modules())
+    assert not any(isinstance(m, QuantizedLinear) for m in llm.model.modules())
+    code, out, _ = run_cli(["--llm", str(model_dirs / "llm"), "--ssm", str(model_dirs / "ssm"), "--ssm-quantization",
+                            "int8", "--prompt", "hello", "--max-new-tokens", "8", "--max-sequence-length", "128"], capsys)
+    assert code == 0 and "outputs identical" in out
+    code, _, err = run_cli(["--llm", str(model_dirs / "llm"), "--ssm", str(model_dirs / "ssm"), "--ssm-quantization",
+                            "int4", "--quant-group-size", "48", "--prompt", "hi", "--max-sequence-length", "128"], capsys)
+    assert code != 0 and "group size" in err and "Traceback" not in err
