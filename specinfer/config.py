@@ -126,7 +126,7 @@ class EngineConfig:
     # residual add folded into its kernel (layers/decode_gemv.py). LLaMA models with plain or int8 layers.
     fold_decode: bool = True
     # With `compile`, on a GPU: passes of 2 to 128 tokens (verification, drafting) folded the same way
-    # (layers/rows_product.py), half-precision LLaMA layers. Off until timed on a GPU.
+    # (layers/rows_product.py), LLaMA models with unquantized layers. Off until timed on a GPU.
     fold_rows: bool = False
     # One matrix product for q/k/v and one for gate/up (models/fuse.py). Off where weights get saved.
     fuse_projections: bool = True

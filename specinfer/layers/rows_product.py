@@ -3,7 +3,7 @@
 The batch-1 decode step folds each RMSNorm, SwiGLU and residual add into the matrix product beside it
 (decode_gemv.py). A pass over a token tree (the LLM verifying 2 to 128 tokens, an SSM expanding a level)
 runs the same block on a few rows, and there each of those steps is still a kernel of its own: compiled,
-a LLaMA block is nine kernels (add + norm, q/k/v, rotary and cache write, attention, o, add + norm,
+a LLaMA block is about nine kernels (add + norm, q/k/v, rotary and cache write, attention, o, add + norm,
 gate/up, SwiGLU, down). On a small model every kernel is latency-bound, so a pass costs about its count
 of kernels (`docs/benchmarks/step_profile_gpu.md`: a 64-node step of the default model is 552 kernels).
 Here the block is six: the same folds as decode_gemv's, on tiles of rows through `tl.dot`:
@@ -32,7 +32,7 @@ try:
 except ImportError:  # CPU-only installs: the unfused block serves every pass
     triton = None
 
-MAX_ROWS = 128  # beyond this many rows a pass is compute-bound and cuBLAS's tiles serve it better
+MAX_ROWS = 128  # longer passes (prefills) keep the compiled halves: these tiles are sized for few rows
 
 
 def foldable(linear: nn.Module) -> bool:
