@@ -198,6 +198,8 @@ def compare_outputs(llm, results, baseline, use_template: bool, sampled: bool) -
 def run(args: argparse.Namespace) -> int:
     from .llm import LLM  # heavy imports after argument errors are ruled out
 
+    if args.temperature < 0:  # 0 means greedy, so a negative value is a mistake, not a request for greedy
+        raise SpecInferError(f"--temperature must be >= 0 (0: greedy), got {args.temperature:g}")
     prompts = read_prompts(args)
     engine, speculation = engine_configs(args)
     sampling = GenerationConfig(

@@ -165,6 +165,10 @@ class EngineConfig:
         if self.draft_vocab_size is not None and self.draft_vocab_size < 0:
             raise SpecInferError(
                 f"draft_vocab_size must be >= 0 (0: the whole vocabulary), got {self.draft_vocab_size}")
+        if self.gpu_memory_gb is not None and self.gpu_memory_gb <= 0:
+            raise SpecInferError(f"gpu_memory_gb must be > 0 (none: everything on the device), got {self.gpu_memory_gb:g}")
+        if self.pinned_memory_gb is not None and self.pinned_memory_gb < 0:
+            raise SpecInferError(f"pinned_memory_gb must be >= 0, got {self.pinned_memory_gb:g}")
         if self.tensor_parallel_size < 1:
             raise SpecInferError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.max_batch_size < 1:

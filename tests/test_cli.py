@@ -79,6 +79,9 @@ def test_full_run_writes_json_lines(model_dirs, capsys, tmp_path):
     ("missing-tree", "cannot read tree file"),
     ("bad-tree", "lacks its parent"),
     ("tree-nodes-without-tree", "--tree-nodes cuts a tree"),
+    ("negative-temperature", "--temperature must be >= 0"),
+    ("zero-gpu-budget", "gpu_memory_gb must be > 0"),
+    ("negative-pinned-budget", "pinned_memory_gb must be >= 0"),
 ])
 def test_bad_input_gives_one_clear_error(model_dirs, tmp_path, capsys, case, expected):
     llm = str(model_dirs / "llm")
@@ -123,6 +126,12 @@ def test_bad_input_gives_one_clear_error(model_dirs, tmp_path, capsys, case, exp
         args["--tree"] = str(tmp_path / "tree.json")
     elif case == "tree-nodes-without-tree":
         args["--tree-nodes"] = "4"
+    elif case == "negative-temperature":
+        args["--temperature"] = "-1"
+    elif case == "zero-gpu-budget":
+        args["--gpu-memory-gb"] = "0"
+    elif case == "negative-pinned-budget":
+        args["--pinned-memory-gb"] = "-2"
     elif case == "bad-tree":
         (tmp_path / "tree.json").write_text(json.dumps({"paths": [[0], [1, 0, 0]]}))
         args["--tree"] = str(tmp_path / "tree.json")
