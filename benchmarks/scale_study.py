@@ -16,7 +16,7 @@ repeats after warm-up, CUDA graphs on where the engine uses them):
   step given by --accepted (measured on the default model: docs/benchmarks/engine_speed_gpu*.md);
 - quant: the decode step at batch 1 with int8 and int4 weights against the unquantized one (both ways;
   on CUDA also int4 through the experimental bf16-pair kernel, SPECINFER_INT4_PAIRS=1, and that with
-  the LM head quantized too; on the CPU int4 with the LM head);
+  the LM head quantized too; on the CPU int4 with the LM head; `--quant-modes` picks others);
 - undependent: with quant, each quantized step again without dependent launches (in flight);
 - offload: the decode step and a tree verification with the weights streamed from pinned host memory
   (`--offload-gb` device budget), the host-to-device bandwidth reached, and the projected speed-up;
@@ -58,6 +58,9 @@ SHAPES = {  # LLaMA-family shapes (Llama-2 7B/13B; the 68M/160M SSMs of the Spec
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),  # smoke test
 }
 PREFIX = 256  # cached tokens per request when a step is timed
+# The quant section's rows: int8 or int4 weights; _pairs: int4 through the experimental bf16-pair kernel;
+# _lm_head: the LM head quantized too.
+QUANT_MODES = ("int8", "int8_lm_head", "int4", "int4_lm_head", "int4_pairs", "int4_pairs_lm_head")
 
 
 def sync() -> None:
@@ -242,6 +245,8 @@ def main() -> None:
     p.add_argument("--ssm-shapes", default="68m,160m")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     p.add_argument("--sections", default="bandwidth,incremental,verify,draft,projection,quant")
+    p.add_argument("--quant-modes", help="the quant section's rows, comma-separated, of " + ", ".join(QUANT_MODES) +
+                   " (default on CUDA: int8,int4,int4_pairs,int4_pairs_lm_head; on CPU: int8,int4,int4_lm_head)")
     p.add_argument("--batches", default="1,4,16,64")
     p.add_argument("--tree-sizes", default="1,2,4,8,16,32,64,128")
     p.add_argument("--expansion", default="1,1,3,1,1,1,1,1")
@@ -344,8 +349,12 @@ def main() -> None:
             # int4_pairs: the int4 weights through the experimental bf16-pair kernel (SPECINFER_INT4_PAIRS=1,
             # read when a product is launched, so it holds for the graphs captured inside decode_times).
             # *_lm_head: the LM head quantized too (quantize_model's lm_head; 262 MB of a 7B's bf16 bytes).
-            modes = ("int8", "int4", "int4_pairs", "int4_pairs_lm_head") if device.type == "cuda" else (
-                "int8", "int4", "int4_lm_head")
+            modes = args.quant_modes.split(",") if args.quant_modes else (
+                ("int8", "int4", "int4_pairs", "int4_pairs_lm_head") if device.type == "cuda" else
+                ("int8", "int4", "int4_lm_head"))
+            for mode in modes:
+                if mode not in QUANT_MODES:
+                    raise SystemExit(f"--quant-modes: {mode!r} is not one of {', '.join(QUANT_MODES)}")
             for mode in modes:
                 del llm
                 torch.cuda.empty_cache()
