@@ -89,7 +89,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---|")
     for name in args.kinds.split(","):
         kind = KINDS[name]
-        for block_n, block_k, warps, split in decode_gemv.strip_shapes(kind, args.group_size, splittable=True):
+        for block_n, block_k, warps, split in decode_gemv.strip_shapes(kind, args.group_size):
             compiled = compile_kernel(kind, args.group_size, args.n, args.k, block_n, block_k, warps, split,
                                       residual=split > 1)
             body = longest_loop(disassemble(compiled))

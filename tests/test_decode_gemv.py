@@ -85,6 +85,48 @@ def test_folded_decode_in_triton_interpreter(tmp_path):
     check_in_interpreter("check_folded_decode", "float32", 1e-5, tmp_path / "llm")
 
 
+def check_split_products(device: str, dtype: torch.dtype, tolerance: float, folder: str) -> None:
+    """One-row products whose columns split among 1, 2 and 4 programs a strip (decode_gemv's SPLIT_K), with
+    nothing, a norm, a norm and SwiGLU, or a residual folded in, in plain, int8 and int4 layers: each the
+    float64 product of the layer's own (dequantized) weights within `tolerance` (relative norm), the
+    splits agreeing with the unsplit strip to rounding. `folder` is unused (check_in_interpreter's form)."""
+    from specinfer.layers.decode_gemv import decode_product
+    from specinfer.quant.linear import QuantizedLinear
+
+    torch.manual_seed(0)
+    K, N = 256, 48
+    linear = torch.nn.Linear(K, N, bias=False, device=device, dtype=dtype)
+    norm = torch.nn.RMSNorm(K, eps=1e-5, device=device, dtype=dtype)
+    torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    x = torch.randn(1, K, device=device, dtype=dtype)
+    residual = torch.randn(1, N, device=device, dtype=dtype)
+    normed = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.double()
+    for mode in (None, "int8", "int4"):
+        layer = linear if mode is None else QuantizedLinear(linear, mode, group_size=32)
+        weight = linear.weight.double() if mode is None else layer.dequantized(torch.float64)
+        for folded in ("none", "norm", "norm+swiglu", "residual"):
+            product = (normed if folded.startswith("norm") else x.double()) @ weight.T
+            if folded == "norm+swiglu":
+                gate, up = product.chunk(2, dim=-1)
+                product = torch.nn.functional.silu(gate) * up
+            expected = product + (residual.double() if folded == "residual" else 0)
+            outs = []
+            for split in (1, 2, 4):
+                out = decode_product(x, layer, norm=norm if folded.startswith("norm") else None,
+                                     gated=folded == "norm+swiglu", residual=residual if folded == "residual" else None,
+                                     strip=(16, 64, 4, split))
+                error = float((out.double() - expected).norm() / expected.norm())
+                assert error < tolerance, (mode, folded, split, error)
+                outs.append(out.double())
+            spread = max(float((o - outs[0]).norm() / outs[0].norm()) for o in outs)
+            assert spread < tolerance, (mode, folded, spread)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_split_products_in_triton_interpreter(tmp_path):
+    check_in_interpreter("check_split_products", "float32", 1e-5, tmp_path / "llm")
+
+
 def test_blocks_with_a_layer_the_kernels_cannot_read_stay_unfolded(tmp_path):
     """Projections left separate, or int4 groups narrower than a 32-bit word of packed weights, keep every
     block on the unfolded path; fused plain, int8 and int4 blocks fold."""
@@ -157,7 +199,7 @@ def test_dependent_launches_give_the_logits_of_serial_launches_on_gpu(tmp_path, 
 @pytest.mark.parametrize("mode", [None, "int8", "int4", "int4-pairs"])
 def test_every_strip_shape_computes_the_product_on_gpu(mode, monkeypatch):
     """Each of the autotuner's strip shapes (decode_gemv.strip_shapes), at widths its steps divide and at
-    widths they do not (masked loads), with the norm folded in and with a residual (split among
+    widths they do not (masked loads), with the norm folded in and with a residual (both split among
     programs too): the product of the
     layer's own (dequantized) weights, every output written (the output buffer is poisoned first)."""
     from specinfer.layers import decode_gemv
@@ -178,10 +220,10 @@ def test_every_strip_shape_computes_the_product_on_gpu(mode, monkeypatch):
         x = torch.randn(1, in_features, device="cuda", dtype=dtype)
         residual = torch.randn(1, out_features, device="cuda", dtype=dtype)
         normed = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.double()
-        for strip in decode_gemv.strip_shapes(kind, 64, splittable=True):
+        for strip in decode_gemv.strip_shapes(kind, 64):
             for folded in (False, True):
-                if strip[3] > 1 and (folded or not decode_gemv._split_fits(in_features, strip[1], strip[3])):
-                    continue  # splits only where nothing is folded in before the product
+                if not decode_gemv._split_fits(in_features, strip[1], strip[3]):
+                    continue  # splits only of whole steps
                 expected = (normed if folded else x.double()) @ weight.T + (0 if folded else residual.double())
                 poison = torch.full((out_features,), float("nan"), device="cuda", dtype=dtype)
                 del poison  # the allocator hands the next output this poisoned memory

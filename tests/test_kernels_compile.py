@@ -47,10 +47,12 @@ def test_tree_attention_compiles_for_hopper(rotate, dependent):
 
 @pytest.mark.parametrize("weight", ["half", "int8", "int4", "int4-pairs"])
 @pytest.mark.parametrize("split", [1, 4])
-def test_decode_product_compiles_for_hopper(weight, split):
-    """The batch-1 product kernel (layers/decode_gemv.py), its o/down form with a residual add, unsplit and
-    with the row's columns split among programs: the splits meet through one GPU-scope arrival count a
-    strip, and the last reads the others' sums past its multiprocessor's cache."""
+@pytest.mark.parametrize("form", ["residual", "norm", "norm+swiglu"])
+def test_decode_product_compiles_for_hopper(weight, split, form):
+    """The batch-1 product kernel (layers/decode_gemv.py) in its o/down form (a residual add), its q/k/v
+    form (a norm) and its gate/up form (a norm and SwiGLU), unsplit and with the row's columns split among
+    programs: the splits meet through one GPU-scope arrival count a strip, and the last reads the others'
+    sums (and shares of the row's squares) past its multiprocessor's cache."""
     from specinfer.layers import decode_gemv
 
     kind = {"half": decode_gemv.HALF, "int8": decode_gemv.INT8, "int4": decode_gemv.INT4,
@@ -59,7 +61,8 @@ def test_decode_product_compiles_for_hopper(weight, split):
     types = dict(x_ptr=half, w_ptr=half if weight == "half" else "*i32", scale_ptr="*fp32" if weight == "int8" else "*fp16",
                  min_ptr="*fp16", norm_ptr=half, res_ptr=half, out_ptr=half, part_ptr="*fp32", arrivals_ptr="*i32",
                  eps="fp32")
-    constexprs = dict(N=4096, K=4096, PROLOGUE=decode_gemv.NONE, WEIGHT=kind, GROUP=64, GATED=False, HAS_RESIDUAL=True,
+    constexprs = dict(N=4096, K=4096, PROLOGUE=decode_gemv.NONE if form == "residual" else decode_gemv.RMSNORM,
+                      WEIGHT=kind, GROUP=64, GATED=form == "norm+swiglu", HAS_RESIDUAL=form == "residual",
                       DEPENDENT=False, BLOCK_N=32, BLOCK_K=256, SPLIT_K=split)
     ptx = compile_for_hopper(decode_gemv._decode_gemv_kernel, types, constexprs).asm["ptx"]
     assert ("atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx) == (split > 1)

@@ -84,11 +84,12 @@ def decode_product(x: torch.Tensor, linear: nn.Module, norm: nn.Module | None = 
     weights that no kernel writes while a step runs (not offloaded layers). `strip`: one of
     `strip_shapes` in place of the autotuner's choice (tests of every choice).
 
-    Products with nothing folded in before them (o and down, which end a half of the block) may split
-    the row's columns among several programs per strip (`SPLIT_K`): a 4096-row layer has too few strips
-    to keep the GPU's memory busy once a strip is wide enough to share the row's work. The splits' sums
-    meet in a per-layer buffer and the last split to arrive adds them up in split order (the same sum
-    on every run) and finishes the strip."""
+    A product may split the row's columns among several programs per strip (`SPLIT_K`): a 4096-row
+    layer has too few strips to keep the GPU's memory busy once a strip is wide enough to share the
+    row's work, and a wider one's strips may fill the multiprocessors unevenly. The splits' sums (and,
+    with a norm folded in, their shares of the row's sum of squares) meet in a per-layer buffer, and
+    the last split to arrive adds them up in split order (the same sum on every run) and finishes the
+    strip."""
     group = 1
     if isinstance(linear, QuantizedLinear) and linear.mode == "int8":
         kind, weight, scale, minimum = INT8, linear.qweight.view(torch.int32), linear.scale, None
@@ -108,22 +109,21 @@ def decode_product(x: torch.Tensor, linear: nn.Module, norm: nn.Module | None = 
     width = N // 2 if gated else N
     out = torch.empty(width, dtype=x.dtype, device=x.device)
     unread = out  # a placeholder for the pointers a variant does not read
-    splittable = norm is None and not gated
-    partials, arrivals = _split_buffers(linear, x.device) if splittable else (unread, unread)
+    partials, arrivals = _split_buffers(linear, x.device, norm is not None)
     args = (row.contiguous(), weight, unread if scale is None else scale, unread if minimum is None else minimum,
             unread if norm is None else norm.weight, unread if residual is None else residual.reshape(-1), out,
             partials, arrivals, N, float(norm.eps) if norm is not None else 0.0, K,
             RMSNORM if norm is not None else NONE, kind, group, gated, residual is not None)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        block_k = max(64, group)
-        split = 2 if splittable and _split_fits(K, block_k, 2) else 1  # the split path too
-        _decode_gemv_kernel[(triton.cdiv(N, 16), split)](*args, False, BLOCK_N=16, BLOCK_K=block_k, SPLIT_K=split)
-    elif strip is not None:
+    if strip is not None:
         block_n, block_k, warps, split = strip
-        if split > 1 and not (splittable and _split_fits(K, block_k, split)):
+        if not _split_fits(K, block_k, split):
             raise ValueError(f"strip {strip} cannot split this product")
         _decode_gemv_kernel[(triton.cdiv(N, block_n), split)](*args, False, BLOCK_N=block_n, BLOCK_K=block_k,
                                                                SPLIT_K=split, num_warps=warps, num_stages=3)
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        block_k = max(64, group)
+        split = 2 if _split_fits(K, block_k, 2) else 1  # the split path too
+        _decode_gemv_kernel[(triton.cdiv(N, 16), split)](*args, False, BLOCK_N=16, BLOCK_K=block_k, SPLIT_K=split)
     else:
         # Dependent launches only where they paid (H200, 7B-shaped, in flight: bf16 4.01 -> 3.91 ms, while
         # int8 went 2.84 -> 2.93 and int4 2.83 -> 2.95: their kernels are bound by instructions, probably
@@ -131,7 +131,7 @@ def decode_product(x: torch.Tensor, linear: nn.Module, norm: nn.Module | None = 
         # calls, the autotuner's timings among them (first use, before any capture), launch serially.
         dependent = (dependent and kind == HALF and dependent_launch.enabled(x)
                      and torch.cuda.is_current_stream_capturing())
-        _tuned(kind, group, splittable)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])](
+        _tuned(kind, group)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])](
             *args, dependent, **dependent_launch.launch_options(dependent))
     return out.view(*x.shape[:-1], width)
 
@@ -366,32 +366,40 @@ if triton is not None:
                                        PROLOGUE, WEIGHT, GROUP, BLOCK_N, BLOCK_K, act)
         out = tl.sum(acc, axis=1)
         if SPLIT_K == 1:
-            _finish(out, cols, col_ok, pid, scale_ptr, res_ptr, out_ptr, squares, eps, N, K, PROLOGUE, WEIGHT,
-                    GATED, HAS_RESIDUAL, BLOCK_N)
+            _finish(out, cols, col_ok, pid, scale_ptr, res_ptr, out_ptr, tl.sum(squares, axis=0), eps, N, K,
+                    PROLOGUE, WEIGHT, GATED, HAS_RESIDUAL, BLOCK_N)
         else:
-            # Each split's sums into the layer's buffer; the barrier orders every thread's writes before the
-            # count (released at GPU scope), and the last arrival's acquire then sees every split's.
+            # Each split's sums into the layer's buffer (with a norm, its share of the row's squares after
+            # them: SPLIT_K * N sums, then one a split and strip); the barrier orders every thread's writes
+            # before the count (released at GPU scope), and the last arrival's acquire then sees every split's.
+            squares_ptr = part_ptr + SPLIT_K * N + pid
+            strips = tl.num_programs(0)
             tl.store(part_ptr + split * N + cols, out, mask=col_ok)
+            if PROLOGUE == 1:
+                tl.store(squares_ptr + split * strips, tl.sum(squares, axis=0))
             tl.debug_barrier()
             if tl.atomic_add(arrivals_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1:
                 tl.store(arrivals_ptr + pid, 0)  # ready for the layer's next call
                 total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                sum_squares = 0.0
                 for s in tl.static_range(SPLIT_K):  # in split order, whichever split arrived last
                     total += tl.load(part_ptr + s * N + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
-                _finish(total, cols, col_ok, pid, scale_ptr, res_ptr, out_ptr, squares, eps, N, K, PROLOGUE,
+                    if PROLOGUE == 1:
+                        sum_squares += tl.load(squares_ptr + s * strips, cache_modifier=".cg")
+                _finish(total, cols, col_ok, pid, scale_ptr, res_ptr, out_ptr, sum_squares, eps, N, K, PROLOGUE,
                         WEIGHT, GATED, HAS_RESIDUAL, BLOCK_N)
 
     @triton.jit
-    def _finish(out, cols, col_ok, pid, scale_ptr, res_ptr, out_ptr, squares, eps, N: tl.constexpr,
+    def _finish(out, cols, col_ok, pid, scale_ptr, res_ptr, out_ptr, sum_squares, eps, N: tl.constexpr,
                 K: tl.constexpr, PROLOGUE: tl.constexpr, WEIGHT: tl.constexpr, GATED: tl.constexpr,
                 HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr):
-        """The strip's epilogue on its rows' sums: int8's row scale, the norm's 1 / rms, SwiGLU or the
-        residual add, and the store."""
+        """The strip's epilogue on its rows' sums (and the input row's sum of squares): int8's row scale,
+        the norm's 1 / rms, SwiGLU or the residual add, and the store."""
         act = out_ptr.dtype.element_ty
         if WEIGHT == 1:
             out = out * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
         if PROLOGUE == 1:
-            out = out / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+            out = out / tl.sqrt(sum_squares / K + eps)
         if GATED:  # gate and up round to the activation dtype first, as the unfused block stores them
             gate, up = tl.split(tl.reshape(out.to(act).to(tl.float32), (BLOCK_N // 2, 2)))
             units = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
@@ -402,19 +410,22 @@ if triton is not None:
             tl.store(out_ptr + cols, out.to(act), mask=col_ok)
 
 
-_TUNED: dict[tuple[int, int, bool], object] = {}
+_TUNED: dict[tuple[int, int], object] = {}
 MAX_SPLIT_K = 8
 
 
-def strip_shapes(kind: int, group: int, splittable: bool = False) -> list[tuple[int, int, int, int]]:
+def strip_shapes(kind: int, group: int) -> list[tuple[int, int, int, int]]:
     """The autotuner's choices for one weight kind: (rows a strip, columns a step, warps, splits).
 
     The packed kinds' instructions a weight (the loop's `sass`, sm_90) fall as one thread holds more
     rows of its columns, since the input row's work (loads, nibble scales, sums) is shared by the rows
     a thread holds: int4 group 64, 6.8 at 16 x 512 on 4 warps against 4.5 at 64 x 512 on 2; int8 4.6
     and 4.1. Wide strips leave a 4096-row layer few programs (64 strips of 64 rows for 132
-    multiprocessors): there its columns split among programs (`splittable`: nothing folded in before
-    the product), and narrow unsplit strips stay in the set."""
+    multiprocessors), and a wider layer's strips may fill them unevenly (192 strips of a 12288-row q/k/v
+    product: two on some multiprocessors, one on others): there the row's columns may split among
+    programs, and narrow unsplit strips stay in the set. Splits were timed on an H100 for o and down
+    (int4 block 1.75x -> 1.96x bf16's speed, quant_kernels_h100_bf16_split.md); for the products with a
+    norm folded in (q/k/v, gate/up) they are the autotuner's to take or leave."""
     if kind == HALF:
         shapes = [(n, k, w) for n in (4, 8, 16) for k in (128, 256, 512) for w in (4, 8)] + [(32, 256, 2), (32, 512, 4)]
         split = [(16, 256, 4, 2), (16, 512, 4, 4), (32, 256, 2, 4)]
@@ -426,7 +437,7 @@ def strip_shapes(kind: int, group: int, splittable: bool = False) -> list[tuple[
         shapes = [(64, 512, 2), (64, 256, 1), (32, 512, 1), (32, 1024, 2), (32, 512, 4), (16, 1024, 1), (16, 512, 2),
                   (16, 512, 4), (8, 512, 1), (8, 1024, 2)]
         split = [(64, 256, 1, 4), (64, 512, 2, 4), (32, 256, 1, 4), (32, 512, 2, 4), (64, 256, 1, 8), (32, 256, 1, 8)]
-    shapes = [(n, k, w, 1) for n, k, w in shapes] + (split if splittable else [])
+    shapes = [(n, k, w, 1) for n, k, w in shapes] + split
     if kind in (INT4, INT4_PAIRS):  # whole groups a step
         shapes = [shape for shape in shapes if shape[1] % group == 0] or [(16, group, 4, 1)]
     return shapes
@@ -438,14 +449,17 @@ def _split_fits(K: int, block_k: int, splits: int) -> bool:
     return splits == 1 or (K % block_k == 0 and (splits - 1) * -(-steps // splits) < steps)
 
 
-def _split_buffers(linear: nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's own fp32 buffer for its splits' sums and its zeroed arrival counts (one per strip),
+def _split_buffers(linear: nn.Module, device: torch.device, normed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's own fp32 buffer for its splits' sums (`normed`: and their shares of the row's squares,
+    one a split and strip; strips hold 4 rows at least) and its zeroed arrival counts (one per strip),
     made on its first call (eager, before any graph captures it): a layer's products run one after
     another, so no two launches share them while either runs."""
+    N = linear.out_features
+    size = MAX_SPLIT_K * (N + (N // 2 + 1 if normed else 0))
     buffers = getattr(linear, "_decode_split_buffers", None)
-    if buffers is None or buffers[0].device != device:
-        buffers = (torch.empty(MAX_SPLIT_K * linear.out_features, device=device, dtype=torch.float32),
-                   torch.zeros(linear.out_features, device=device, dtype=torch.int32))
+    if buffers is None or buffers[0].device != device or buffers[0].numel() < size:
+        buffers = (torch.empty(size, device=device, dtype=torch.float32),
+                   torch.zeros(N, device=device, dtype=torch.int32))
         linear._decode_split_buffers = buffers
     return buffers
 
@@ -456,16 +470,16 @@ def _prune(configs, named_args, **kwargs):
     return fitting or [c for c in configs if c.kwargs["SPLIT_K"] == 1]
 
 
-def _tuned(kind: int, group: int, splittable: bool):
+def _tuned(kind: int, group: int):
     """The kernel autotuned per shape and variant, for one weight kind and group size (built on first use;
     each shape and variant compiles its configs once, and Triton caches them on disk after)."""
-    if (kind, group, splittable) not in _TUNED:
+    if (kind, group) not in _TUNED:
         configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": split}, num_warps=w, num_stages=3)
-                   for n, k, w, split in strip_shapes(kind, group, splittable)]
+                   for n, k, w, split in strip_shapes(kind, group)]
         if os.environ.get("SPECINFER_QUICK_AUTOTUNE") == "1":  # tests: the first and last choices (a split one
             # where the product can split)
             configs = [configs[0], configs[-1]]
-        _TUNED[kind, group, splittable] = triton.autotune(
+        _TUNED[kind, group] = triton.autotune(
             configs=configs, key=["N", "K", "PROLOGUE", "GATED", "HAS_RESIDUAL"],
             prune_configs_by={"early_config_prune": _prune})(_decode_gemv_kernel)
-    return _TUNED[kind, group, splittable]
+    return _TUNED[kind, group]
