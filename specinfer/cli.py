@@ -77,6 +77,8 @@ def add_engine_arguments(p: argparse.ArgumentParser, max_sequence_length: int) -
                      help="weight-only quantization of the LLM's transformer layers, done on load")
     run.add_argument("--ssm-quantization", choices=["none", "int8", "int4"], default="none",
                      help="the same for the SSMs' own layers (self:N drafts share the LLM's)")
+    run.add_argument("--quantize-lm-head", action="store_true",
+                     help="with --quantization, the LLM's LM head too (the embedding stays unquantized)")
     run.add_argument("--quant-group-size", type=int, default=64, help="input columns per int4 scale")
     run.add_argument("--gpu-memory-gb", type=float, metavar="GIB",
                      help="device memory for the LLM's weights; layers beyond it stay in pinned host memory and "
@@ -109,7 +111,8 @@ def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, SpeculationC
                           args.quant_group_size, args.gpu_memory_gb, args.pinned_memory_gb, args.compile,
                           draft_vocab_size=args.draft_vocab, draft_vocab_file=args.draft_vocab_file,
                           overlap_plain_steps=args.overlap, overlap_tree_steps=args.overlap_trees,
-                          ssm_quantization=None if args.ssm_quantization == "none" else args.ssm_quantization)
+                          ssm_quantization=None if args.ssm_quantization == "none" else args.ssm_quantization,
+                          quantize_lm_head=args.quantize_lm_head)
     from .spec.tree_fit import load_tree_file
 
     tree = args.tree or (default_tree(args.llm, args.ssms, args.device) if args.expansion is None else None)

@@ -96,7 +96,8 @@ class LLM:
             blocks = None
             if self.engine_config.quantization == "int4" and model_path.suffix == ".gguf" and self.tp is None:
                 blocks = read_q4_1_blocks(model_path)  # Q4_1 layers keep the file's own 4-bit values
-            quantize_model(self.model, self.engine_config.quantization, self.engine_config.quant_group_size, blocks)
+            quantize_model(self.model, self.engine_config.quantization, self.engine_config.quant_group_size, blocks,
+                           lm_head=self.engine_config.quantize_lm_head)
         if self.engine_config.fuse_projections:
             fuse_projections(self.model)
         if budget:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from specinfer.cli import main
 
@@ -280,3 +281,22 @@ def test_ssm_quantization_flag(model_dirs, capsys):
     code, _, err = run_cli(["--llm", str(model_dirs / "llm"), "--ssm", str(model_dirs / "ssm"), "--ssm-quantization",
                             "int4", "--quant-group-size", "48", "--prompt", "hi", "--max-sequence-length", "128"], capsys)
     assert code != 0 and "group size" in err and "Traceback" not in err
+
+
+def test_quantize_lm_head_flag(model_dirs, capsys):
+    """--quantize-lm-head quantizes the LLM's LM head beside its layers (the embedding stays); speculation
+    stays exact to the quantized model; without --quantization it is a clear error."""
+    from specinfer import LLM, EngineConfig
+    from specinfer.quant import QuantizedLinear
+
+    llm = LLM(str(model_dirs / "llm"), ssms=[str(model_dirs / "ssm")],
+              engine=EngineConfig(max_sequence_length=128, quantization="int4", quant_group_size=32,
+                                  quantize_lm_head=True))
+    assert isinstance(llm.model.lm_head, QuantizedLinear) and isinstance(llm.model.embed_tokens, torch.nn.Embedding)
+    code, out, _ = run_cli(["--llm", str(model_dirs / "llm"), "--ssm", str(model_dirs / "ssm"), "--quantization",
+                            "int8", "--quantize-lm-head", "--prompt", "hello", "--max-new-tokens", "8",
+                            "--max-sequence-length", "128"], capsys)
+    assert code == 0 and "outputs identical" in out
+    code, _, err = run_cli(["--llm", str(model_dirs / "llm"), "--quantize-lm-head", "--prompt", "hi",
+                            "--max-sequence-length", "128"], capsys)
+    assert code == 2 and "quantize_lm_head needs quantization" in err and "Traceback" not in err
