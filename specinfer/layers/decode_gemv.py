@@ -116,7 +116,7 @@ def decode_product(x: torch.Tensor, linear: nn.Module, norm: nn.Module | None = 
             RMSNORM if norm is not None else NONE, kind, group, gated, residual is not None)
     if strip is not None:
         block_n, block_k, warps, split = strip
-        if not _split_fits(K, block_k, split):
+        if not _split_fits(K, block_k, split) or (split > 1 and block_n < MIN_SPLIT_ROWS):
             raise ValueError(f"strip {strip} cannot split this product")
         _decode_gemv_kernel[(triton.cdiv(N, block_n), split)](*args, False, BLOCK_N=block_n, BLOCK_K=block_k,
                                                                SPLIT_K=split, num_warps=warps, num_stages=3)
@@ -412,6 +412,7 @@ if triton is not None:
 
 _TUNED: dict[tuple[int, int], object] = {}
 MAX_SPLIT_K = 8
+MIN_SPLIT_ROWS = 16  # the narrowest strip that splits (strip_shapes): bounds the squares' slots
 
 
 def strip_shapes(kind: int, group: int) -> list[tuple[int, int, int, int]]:
@@ -437,6 +438,7 @@ def strip_shapes(kind: int, group: int) -> list[tuple[int, int, int, int]]:
         shapes = [(64, 512, 2), (64, 256, 1), (32, 512, 1), (32, 1024, 2), (32, 512, 4), (16, 1024, 1), (16, 512, 2),
                   (16, 512, 4), (8, 512, 1), (8, 1024, 2)]
         split = [(64, 256, 1, 4), (64, 512, 2, 4), (32, 256, 1, 4), (32, 512, 2, 4), (64, 256, 1, 8), (32, 256, 1, 8)]
+    assert all(n >= MIN_SPLIT_ROWS for n, *_ in split)
     shapes = [(n, k, w, 1) for n, k, w in shapes] + split
     if kind in (INT4, INT4_PAIRS):  # whole groups a step
         shapes = [shape for shape in shapes if shape[1] % group == 0] or [(16, group, 4, 1)]
@@ -451,11 +453,11 @@ def _split_fits(K: int, block_k: int, splits: int) -> bool:
 
 def _split_buffers(linear: nn.Module, device: torch.device, normed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's own fp32 buffer for its splits' sums (`normed`: and their shares of the row's squares,
-    one a split and strip; strips hold 4 rows at least) and its zeroed arrival counts (one per strip),
+    one a split and strip; split strips hold MIN_SPLIT_ROWS rows at least) and its zeroed arrival counts (one per strip),
     made on its first call (eager, before any graph captures it): a layer's products run one after
     another, so no two launches share them while either runs."""
     N = linear.out_features
-    size = MAX_SPLIT_K * (N + (N // 2 + 1 if normed else 0))
+    size = MAX_SPLIT_K * (N + (N // MIN_SPLIT_ROWS + 1 if normed else 0))
     buffers = getattr(linear, "_decode_split_buffers", None)
     if buffers is None or buffers[0].device != device or buffers[0].numel() < size:
         buffers = (torch.empty(size, device=device, dtype=torch.float32),
