@@ -11,8 +11,8 @@
 # Weight-only quantization's steps, on random 7B-shaped weights (a projection) and only when named:
 # quant_tests (the product kernels' and decode attention's GPU tests, 5 processes), quant_kernels
 # (per-layer kernel table, with the experimental bf16-pair int4 kernel beside the default one) and
-# quant_step (the decode step in bf16, int8, int4, int4 in bf16 pairs, and that with the LM head
-# quantized); one device call each. Passes of several tokens folded (layers/rows_product.py,
+# quant_step (the decode step in bf16, then int8, int4 and int4 in bf16 pairs, each with the LM head
+# quantized too); one device call each. Passes of several tokens folded (layers/rows_product.py,
 # experimental), only when named: fold_rows_tests (its GPU tests and greedy exactness through it) and
 # fold_rows_step (the 64-node step's timeline and tree sizes without, then with, --fold-rows).
 set -uo pipefail
@@ -59,7 +59,7 @@ run quant_tests quant_tests
 run quant_kernels python benchmarks/quant_kernels.py --device cuda --dtype bfloat16 --rows 1 --group-size 64 \
     --tag gpu_bf16 --out "$out"
 run quant_step python benchmarks/scale_study.py --device cuda --compile --dtype bfloat16 \
-    --sections bandwidth,incremental,quant --batches 1 --tree-sizes 16 --expansion 2,2,1 --out "$out"
+    --sections bandwidth,quant --batches 1 --out "$out"
 run fold_rows_tests python -m pytest -q -m gpu tests/test_decode_gemv.py::test_folded_passes_on_gpu \
     tests/test_gpu.py::test_gpu_greedy_equals_incremental -k "rows" --tb=short
 fold_rows_step() {  # the same step without and with the folded passes, one process each, back to back
