@@ -264,6 +264,15 @@ def main() -> None:
     args = p.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     sections = set(args.sections.split(","))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"scale_study_{args.llm_shape}" + ("_offload" if sections == {"offload"} else "") + ("_compiled" if args.compile else "")
+    results_path = out / f"{tag}.json"
+
+    def save(results: dict) -> None:
+        """The results so far: written after each quantized row too, so that a run cut by a time limit
+        (a device call's) keeps what it measured."""
+        results_path.write_text(json.dumps(results, indent=2, default=str))
     fuse = (lambda model: compile_blocks(model, not args.no_fold_decode)) if args.compile else (lambda model: model)
     batches = [int(b) for b in args.batches.split(",")]
     sizes = [int(n) for n in args.tree_sizes.split(",")]
@@ -377,6 +386,7 @@ def main() -> None:
                     block.decodes_folded() for block in llm.layers)
                 print(f"quant {mode}: {t_q * 1e3:.2f} ms, {base / t_q:.2f}x faster than {args.dtype}; in flight "
                       f"{t_q_flying * 1e3:.2f} ms against {base_flying * 1e3:.2f} ({base_flying / t_q_flying:.2f}x)")
+                save(results)
             os.environ.pop("SPECINFER_INT4_PAIRS")
         del llm
         torch.cuda.empty_cache()
@@ -406,11 +416,8 @@ def main() -> None:
         }
         print("offload", results["offload"])
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = f"scale_study_{args.llm_shape}" + ("_offload" if sections == {"offload"} else "") + ("_compiled" if args.compile else "")
-    (out / f"{tag}.json").write_text(json.dumps(results, indent=2, default=str))
-    print(f"wrote {out}/{tag}.json")
+    save(results)
+    print(f"wrote {results_path}")
 
 
 if __name__ == "__main__":
