@@ -29,7 +29,7 @@ def compile_blocks(model: nn.Module, fold_decode: bool = True, fold_rows: bool =
     """Compile every block of `model` in place (idempotent). Not for tensor-parallel or offloaded models:
     their collectives and weight-swapping hooks run between the fused parts. `fold_decode`: one-token
     passes through the folded kernels, on a GPU, where the model and its layers allow; `fold_rows`:
-    passes of a few tokens too (layers/rows_product.py; half-precision layers)."""
+    passes of a few tokens too (layers/rows_product.py; unquantized layers)."""
     if getattr(model, "tp", None) is not None or getattr(model, "streamer", None) is not None:
         raise SpecInferError("compiling is not supported with tensor parallelism or offloading")
     # Each model width, and sizes of 1 (specialised by dynamo), is one more entry for the shared code.

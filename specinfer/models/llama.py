@@ -193,24 +193,25 @@ class LlamaModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # One-token passes (batch-1 decoding) through `LlamaBlock.decode` where every block can take it;
-        # models/compile.py turns it on. None until first checked.
+        # models/compile.py turns it on.
         self.fold_decode = False
-        self._folded: bool | None = None
         # Passes of 2 to rows_product.MAX_ROWS tokens through `LlamaBlock.rows` (models/compile.py's
         # `fold_rows`; experimental until timed against the compiled halves on a GPU).
         self.fold_rows = False
-        self._rows_folded: bool | None = None
+        # Whether every block passes a LlamaBlock check ("decodes_folded", "rows_folded"), by check, once
+        # first asked.
+        self._every_block: dict[str, bool] = {}
 
     def forward(self, tokens: torch.Tensor, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         """tokens [B, T] -> final hidden states [B, T, hidden]; keys/values go into `kv_cache`."""
         x, residual = self.embed_tokens(tokens), None
         rope = self.rotary(meta.positions)
         joint = getattr(kv_cache, "layers", None)  # keys and values of a layer in one tensor (KVCache)
-        if self.fold_decode and tokens.numel() == 1 and self._decodes_folded(x):
+        if self.fold_decode and tokens.numel() == 1 and self._folds("decodes_folded", x):
             for i, layer in enumerate(self.layers):
                 x = layer.decode(x, rope, kv_cache.keys[i], kv_cache.values[i], meta, None if joint is None else joint[i])
             return self.norm(x)
-        if self.fold_rows and 1 < tokens.numel() <= rows_product.MAX_ROWS and self._folds_rows(x):
+        if self.fold_rows and 1 < tokens.numel() <= rows_product.MAX_ROWS and self._folds("rows_folded", x):
             for i, layer in enumerate(self.layers):
                 x = layer.rows(x, rope, kv_cache.keys[i], kv_cache.values[i], meta, None if joint is None else joint[i])
             return self.norm(x)
@@ -219,15 +220,12 @@ class LlamaModel(nn.Module):
                                 None if joint is None else joint[i])
         return self.norm(x, residual)[0]
 
-    def _decodes_folded(self, x: torch.Tensor) -> bool:
-        if self._folded is None:  # the layers' kinds are settled by the time a pass runs (quantized, fused)
-            self._folded = all(layer.decodes_folded() for layer in self.layers)
-        return self._folded and decode_gemv.available(x)
-
-    def _folds_rows(self, x: torch.Tensor) -> bool:
-        if self._rows_folded is None:
-            self._rows_folded = all(layer.rows_folded() for layer in self.layers)
-        return self._rows_folded and decode_gemv.available(x)
+    def _folds(self, check: str, x: torch.Tensor) -> bool:
+        """Whether every block passes `check` (asked once: the layers' kinds are settled by the time a pass
+        runs, quantized and fused) and the folded kernels can run on x's device."""
+        if check not in self._every_block:
+            self._every_block[check] = all(getattr(layer, check)() for layer in self.layers)
+        return self._every_block[check] and decode_gemv.available(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return vocab_logits(self.lm_head, hidden, self.config.vocab_size, self.tp)
