@@ -62,7 +62,20 @@ def test_full_run_writes_json_lines(model_dirs, capsys, tmp_path):
     assert "tokens per LLM step" in stdout and "speed-up" in stdout and "outputs identical" in stdout
 
 
-@pytest.mark.parametrize("case,expected", [
+# Bad flags given straight: (case, the flags that differ from a good run's, the error's words).
+FLAG_CASES = [
+    ("empty-prompt", {"--prompt": "   "}, "is empty"),
+    ("prompt-too-long", {"--prompt": "x" * 600}, "leaves no room"),
+    ("bad-expansion", {"--expansion": "1,x,2"}, "expansion must be"),
+    ("zero-expansion", {"--expansion": "1,0"}, "expansion must be"),
+    ("bad-self-ssm", {"--ssm": "self:abc"}, "self:N"),
+    ("tree-nodes-without-tree", {"--tree-nodes": "4"}, "--tree-nodes cuts a tree"),
+    ("negative-temperature", {"--temperature": "-1"}, "--temperature must be >= 0"),
+    ("zero-gpu-budget", {"--gpu-memory-gb": "0"}, "gpu_memory_gb must be > 0"),
+    ("negative-pinned-budget", {"--pinned-memory-gb": "-2"}, "pinned_memory_gb must be >= 0"),
+]
+# Bad files: each case writes what it names under tmp_path (`_bad_file_flags`).
+FILE_CASES = [
     ("missing-llm", "does not exist"),
     ("no-config", "no config.json"),
     ("bad-config", "not valid JSON"),
@@ -72,70 +85,42 @@ def test_full_run_writes_json_lines(model_dirs, capsys, tmp_path):
     ("ssm-other-vocab", "share the LLM's tokenizer"),
     ("bad-json", "not valid JSON"),
     ("json-not-list", "JSON list of strings"),
-    ("empty-prompt", "is empty"),
-    ("prompt-too-long", "leaves no room"),
-    ("bad-expansion", "expansion must be"),
-    ("zero-expansion", "expansion must be"),
-    ("bad-self-ssm", "self:N"),
     ("missing-tree", "cannot read tree file"),
     ("bad-tree", "lacks its parent"),
-    ("tree-nodes-without-tree", "--tree-nodes cuts a tree"),
-    ("negative-temperature", "--temperature must be >= 0"),
-    ("zero-gpu-budget", "gpu_memory_gb must be > 0"),
-    ("negative-pinned-budget", "pinned_memory_gb must be >= 0"),
-])
-def test_bad_input_gives_one_clear_error(model_dirs, tmp_path, capsys, case, expected):
-    llm = str(model_dirs / "llm")
-    args = {"--llm": llm, "--prompt": "hi", "--no-chat-template": None, "--max-new-tokens": "2",
-            "--max-sequence-length": "128", "--ssm": "self:1"}
+]
+
+
+def _bad_file_flags(case: str, model_dirs, tmp_path) -> dict:
     if case == "missing-llm":
-        args["--llm"] = str(tmp_path / "nowhere")
-    elif case == "no-config":
-        args["--llm"] = str(tmp_path)
-    elif case == "bad-config":
-        (tmp_path / "config.json").write_text("{not json")
-        args["--llm"] = str(tmp_path)
-    elif case == "no-weights":
-        (tmp_path / "config.json").write_text((model_dirs / "llm" / "config.json").read_text())
-        args["--llm"] = str(tmp_path)
-    elif case == "bad-gguf":
+        return {"--llm": str(tmp_path / "nowhere")}
+    if case == "no-config":
+        return {"--llm": str(tmp_path)}
+    if case in ("bad-config", "no-weights"):
+        config = "{not json" if case == "bad-config" else (model_dirs / "llm" / "config.json").read_text()
+        (tmp_path / "config.json").write_text(config)
+        return {"--llm": str(tmp_path)}
+    if case == "bad-gguf":
         (tmp_path / "model.gguf").write_bytes(b"GGUF" + b"\x00" * 64)
-        args["--llm"] = str(tmp_path / "model.gguf")
-        args["--tokenizer"] = llm
-    elif case == "tokenizer-too-big":
+        return {"--llm": str(tmp_path / "model.gguf"), "--tokenizer": str(model_dirs / "llm")}
+    if case == "tokenizer-too-big":
         write_byte_level_tokenizer(tmp_path, vocab_size=VOCAB + 64)
-        args["--tokenizer"] = str(tmp_path)
-    elif case == "ssm-other-vocab":
-        args["--ssm"] = str(model_dirs / "other_vocab")
-    elif case == "bad-json":
-        (tmp_path / "p.json").write_text("[\"unterminated")
-        args["--prompt-file"] = str(tmp_path / "p.json")
-    elif case == "json-not-list":
-        (tmp_path / "p.json").write_text(json.dumps({"prompt": "hi"}))
-        args["--prompt-file"] = str(tmp_path / "p.json")
-    elif case == "empty-prompt":
-        args["--prompt"] = "   "
-    elif case == "prompt-too-long":
-        args["--prompt"] = "x" * 600
-    elif case == "bad-expansion":
-        args["--expansion"] = "1,x,2"
-    elif case == "zero-expansion":
-        args["--expansion"] = "1,0"
-    elif case == "bad-self-ssm":
-        args["--ssm"] = "self:abc"
-    elif case == "missing-tree":
-        args["--tree"] = str(tmp_path / "tree.json")
-    elif case == "tree-nodes-without-tree":
-        args["--tree-nodes"] = "4"
-    elif case == "negative-temperature":
-        args["--temperature"] = "-1"
-    elif case == "zero-gpu-budget":
-        args["--gpu-memory-gb"] = "0"
-    elif case == "negative-pinned-budget":
-        args["--pinned-memory-gb"] = "-2"
-    elif case == "bad-tree":
+        return {"--tokenizer": str(tmp_path)}
+    if case == "ssm-other-vocab":
+        return {"--ssm": str(model_dirs / "other_vocab")}
+    if case in ("bad-json", "json-not-list"):
+        (tmp_path / "p.json").write_text("[\"unterminated" if case == "bad-json" else json.dumps({"prompt": "hi"}))
+        return {"--prompt-file": str(tmp_path / "p.json")}
+    if case == "bad-tree":
         (tmp_path / "tree.json").write_text(json.dumps({"paths": [[0], [1, 0, 0]]}))
-        args["--tree"] = str(tmp_path / "tree.json")
+    return {"--tree": str(tmp_path / "tree.json")}  # missing-tree: never written
+
+
+@pytest.mark.parametrize("case,flags,expected", [pytest.param(*case, id=case[0]) for case in FLAG_CASES] +
+                         [pytest.param(case, None, expected, id=case) for case, expected in FILE_CASES])
+def test_bad_input_gives_one_clear_error(model_dirs, tmp_path, capsys, case, flags, expected):
+    args = {"--llm": str(model_dirs / "llm"), "--prompt": "hi", "--no-chat-template": None, "--max-new-tokens": "2",
+            "--max-sequence-length": "128", "--ssm": "self:1"}
+    args.update(flags if flags is not None else _bad_file_flags(case, model_dirs, tmp_path))
     argv = [item for key, value in args.items() for item in ([key] if value is None else [key, value])]
     code, _, err = run_cli(argv, capsys)
     assert code == 2
