@@ -18,6 +18,8 @@ repeats after warm-up, CUDA graphs on where the engine uses them):
   on CUDA with the LM head quantized too, and int4 also through the experimental bf16-pair kernel,
   SPECINFER_INT4_PAIRS=1; on the CPU int8, int4 and int4 with the LM head; `--quant-modes` picks others);
 - undependent: with quant, each quantized step again without dependent launches (in flight);
+- dependent_quantized: with quant, each quantized step again with its products launched as dependents
+  too (SPECINFER_DEPENDENT_QUANTIZED=1; by default only the attention kernels are);
 - offload: the decode step and a tree verification with the weights streamed from pinned host memory
   (`--offload-gb` device budget), the host-to-device bandwidth reached, and the projected speed-up;
 - profile: device time per kernel of a batch-1 decode step and of a verification of the tree (printed).
@@ -380,6 +382,14 @@ def main() -> None:
                     serial, serial_flying = decode_times(llm, dependent=False)
                     results["quant"][f"{mode}_not_dependent_in_flight"] = serial_flying * 1e3
                     print(f"  {mode} without dependent launches: in flight {serial_flying * 1e3:.2f} ms")
+                if device.type == "cuda" and "dependent_quantized" in sections:
+                    os.environ["SPECINFER_DEPENDENT_QUANTIZED"] = "1"
+                    t_dq, t_dq_flying = decode_times(llm)
+                    os.environ.pop("SPECINFER_DEPENDENT_QUANTIZED")
+                    results["quant"][f"{mode}_dependent_products"] = t_dq * 1e3
+                    results["quant"][f"{mode}_dependent_products_in_flight"] = t_dq_flying * 1e3
+                    print(f"  {mode} with dependent products: {t_dq * 1e3:.2f} ms, in flight {t_dq_flying * 1e3:.2f} ms "
+                          f"({base / t_dq:.2f}x / {base_flying / t_dq_flying:.2f}x)")
                 if "profile" in sections:
                     profile_steps(llm, None, mode)
                 results["quant"][f"{mode}_folded"] = getattr(llm, "fold_decode", False) and all(

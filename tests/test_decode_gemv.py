@@ -157,13 +157,14 @@ def test_folded_passes_on_gpu(tmp_path, dtype, tolerance, passes):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+@pytest.mark.parametrize("quantization", [None, "int8", "int4", "int8-products", "int4-products"])
 def test_dependent_launches_give_the_logits_of_serial_launches_on_gpu(tmp_path, monkeypatch, quantization):
     """Batch-1 decoding through CUDA graphs with the half-precision products and the attention kernels
     launched as dependents of the kernel before (layers/dependent_launch.py: a product's first weights
     read before that kernel ends) gives, bit for bit, the logits of the same kernels launched one after
     another: any read before the wait of something a kernel before writes would show as a difference.
-    With int8 and int4 weights only the attention kernels are dependents."""
+    With int8 and int4 weights only the attention kernels are dependents, unless SPECINFER_DEPENDENT_QUANTIZED=1
+    (the "-products" cases) makes their products dependents too."""
     from specinfer.engine.model_runner import Chunk, ModelRunner
     from specinfer.layers import dependent_launch
     from specinfer.models.compile import compile_blocks
@@ -177,7 +178,8 @@ def test_dependent_launches_give_the_logits_of_serial_launches_on_gpu(tmp_path, 
                       num_attention_heads=8, num_key_value_heads=4)
     model = load_model(tmp_path / "llm", "cuda", torch.bfloat16)
     if quantization:
-        quantize_model(model, quantization, group_size=32)
+        quantize_model(model, quantization.split("-")[0], group_size=32)
+    monkeypatch.setenv("SPECINFER_DEPENDENT_QUANTIZED", "1" if quantization and quantization.endswith("products") else "0")
     compile_blocks(fuse_projections(model))
     logits = {}
     for dependent in ("1", "0"):

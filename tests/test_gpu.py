@@ -51,6 +51,35 @@ def test_gpu_greedy_equals_incremental(tmp_path, dtype, compiled, batch, tree):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["int8", "int4", "int4-pairs"])
+def test_gpu_quantized_greedy_equals_incremental(tmp_path, monkeypatch, mode):
+    """Quantized layers and LM head in compiled bf16, as `--quantization ... --quantize-lm-head --compile`
+    runs them: greedy speculation gives incremental decoding's tokens within bf16's rounding bound, the
+    incremental steps through the batch-1 product kernels (decode_gemv.py), the verifications through the
+    kernels of several rows. int4-pairs: int4 through the experimental bf16-pair kernel
+    (SPECINFER_INT4_PAIRS=1), whose products round in bf16."""
+    from specinfer.models.compile import compile_blocks
+    from specinfer.models.fuse import fuse_projections
+    from specinfer.quant.linear import quantize_model
+
+    monkeypatch.setenv("SPECINFER_INT4_PAIRS", "1" if mode == "int4-pairs" else "0")
+    bound = ROUNDING_BOUNDS[torch.bfloat16]
+    reference = save_random_llama(tmp_path / "llm")
+    save_random_llama(tmp_path / "ssm", noise_from=reference)
+    llm = quantize_model(load_model(tmp_path / "llm", "cuda", torch.bfloat16), mode.split("-")[0], group_size=32,
+                         lm_head=True)
+    ssm = load_model(tmp_path / "ssm", "cuda", torch.bfloat16)
+    for model in (llm, ssm):
+        compile_blocks(fuse_projections(model))
+    expected = generate(llm, [], PROMPTS, mode="incremental", batch=1)
+    got = generate(llm, [ssm], PROMPTS, expansion=(1, 2, 1, 1), batch=1)
+    for prompt, g, e in zip(PROMPTS, got, expected):
+        assert_greedy_equivalent(llm, prompt, g.output_tokens, e.output_tokens, bound)
+    assert sum(r.stats.num_accepted for r in got) > 0
+    assert llm._every_block["decodes_folded"]  # the incremental steps took the batch-1 kernels
+
+
+@pytest.mark.gpu
 def test_cuda_graph_forward_matches_eager(tmp_path):
     from specinfer.engine.model_runner import Chunk, ModelRunner
 

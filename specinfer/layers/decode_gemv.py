@@ -129,7 +129,7 @@ def decode_product(x: torch.Tensor, linear: nn.Module, norm: nn.Module | None = 
         # int8 went 2.84 -> 2.93 and int4 2.83 -> 2.95: their kernels are bound by instructions, probably
         # short of what the next kernel's early, waiting programs take), and inside CUDA graphs: eager
         # calls, the autotuner's timings among them (first use, before any capture), launch serially.
-        dependent = (dependent and kind == HALF and dependent_launch.enabled(x)
+        dependent = (dependent and (kind == HALF or dependent_launch.quantized_products()) and dependent_launch.enabled(x)
                      and torch.cuda.is_current_stream_capturing())
         _tuned(kind, group)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])](
             *args, dependent, **dependent_launch.launch_options(dependent))

@@ -40,6 +40,12 @@ def _hopper_or_later(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9 and os.environ.get("TRITON_INTERPRET") != "1"
 
 
+def quantized_products() -> bool:
+    """Whether int8 and int4 products are launched as dependents too (`SPECINFER_DEPENDENT_QUANTIZED=1`, an
+    A/B switch: on the H200 in an older kernel they were slower that way, decode_gemv.decode_product)."""
+    return os.environ.get("SPECINFER_DEPENDENT_QUANTIZED") == "1"
+
+
 def launch_options(dependent: bool) -> dict:
     """Keyword arguments of a Triton launch: `launch_pdl` only where it is on (the interpreter has none)."""
     return {"launch_pdl": True} if dependent else {}

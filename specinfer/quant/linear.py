@@ -130,20 +130,16 @@ class QuantizedLinear(nn.Module):
         if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
             from ..layers.decode_gemv import decode_product, foldable  # Triton comes with CUDA builds of torch only
 
-            one_row = flat.shape[0] == 1
-            if self.mode == "int8":
-                if one_row and foldable(self):
-                    out = decode_product(flat, self)
-                else:
-                    from .int8_triton import int8_matmul
+            if flat.shape[0] == 1 and foldable(self):  # one row (a decode step's LM head, say): our kernel
+                out = decode_product(flat, self)
+            elif self.mode == "int8":
+                from .int8_triton import int8_matmul
 
-                    out = int8_matmul(flat.contiguous(), self.qweight, self.scale)
+                out = int8_matmul(flat.contiguous(), self.qweight, self.scale)
             elif self._tinygemm() is not None:
                 weight, scales_and_zeros = self._tinygemm()
                 out = torch._weight_int4pack_mm(flat.to(torch.bfloat16).contiguous(), weight, self.group_size,
                                                 scales_and_zeros).to(x.dtype)
-            elif one_row and foldable(self):
-                out = decode_product(flat, self)
         elif self.mode == "int8" and x.device.type == "cpu" and flat.shape[0] <= INT8_KERNEL_MAX_ROWS:
             out = torch._weight_int8pack_mm(flat, self.qweight, self.scale.to(x.dtype))
         if out is None:
