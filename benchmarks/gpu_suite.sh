@@ -12,7 +12,9 @@
 # quant_tests (the product kernels' and decode attention's GPU tests, 5 processes), quant_kernels
 # (per-layer kernel table, with the experimental bf16-pair int4 kernel beside the default one) and
 # quant_step (the decode step in bf16, then int8, int4 and int4 in bf16 pairs, each with the LM head
-# quantized too); one device call each. Passes of several tokens folded (layers/rows_product.py,
+# quantized too); one device call each. quant_dependent: the GPU tests of quantized products launched as
+# dependents and of quantized greedy speculation, then the int8 and int4-pair steps without and with
+# SPECINFER_DEPENDENT_QUANTIZED=1 (about 7 minutes, one call). Passes of several tokens folded (layers/rows_product.py,
 # experimental), only when named: fold_rows_tests (its GPU tests and greedy exactness through it) and
 # fold_rows_step (the 64-node step's timeline and tree sizes without, then with, --fold-rows).
 set -uo pipefail
@@ -31,7 +33,7 @@ run() {  # name, command...: run it, keep its log, carry on after a failure
     [[ " $steps " == *" $name "* ]] || return 0
     echo "+ $*" | tee "$out/$name.log"
     "$@" >>"$out/$name.log" 2>&1 || { status=1; echo "  failed: see $out/$name.log"; }
-    grep -E '^\| |^(qkv|o|gate_up|down) 1|passed|failed|skipped' "$out/$name.log" | tail -16
+    grep -E '^\| |^(qkv|o|gate_up|down) 1|^quant |^incremental|with dependent products|passed|failed|skipped' "$out/$name.log" | tail -16
 }
 run gpu_tests python -m pytest -q -m gpu tests/
 run engine_speed python benchmarks/engine_speed.py "${llm[@]}" --device cuda --compile \
@@ -60,6 +62,17 @@ run quant_kernels python benchmarks/quant_kernels.py --device cuda --dtype bfloa
     --tag gpu_bf16 --out "$out"
 run quant_step python benchmarks/scale_study.py --device cuda --compile --dtype bfloat16 \
     --sections bandwidth,quant --batches 1 --out "$out"
+quant_dependent() {  # the tests two at a time, then the timings alone on the GPU
+    local pids=() failed=0
+    python -m pytest -q -m gpu tests/test_gpu.py::test_gpu_quantized_greedy_equals_incremental --tb=short & pids+=($!)
+    python -m pytest -q -m gpu tests/test_decode_gemv.py::test_dependent_launches_give_the_logits_of_serial_launches_on_gpu \
+        --tb=short & pids+=($!)
+    for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    python benchmarks/scale_study.py --device cuda --compile --dtype bfloat16 --sections bandwidth,quant,dependent_quantized \
+        --batches 1 --quant-modes int8_lm_head,int4_pairs_lm_head --out "$out" || failed=1
+    return $failed
+}
+run quant_dependent quant_dependent
 run fold_rows_tests python -m pytest -q -m gpu tests/test_decode_gemv.py::test_folded_passes_on_gpu \
     tests/test_gpu.py::test_gpu_greedy_equals_incremental -k "rows" --tb=short
 fold_rows_step() {  # the same step without and with the folded passes, one process each, back to back
