@@ -1,6 +1,7 @@
 """Instructions a weight in the batch-1 product kernel's loop, compiled for Hopper without a GPU.
 
     python benchmarks/kernel_sass.py [--kinds int8,int4,int4-pairs] [--group-size 64] [--k 16384] [--n 12288]
+    python benchmarks/kernel_sass.py --attention   # tree attention's loops, as a batch-1 decode step runs it
 
 At one row a product reads each weight once, so the kernel must retire its instructions as fast as the
 memory delivers weights: on an H100 (3.0 TB/s, 132 multiprocessors at ~1.75 GHz, 4 schedulers each) that
@@ -51,6 +52,43 @@ def compile_kernel(kind: int, group: int, N: int, K: int, block_n: int, block_k:
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3})
 
 
+def compile_attention(head_dim: int = 128, group: int = 1, warps: int = 4):
+    """`layers/tree_attention._tree_attention_kernel` as a batch-1 decode step of bf16 launches it (rotary
+    and cache write folded in, one query row, dependent launch), with the cache strides specialised as
+    multiples of 16, as Triton does at launch (without, every cache read compiles to 2-byte loads)."""
+    from specinfer.layers import tree_attention
+
+    kernel = tree_attention._tree_attention_kernel
+    names = list(inspect.signature(kernel.fn).parameters)
+    pointers = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", out_ptr="*bf16", part_out_ptr="*fp32",
+                    part_max_ptr="*fp32", part_sum_ptr="*fp32", arrivals_ptr="*i32", slots_ptr="*i64",
+                    prefix_ptr="*i32", mask_ptr="*i1", cos_ptr="*fp32", sin_ptr="*fp32", write_slots_ptr="*i64",
+                    write_offsets_ptr="*i64", scale="fp32")
+    constexprs = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=16, BLOCK_N=64 if head_dim <= 128 else 32,
+                      MAX_SPLITS=tree_attention.MAX_SPLITS, PRECISION="tf32",
+                      ROTATE=tree_attention.UNFUSED_ROTATION, DEPENDENT=True)
+    aligned = {"stride_ks", "stride_kh", "stride_kl", "stride_vs", "stride_vh", "stride_vl"}
+    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if signature[n].startswith("*") or n in aligned}
+    source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+
+
+def loops(sass: str) -> list[list[str]]:
+    """Every loop's instructions, from its label to the branch back to it, in program order."""
+    lines, labels, found = sass.splitlines(), {}, []
+    for i, line in enumerate(lines):
+        label = re.match(r"\s*\.(L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = i
+        branch = re.search(r"BRA\s+`\(\.(L_x_\d+)\)", line)
+        if branch and branch.group(1) in labels and labels[branch.group(1)] < i:
+            found.append([re.match(r"\s*/\*[0-9a-f]+\*/\s*(.*?)\s*;", x).group(1)
+                          for x in lines[labels[branch.group(1)]:i + 1] if re.match(r"\s*/\*[0-9a-f]{4,}\*/", x)])
+    return found
+
+
 def disassemble(compiled) -> str:
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
@@ -60,18 +98,8 @@ def disassemble(compiled) -> str:
 
 
 def longest_loop(sass: str) -> list[str]:
-    """The instructions from a label to the longest branch back to it."""
-    lines, labels, best = sass.splitlines(), {}, []
-    for i, line in enumerate(lines):
-        label = re.match(r"\s*\.(L_x_\d+):", line)
-        if label:
-            labels[label.group(1)] = i
-        branch = re.search(r"BRA\s+`\(\.(L_x_\d+)\)", line)
-        if branch and branch.group(1) in labels:
-            body = [re.match(r"\s*/\*[0-9a-f]+\*/\s*(.*?)\s*;", x).group(1)
-                    for x in lines[labels[branch.group(1)]:i + 1] if re.match(r"\s*/\*[0-9a-f]{4,}\*/", x)]
-            best = max(best, body, key=len)
-    return best
+    """The instructions of the longest loop."""
+    return max(loops(sass), key=len, default=[])
 
 
 def opcode(instruction: str) -> str:
@@ -84,7 +112,16 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--k", type=int, default=16384, help="input width (large, so that every shape loops)")
     p.add_argument("--n", type=int, default=12288)
+    p.add_argument("--attention", action="store_true",
+                   help="instead: each loop of tree attention's batch-1 decode variant (head dim 128), in order")
     args = p.parse_args()
+    if args.attention:
+        print("| loop | instructions a pass | most issued |")
+        print("|---:|---:|---|")
+        for i, body in enumerate(loops(disassemble(compile_attention()))):
+            top = ", ".join(f"{op} {n}" for op, n in collections.Counter(map(opcode, body)).most_common(5))
+            print(f"| {i} | {len(body)} | {top} |")
+        return
     print("| kind | rows a strip | columns a step | warps | splits | instructions a weight | most issued |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for name in args.kinds.split(","):
