@@ -198,7 +198,7 @@ def test_overlapped_tree_steps_give_the_same_output(model_dirs, capsys, tmp_path
 
 
 def test_warm_up_serves_each_mode_once_untimed_and_changes_no_output(model_dirs, capsys, tmp_path, monkeypatch):
-    """`--warm-up` (default with CUDA): each mode serves the prompts once, at most WARM_UP_TOKENS new tokens,
+    """`--warm-up` (the default): each mode serves the prompts once, at most WARM_UP_TOKENS new tokens,
     before the timed runs; the timed outputs are those of a run without it."""
     from specinfer.cli import WARM_UP_TOKENS
     from specinfer.llm import LLM
@@ -212,9 +212,9 @@ def test_warm_up_serves_each_mode_once_untimed_and_changes_no_output(model_dirs,
 
     monkeypatch.setattr(LLM, "generate", spy)
     outputs = {}
-    for flags in (["--no-warm-up"], ["--warm-up"]):
+    for flags in (["--no-warm-up"], ["--warm-up"], []):  # [] : the default, on
         calls.clear()
-        out = tmp_path / f"{flags[0]}.jsonl"
+        out = tmp_path / f"{flags[0] if flags else 'default'}.jsonl"
         code, stdout, err = run_cli([
             "--llm", str(model_dirs / "llm"), "--ssm", str(model_dirs / "ssm"),
             "--prompt-file", str(model_dirs / "prompts.json"), "--max-new-tokens", "40",
@@ -222,11 +222,11 @@ def test_warm_up_serves_each_mode_once_untimed_and_changes_no_output(model_dirs,
         ], capsys)
         assert code == 0, err
         assert "outputs identical" in stdout
-        outputs[flags[0]] = [json.loads(line)["tokens"] for line in out.read_text().splitlines()]
+        outputs[out.stem] = [json.loads(line)["tokens"] for line in out.read_text().splitlines()]
         timed = [("tree", 40), ("incremental", 40)]
-        assert calls == ([("tree", WARM_UP_TOKENS), ("incremental", WARM_UP_TOKENS)] + timed
-                         if flags == ["--warm-up"] else timed)
-    assert outputs["--warm-up"] == outputs["--no-warm-up"]
+        assert calls == (timed if flags == ["--no-warm-up"] else
+                         [("tree", WARM_UP_TOKENS), ("incremental", WARM_UP_TOKENS)] + timed)
+    assert outputs["--warm-up"] == outputs["--no-warm-up"] == outputs["default"]
 
 
 def test_differing_greedy_outputs_are_held_to_the_rounding_bound(model_dirs):
