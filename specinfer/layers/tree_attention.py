@@ -281,7 +281,7 @@ if triton is not None:
             visible = row_ok[:, None] & (entries < hi)[None, :]
             # The prefix's entries are the row's own, all written: read by their bounds alone, not by a mask
             # reduced from `visible` (a warp reduction an entry in the loop: 430 instructions a pass against
-            # 342 in the sm_90 `sass` of a decode step's variant).
+            # 343 in the sm_90 `sass` of a decode step's variant).
             row_max, row_sum, acc = _attend(q, k_base, v_base, entries, entries < hi, visible, stride_kl, stride_vl,
                                             row_max, row_sum, acc, scale, HEAD_DIM, PRECISION)
             start += BLOCK_N
