@@ -161,24 +161,29 @@ def in_flight_step_time(runner: ModelRunner, batch: int) -> float:
 IN_FLIGHT_ROOM = 7 * IN_FLIGHT_STEPS  # cache entries the in-flight runs commit (warm-up and repeats)
 
 
-def decode_times(model, unfolded: bool = False, dependent: bool = True) -> tuple[float, float]:
+def decode_times(model, unfolded: bool = False, dependent: bool = True,
+                 dependent_products: bool = False) -> tuple[float, float]:
     """A batch-1 decode step, read back first and in flight, on a fresh runner (its CUDA graphs captured
     anew); `unfolded`: with the norms, SwiGLU and residual adds in kernels of their own (a compiled model
     folds them into its products at batch 1, layers/decode_gemv.py); `dependent`: kernels launched as
-    dependents of the one before where they can be (layers/dependent_launch.py)."""
+    dependents of the one before where they can be (layers/dependent_launch.py); `dependent_products`:
+    quantized products among them (SPECINFER_DEPENDENT_QUANTIZED=1)."""
     folded = getattr(model, "fold_decode", False)
     model.fold_decode = folded and not unfolded
-    switch = os.environ.get("SPECINFER_DEPENDENT_LAUNCH")
-    os.environ["SPECINFER_DEPENDENT_LAUNCH"] = "1" if dependent else "0"
+    switches = {"SPECINFER_DEPENDENT_LAUNCH": "1" if dependent else "0",
+                "SPECINFER_DEPENDENT_QUANTIZED": "1" if dependent_products else "0"}
+    before = {name: os.environ.get(name) for name in switches}
+    os.environ.update(switches)
     try:
         runner = prefilled_runner(model, 1, 8 + IN_FLIGHT_ROOM)
         return step_time(runner, 1, [-1]), in_flight_step_time(runner, 1)
     finally:
         model.fold_decode = folded
-        if switch is None:
-            os.environ.pop("SPECINFER_DEPENDENT_LAUNCH")
-        else:
-            os.environ["SPECINFER_DEPENDENT_LAUNCH"] = switch
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
 
 
 def draft_time(ssm, shape: TreeShape, batch: int = 1) -> float:
@@ -383,9 +388,7 @@ def main() -> None:
                     results["quant"][f"{mode}_not_dependent_in_flight"] = serial_flying * 1e3
                     print(f"  {mode} without dependent launches: in flight {serial_flying * 1e3:.2f} ms")
                 if device.type == "cuda" and "dependent_quantized" in sections:
-                    os.environ["SPECINFER_DEPENDENT_QUANTIZED"] = "1"
-                    t_dq, t_dq_flying = decode_times(llm)
-                    os.environ.pop("SPECINFER_DEPENDENT_QUANTIZED")
+                    t_dq, t_dq_flying = decode_times(llm, dependent_products=True)
                     results["quant"][f"{mode}_dependent_products"] = t_dq * 1e3
                     results["quant"][f"{mode}_dependent_products_in_flight"] = t_dq_flying * 1e3
                     print(f"  {mode} with dependent products: {t_dq * 1e3:.2f} ms, in flight {t_dq_flying * 1e3:.2f} ms "
