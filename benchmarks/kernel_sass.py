@@ -37,19 +37,26 @@ KINDS = {"half": decode_gemv.HALF, "int8": decode_gemv.INT8, "int4": decode_gemv
          "int4-pairs": decode_gemv.INT4_PAIRS}
 
 
+def compile_for_hopper(kernel, types: dict[str, str], constexprs: dict, warps: int, stages: int,
+                       aligned: frozenset[str] = frozenset()):
+    """`kernel` built for sm_90 as Triton specialises a launch: pointers (and the integers named in
+    `aligned`) divisible by 16; arguments not in `types` or `constexprs` are i32."""
+    names = list(inspect.signature(kernel.fn).parameters)
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if signature[n].startswith("*") or n in aligned}
+    source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+
 def compile_kernel(kind: int, group: int, N: int, K: int, block_n: int, block_k: int, warps: int, split: int = 1,
                    residual: bool = False):
-    kernel = decode_gemv._decode_gemv_kernel
-    names = list(inspect.signature(kernel.fn).parameters)
     types = dict(x_ptr="*bf16", w_ptr="*bf16" if kind == decode_gemv.HALF else "*i32",
                  scale_ptr="*fp32" if kind == decode_gemv.INT8 else "*fp16", min_ptr="*fp16", norm_ptr="*bf16",
                  res_ptr="*bf16", out_ptr="*bf16", part_ptr="*fp32", arrivals_ptr="*i32", eps="fp32")
     constexprs = dict(N=N, K=K, PROLOGUE=decode_gemv.NONE, WEIGHT=kind, GROUP=group, GATED=False,
                       HAS_RESIDUAL=residual, DEPENDENT=False, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split)
-    signature = {n: "constexpr" if n in constexprs else types[n] for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature[n].startswith("*")}
-    source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3})
+    return compile_for_hopper(decode_gemv._decode_gemv_kernel, types, constexprs, warps, stages=3)
 
 
 def compile_attention(head_dim: int = 128, group: int = 1, warps: int = 4):
@@ -58,21 +65,16 @@ def compile_attention(head_dim: int = 128, group: int = 1, warps: int = 4):
     multiples of 16, as Triton does at launch (without, every cache read compiles to 2-byte loads)."""
     from specinfer.layers import tree_attention
 
-    kernel = tree_attention._tree_attention_kernel
-    names = list(inspect.signature(kernel.fn).parameters)
-    pointers = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", out_ptr="*bf16", part_out_ptr="*fp32",
-                    part_max_ptr="*fp32", part_sum_ptr="*fp32", arrivals_ptr="*i32", slots_ptr="*i64",
-                    prefix_ptr="*i32", mask_ptr="*i1", cos_ptr="*fp32", sin_ptr="*fp32", write_slots_ptr="*i64",
-                    write_offsets_ptr="*i64", scale="fp32")
+    types = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", out_ptr="*bf16", part_out_ptr="*fp32",
+                 part_max_ptr="*fp32", part_sum_ptr="*fp32", arrivals_ptr="*i32", slots_ptr="*i64",
+                 prefix_ptr="*i32", mask_ptr="*i1", cos_ptr="*fp32", sin_ptr="*fp32", write_slots_ptr="*i64",
+                 write_offsets_ptr="*i64", scale="fp32")
     constexprs = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=16, BLOCK_N=64 if head_dim <= 128 else 32,
                       MAX_SPLITS=tree_attention.MAX_SPLITS, PRECISION="tf32",
                       ROTATE=tree_attention.UNFUSED_ROTATION, DEPENDENT=True)
-    aligned = {"stride_ks", "stride_kh", "stride_kl", "stride_vs", "stride_vh", "stride_vl"}
-    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if signature[n].startswith("*") or n in aligned}
-    source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+    aligned = frozenset({"stride_ks", "stride_kh", "stride_kl", "stride_vs", "stride_vh", "stride_vl"})
+    return compile_for_hopper(tree_attention._tree_attention_kernel, types, constexprs, warps, stages=1,
+                              aligned=aligned)
 
 
 def loops(sass: str) -> list[list[str]]:
